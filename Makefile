@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Simulated devices for CPU runs; harmless on TPU and GPU, where the host platform is unused.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: install test lint demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/llamax-demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

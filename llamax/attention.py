@@ -1,0 +1,55 @@
+"""Attention behind one function, `attend`, so that backends can be swapped by config.
+
+`xla` is the reference: plain einsums and a float32 softmax, any sequence length that fits in
+memory, grouped-query heads without repeating k and v.
+
+Masking is by slot, not by position: the query at row t sits at key slot `q_offset + t` and sees
+the key slots up to and including its own whose segment id equals its own. Positions restart at
+each packed document, slots never do, so causality and packing stay independent.
+
+Shapes: B batch, T query length, S key length, N query heads, K kv heads, G = N // K,
+H head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attend(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    q_segment_ids: jnp.ndarray,
+    kv_segment_ids: jnp.ndarray,
+    q_offset: jnp.ndarray | int = 0,
+    backend: str = "xla",
+) -> jnp.ndarray:
+    """Causal, segment-masked attention: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]."""
+    if backend != "xla":
+        raise ValueError(f"Unknown attention backend {backend!r}; available: 'xla'")
+    return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_offset=0) -> jnp.ndarray:
+    """Boolean [B, T, S]: True where the query may attend to the key."""
+    t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    causal = jnp.arange(s)[None, :] <= (q_offset + jnp.arange(t))[:, None]
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return same_segment & causal[None]
+
+
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (h**-0.5)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_offset)[:, None, None]
+    # A finite minimum, not -inf: a row can never be fully masked (each query sees its own
+    # slot), but -inf would still turn 0 * inf into NaN in the gradient.
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)

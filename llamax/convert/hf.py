@@ -1,0 +1,132 @@
+"""Hugging Face `LlamaForCausalLM` state dicts <-> llamax parameters.
+
+Hugging Face stores linear weights as torch `[out, in]` matrices and already uses the
+half-split rotary layout, so the mapping is a transpose and a reshape per tensor, with no
+permutation. Layers are stacked on llamax's leading `layers` axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from llamax.config import LlamaConfig
+
+# llamax layer path -> (Hugging Face name inside `model.layers.{i}.`, kind)
+_LAYER_MAP = {
+    ("attention", "wq"): ("self_attn.q_proj.weight", "q"),
+    ("attention", "wk"): ("self_attn.k_proj.weight", "kv"),
+    ("attention", "wv"): ("self_attn.v_proj.weight", "kv"),
+    ("attention", "wo"): ("self_attn.o_proj.weight", "o"),
+    ("feed_forward", "w1"): ("mlp.gate_proj.weight", "in"),
+    ("feed_forward", "w3"): ("mlp.up_proj.weight", "in"),
+    ("feed_forward", "w2"): ("mlp.down_proj.weight", "out"),
+    ("attention_norm", "scale"): ("input_layernorm.weight", "norm"),
+    ("ffn_norm", "scale"): ("post_attention_layernorm.weight", "norm"),
+}
+# Buffers that older checkpoints saved and that carry no learned state.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A numpy array from a numpy array or a torch tensor (bfloat16 tensors become float32)."""
+    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _layer_to_llamax(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
+    d, h = c.dim, c.head_dim
+    if kind == "q":
+        return w.T.reshape(d, c.n_heads, h)
+    if kind == "kv":
+        return w.T.reshape(d, c.kv_heads, h)
+    if kind == "o":
+        return w.T.reshape(c.n_heads, h, d)
+    if kind in ("in", "out"):
+        return w.T
+    return w
+
+
+def _layer_to_hf(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
+    if kind in ("q", "kv"):
+        return w.reshape(c.dim, -1).T
+    if kind == "o":
+        return w.reshape(-1, c.dim).T
+    if kind in ("in", "out"):
+        return w.T
+    return w
+
+
+def _expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    d, f, h = c.dim, c.hidden_dim, c.head_dim
+    per_layer = {
+        "q": (c.n_heads * h, d),
+        "kv": (c.kv_heads * h, d),
+        "o": (d, c.n_heads * h),
+        "in": (f, d),
+        "out": (d, f),
+        "norm": (d,),
+    }
+    shapes = {
+        "model.embed_tokens.weight": (c.vocab_size, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (c.vocab_size, d),
+    }
+    for i in range(c.n_layers):
+        for hf_name, kind in _LAYER_MAP.values():
+            shapes[f"model.layers.{i}.{hf_name}"] = per_layer[kind]
+    return shapes
+
+
+def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, dtype=np.float32) -> dict:
+    """llamax parameters (numpy) from a Hugging Face Llama state dict (numpy or torch)."""
+    expected = _expected_hf_shapes(config)
+    names = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(names - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"Hugging Face state dict does not match the config: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
+
+    def get(name):
+        w = to_numpy(state_dict[name])
+        if tuple(w.shape) != expected[name]:
+            raise ValueError(f"{name}: expected shape {expected[name]}, got {tuple(w.shape)}")
+        return w.astype(dtype)
+
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for (module, leaf), (hf_name, kind) in _LAYER_MAP.items():
+        stacked = [
+            _layer_to_llamax(get(f"model.layers.{i}.{hf_name}"), kind, config)
+            for i in range(config.n_layers)
+        ]
+        layers.setdefault(module, {})[leaf] = np.stack(stacked)
+    return {
+        "tok_embeddings": get("model.embed_tokens.weight"),
+        "layers": layers,
+        "norm": {"scale": get("model.norm.weight")},
+        "output": get("lm_head.weight").T,
+    }
+
+
+def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np.ndarray]:
+    """A Hugging Face Llama state dict (numpy, contiguous) from llamax parameters."""
+    out = {
+        "model.embed_tokens.weight": np.asarray(params["tok_embeddings"]),
+        "model.norm.weight": np.asarray(params["norm"]["scale"]),
+        "lm_head.weight": np.asarray(params["output"]).T,
+    }
+    for (module, leaf), (hf_name, kind) in _LAYER_MAP.items():
+        stacked = np.asarray(params["layers"][module][leaf])
+        for i in range(config.n_layers):
+            out[f"model.layers.{i}.{hf_name}"] = _layer_to_hf(stacked[i], kind, config)
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}

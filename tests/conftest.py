@@ -1,0 +1,72 @@
+"""Test set-up: 8 simulated CPU devices (set before jax is imported) and shared helpers."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+assert jax.device_count() == 8, "conftest must run before jax initializes its backend"
+
+
+def hf_model(config, seed=0, weight_std=0.15):
+    """A transformers `LlamaForCausalLM` (eager attention, float32) with random weights large
+    enough that errors show in the logits, and norm scales away from 1 so their mapping counts."""
+    import torch
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hf_config = HFConfig(**config.to_hf_config(), attn_implementation="eager")
+    model = LlamaForCausalLM(hf_config).eval().float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(weight_std * torch.randn_like(p))
+    return model
+
+
+def hf_logits(model, tokens, attention_mask=None, position_ids=None):
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long),
+            attention_mask=None if attention_mask is None else torch.as_tensor(attention_mask),
+            position_ids=None if position_ids is None else torch.as_tensor(position_ids),
+        )
+    return out.logits.float().numpy()
+
+
+def llamax_params_from(model, config):
+    from llamax.convert.hf import params_from_hf
+
+    return jax.tree.map(jax.numpy.asarray, params_from_hf(model.state_dict(), config))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_params(config, seed=0, std=0.15):
+    """Random llamax parameters with activations of order one (the default init's 0.02 makes
+    logits so small that almost any bug would pass a tolerance); norm scales vary around 1."""
+    from llamax.model import Llama, init_params
+
+    params = init_params(Llama(config), jax.random.key(seed))
+    leaves, tree = jax.tree.flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    out = []
+    for (path, leaf), key in zip(leaves, keys, strict=True):
+        noise = jax.random.normal(key, leaf.shape, leaf.dtype)
+        is_norm = jax.tree_util.keystr(path).endswith("['scale']")
+        out.append(1.0 + 0.2 * noise if is_norm else std * noise)
+    return jax.tree.unflatten(tree, out)

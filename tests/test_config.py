@@ -1,0 +1,84 @@
+"""LlamaConfig: Meta's sizes, parameter counts, serialization and clear errors."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+import llamax
+from llamax.model import abstract_params
+
+# Exact parameter counts of Meta's released checkpoints.
+COUNTS = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320, "llama2-70b": 68_976_648_192}
+FFN = {"llama2-7b": 11008, "llama2-13b": 13824, "llama2-70b": 28672}
+
+
+@pytest.mark.parametrize("preset", sorted(COUNTS))
+def test_full_size_parameter_counts(preset):
+    config = llamax.LlamaConfig.preset(preset)
+    abstract = abstract_params(llamax.Llama(config))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(abstract)))
+    assert count == COUNTS[preset] == config.num_params()
+    assert config.hidden_dim == FFN[preset]
+    assert config.max_seq_len == 4096 and config.vocab_size == 32000
+
+
+def test_70b_layout():
+    config = llamax.LlamaConfig.preset("llama2-70b")
+    assert (config.n_heads, config.kv_heads, config.head_dim) == (64, 8, 128)
+
+
+def test_meta_params_json():
+    meta_70b = {
+        "dim": 8192,
+        "multiple_of": 4096,
+        "ffn_dim_multiplier": 1.3,
+        "n_heads": 64,
+        "n_kv_heads": 8,
+        "n_layers": 80,
+        "norm_eps": 1e-05,
+        "vocab_size": -1,
+    }
+    config = llamax.LlamaConfig.from_meta_params(meta_70b, vocab_size=32000)
+    assert config == llamax.LlamaConfig.preset("llama2-70b")
+    assert config.to_meta_params() == meta_70b
+    with pytest.raises(ValueError, match="vocab_size -1"):
+        llamax.LlamaConfig.from_meta_params(meta_70b)
+    with pytest.raises(ValueError, match="Unknown key.*'n_expert'"):
+        llamax.LlamaConfig.from_meta_params({**meta_70b, "n_expert": 8}, vocab_size=32000)
+
+
+def test_json_round_trip_and_hashable():
+    config = llamax.LlamaConfig.preset(
+        "tiny", rope_scaling={"rope_type": "linear", "factor": 2.0}, dtype="bfloat16"
+    )
+    assert llamax.LlamaConfig.from_json(config.to_json()) == config
+    assert hash(config) == hash(llamax.LlamaConfig.from_json(config.to_json()))
+    jax.jit(lambda x, c: x * c.dim, static_argnums=1)(1.0, config)  # usable as a static arg
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_heads": 4, "n_kv_heads": 3}, r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
+        ({"dim": 60, "n_heads": 8}, r"dim \(60\) must be divisible by n_heads \(8\)"),
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"remat_policy": "everything"}, "remat_policy must be one of"),
+        ({"attention": "flash"}, "attention must be one of"),
+        ({"rope_scaling": {"rope_type": "magic"}}, "rope_scaling type must be one of"),
+        ({"rope_scaling": {"rope_type": "linear"}}, "needs a positive factor"),
+        ({"n_layers": 0}, "n_layers must be a positive integer"),
+    ],
+)
+def test_invalid_configs_name_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llamax.LlamaConfig.preset("tiny", **kwargs)
+
+
+def test_unknown_names_are_errors():
+    with pytest.raises(ValueError, match="Unknown preset 'llama2-8b'"):
+        llamax.LlamaConfig.preset("llama2-8b")
+    with pytest.raises(ValueError, match=r"Unknown LlamaConfig field\(s\): \['n_head'\]"):
+        llamax.LlamaConfig.preset("tiny", n_head=4)
+    with pytest.raises(ValueError, match=r"Unknown LlamaConfig key\(s\): \['hidden_size'\]"):
+        llamax.LlamaConfig.from_dict({"hidden_size": 4})
