@@ -1,4 +1,5 @@
 # Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+# `make demo` pretrains a small Llama on this machine's Python sources (configs/demo.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -23,7 +24,7 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/llamax-demo
+	$(BIN)/llamax-train --config configs/demo.py --workdir runs/demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs

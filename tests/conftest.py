@@ -70,3 +70,21 @@ def random_params(config, seed=0, std=0.15):
         is_norm = jax.tree_util.keystr(path).endswith("['scale']")
         out.append(1.0 + 0.2 * noise if is_norm else std * noise)
     return jax.tree.unflatten(tree, out)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, **overrides):
+    """`configs/<name>.py`'s get_config(), with dotted overrides ("train.steps": 3)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.progress_bar = False
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        config[section][field] = value
+    return config

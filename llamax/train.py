@@ -1,0 +1,390 @@
+"""Training: the experiment config, TrainState, train_step, eval_step and the loop.
+
+Setup follows one order: `jax.eval_shape(init)` -> shardings from the logical axis names ->
+`jax.jit(init, out_shardings=...)` (the state is born sharded) -> `jax.jit(train_step,
+in_shardings, out_shardings, donate_argnums=0)`. On several processes each one builds only
+the rows of the global batch that its devices hold and assembles the global array with
+`jax.make_array_from_process_local_data`; only process 0 writes files.
+
+Shapes: B global batch, A gradient-accumulation steps, T sequence length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from functools import partial
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llamax import data as data_lib
+from llamax import metrics as metrics_lib
+from llamax import optim, sharding
+from llamax.config import LlamaConfig
+from llamax.model import Llama, abstract_params
+
+log = logging.getLogger("llamax")
+
+
+# ----- the experiment config -----
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key of an experiment config with its default. `configs/*.py` start from this."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"
+    # Any LlamaConfig field overrides the preset; None keeps the preset's value.
+    for field in dataclasses.fields(LlamaConfig):
+        kind = {
+            "rope_scaling": dict,
+            "n_kv_heads": int,
+            "ffn_dim_multiplier": float,
+            "ffn_dim": int,
+        }
+        c.model[field.name] = ml_collections.config_dict.placeholder(
+            kind.get(field.name, type(getattr(LlamaConfig(), field.name)))
+        )
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.data = data_lib.default_config()
+    c.optimizer = optim.default_config()
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.batch_size = 8  # global, in sequences, summed over gradient-accumulation steps
+    c.train.seq_len = 128
+    c.train.grad_accum_steps = 1
+    c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables it
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0: no periodic eval
+    c.train.eval_batches = 4
+    c.train.seed = 0  # parameter initialization
+    c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device up in metrics.PEAK_FLOPS
+    c.train.progress_bar = True
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
+    overrides = {k: v for k, v in c.model.items() if k != "preset" and v is not None}
+    if "rope_scaling" in overrides:
+        overrides["rope_scaling"] = dict(overrides["rope_scaling"])
+    return LlamaConfig.preset(c.model.preset, **overrides)
+
+
+# ----- state, loss and steps -----
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0):
+    """Sums over the valid predictions of the cross-entropy (plus z-loss) and their count.
+
+    Position t predicts token t + 1 when both are in the same segment and it is not padding
+    (segment 0): nothing is predicted across a document boundary or into padding.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, log_z - target_logit, 0.0)
+    z = jnp.where(valid, log_z**2, 0.0)
+    return nll.sum(), z_loss * z.sum(), valid.sum().astype(jnp.float32)
+
+
+def _sums(params, model, batch, z_loss):
+    logits = model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    nll, z, count = next_token_loss(logits, batch["tokens"], batch["segment_ids"], z_loss)
+    return nll + z, (nll, count)
+
+
+def train_step(
+    state: TrainState, batch, *, model, tx, schedule, grad_accum_steps, z_loss, grad_shardings=None
+):
+    """One optimizer step on the global batch, accumulated over `grad_accum_steps` micro-batches.
+
+    The loss is the mean over every valid target token of the whole global batch, so
+    accumulation gives the gradient of one big batch.
+    """
+    grad_fn = jax.grad(_sums, has_aux=True)
+    if grad_accum_steps == 1:
+        grads, (nll, count) = grad_fn(state.params, model, batch, z_loss)
+    else:
+        a = grad_accum_steps
+
+        def split(x):  # micro-batch i takes rows i, i + A, ...: every device keeps its rows
+            return x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)  # [A, B/A, T]
+
+        def accumulate(carry, micro):
+            g, (nll, count) = grad_fn(state.params, model, micro, z_loss)
+            return jax.tree.map(jnp.add, carry, (g, nll, count)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        if grad_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, nll, count), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": nll / denom,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        "target_tokens": count,
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model):
+    _, (nll, count) = _sums(params, model, batch, 0.0)
+    return nll, count
+
+
+# ----- setup -----
+
+
+def init_state(model: Llama, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh):
+    """The train state born sharded, and its shardings."""
+    boxed = abstract_params(model)
+    param_shardings = sharding.tree_shardings(boxed, mesh)
+    # optax mirrors the boxed parameters in its moments, so they get the same logical names.
+    opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+    def init(r):
+        params = flax.linen.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    with sharding.use_mesh(mesh):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def batch_sharding(mesh: Mesh, batch_size: int, seq_len: int) -> NamedSharding:
+    return NamedSharding(mesh, sharding.mesh_axes(("batch", "length"), (batch_size, seq_len), mesh))
+
+
+def local_rows(batch_sharded: NamedSharding, batch_size: int, seq_len: int) -> np.ndarray:
+    """Indices of the global batch rows held by this process's devices, in order."""
+    rows: set[int] = set()
+    for index in batch_sharded.addressable_devices_indices_map((batch_size, seq_len)).values():
+        rows.update(range(batch_size)[index[0]])
+    return np.array(sorted(rows))
+
+
+def global_batch(
+    source, step: int, rows: np.ndarray, batch_sharded: NamedSharding, batch_size: int, seq_len: int
+):
+    local = source.rows(step, rows, seq_len)
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharded, v, (batch_size, seq_len))
+        for k, v in local.items()
+    }
+
+
+def check_batch_layout(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    t = c.train
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.grad_accum_steps < 1 or t.batch_size % t.grad_accum_steps:
+        raise ValueError(
+            f"train.batch_size ({t.batch_size}) must be a multiple of train.grad_accum_steps "
+            f"({t.grad_accum_steps})"
+        )
+    if (t.batch_size // t.grad_accum_steps) % batch_shards:
+        raise ValueError(
+            f"Each micro-batch ({t.batch_size} // {t.grad_accum_steps} sequences) must split "
+            f"evenly over the mesh's data x fsdp = {batch_shards} devices"
+        )
+
+
+# ----- the loop -----
+
+
+def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+    """`workdir/config.json`: the resolved config, written atomically by process 0."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    resolved = json.loads(c.to_json_best_effort())
+    resolved["model"]["resolved"] = model_config(c).to_dict()
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
+    """Trains for `c.train.steps` steps; returns the final state."""
+    t = c.train
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+    check_batch_layout(c, mesh)
+    config = model_config(c)
+    train_source = data_lib.make_source(c.data, "train")
+    if train_source.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"The data's vocabulary ({train_source.vocab_size}) does not fit the model's "
+            f"vocab_size ({config.vocab_size})"
+        )
+    eval_source = data_lib.make_source(c.data, "validation") if t.eval_every else None
+    write_config(c, workdir)
+    model = Llama(config)
+    schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
+    tx = optim.make_optimizer(c.optimizer, t.steps)
+    state, shardings = init_state(model, tx, jax.random.key(t.seed), mesh)
+    writer = metrics_lib.MetricsWriter(workdir, start_step=int(state.step))
+
+    batch_sharded = batch_sharding(mesh, t.batch_size, t.seq_len)
+    rows = local_rows(batch_sharded, t.batch_size, t.seq_len)
+    batch_shardings = dict.fromkeys(("tokens", "segment_ids", "positions"), batch_sharded)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn = jax.jit(
+        partial(
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            grad_accum_steps=t.grad_accum_steps,
+            z_loss=t.z_loss,
+            grad_shardings=shardings.params,
+        ),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        partial(eval_step, model=model), in_shardings=(shardings.params, batch_shardings)
+    )
+
+    num_devices = mesh.devices.size
+    flops_token = metrics_lib.flops_per_token(config, t.seq_len)
+    peak = metrics_lib.peak_flops_per_device(mesh.devices.flat[0], t.peak_flops_per_device)
+    is_main = jax.process_index() == 0
+    if is_main:
+        log.info(
+            "model %s: %s parameters; mesh %s over %d devices (%d processes); %s",
+            c.model.preset,
+            f"{config.num_params():,}",
+            dict(mesh.shape),
+            num_devices,
+            jax.process_count(),
+            f"{flops_token / 1e9:.3f} GFLOP per token",
+        )
+    progress = None
+    if is_main and t.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(
+            total=t.steps, initial=int(state.step), desc="train", unit="step", dynamic_ncols=True
+        )
+
+    pending: list[tuple[int, dict]] = []
+    timer_start, timer_step = None, int(state.step)
+    with sharding.use_mesh(mesh):
+        for step in range(int(state.step), t.steps):
+            batch = global_batch(train_source, step, rows, batch_sharded, t.batch_size, t.seq_len)
+            state, step_metrics = step_fn(state, batch)
+            pending.append((step + 1, step_metrics))
+            if timer_start is None:  # the first step compiles: time from its end
+                jax.block_until_ready(step_metrics)
+                timer_start, timer_step = time.perf_counter(), step + 1
+            if progress is not None:
+                progress.update(1)
+            last = step + 1 == t.steps
+            eval_now = eval_source is not None and ((step + 1) % t.eval_every == 0 or last)
+            if (step + 1) % t.log_every and not (last or eval_now):
+                continue
+            fetched = jax.device_get(pending)
+            pending.clear()
+            for done, m in fetched:
+                if not np.isfinite(m["loss"]):
+                    raise FloatingPointError(
+                        f"Loss is {m['loss']} at step {done} (grad norm {m['grad_norm']}): "
+                        "stopping. Lower optimizer.learning_rate, raise warmup_steps, or use "
+                        "float32 compute to find the cause."
+                    )
+            done, m = fetched[-1]
+            elapsed = time.perf_counter() - timer_start
+            steps_timed = done - timer_step
+            tokens_per_second = (
+                steps_timed * t.batch_size * t.seq_len / elapsed if steps_timed else None
+            )
+            record = {
+                "loss": float(m["loss"]),
+                "learning_rate": float(m["learning_rate"]),
+                "grad_norm": float(m["grad_norm"]),
+                "tokens_per_second": tokens_per_second,
+                "tflops_per_device": None,
+                "mfu": None,
+            }
+            if tokens_per_second:
+                flops = tokens_per_second * flops_token / num_devices
+                record["tflops_per_device"] = flops / 1e12
+                record["mfu"] = flops / peak if peak else None
+            if eval_now:
+                record["eval_loss"] = evaluate(
+                    eval_fn, state.params, eval_source, rows, batch_sharded, t
+                )
+            writer.write(done, record)
+            if is_main:
+                line = format_record(done, record)
+                progress.write(line) if progress is not None else log.info("%s", line)
+            timer_start, timer_step = time.perf_counter(), done
+    if progress is not None:
+        progress.close()
+    writer.close()
+    if is_main and writer.enabled and os.path.exists(writer.path):
+        log.info("%s", summarize(metrics_lib.read_metrics(workdir)))
+    return state
+
+
+def format_record(step: int, r: dict) -> str:
+    line = f"step {step}: loss {r['loss']:.4f}  lr {r['learning_rate']:.2e}"
+    line += f"  grad_norm {r['grad_norm']:.3f}"
+    if r["tokens_per_second"]:
+        line += f"  {r['tokens_per_second']:,.0f} tokens/s"
+    if r["mfu"] is not None:
+        line += f"  MFU {100 * r['mfu']:.1f}%"
+    if "eval_loss" in r:
+        line += f"  eval_loss {r['eval_loss']:.4f}"
+    return line
+
+
+def summarize(records: list[dict]) -> str:
+    """One line for the end of a run: how far the loss fell."""
+    first, last = records[0], records[-1]
+    line = f"trained to step {last['step']}: loss {first['loss']:.4f} (step {first['step']})"
+    line += f" -> {last['loss']:.4f}"
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        line += f"; eval loss {evals[0]['eval_loss']:.4f} (step {evals[0]['step']})"
+        line += f" -> {evals[-1]['eval_loss']:.4f}"
+    return line
+
+
+def evaluate(eval_fn, params, source, rows, batch_sharded, t) -> float:
+    """Mean loss per target token over `t.eval_batches` batches of the validation split."""
+    nll = count = 0.0
+    for i in range(t.eval_batches):
+        batch = global_batch(source, i, rows, batch_sharded, t.batch_size, t.seq_len)
+        n, k = jax.device_get(eval_fn(params, batch))
+        nll, count = nll + float(n), count + float(k)
+    return nll / max(count, 1.0)

@@ -1,0 +1,67 @@
+"""Every experiment config loads; every `--config.*` key the docs name exists; the CLI
+rejects a misspelt key."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, load_config
+
+from llamax import metrics, train
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+DOCS = [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
+DOCS += glob.glob(os.path.join(REPO, "configs", "*.py"))
+
+
+def test_expected_configs_exist():
+    assert {"tiny", "demo", "llama2_7b", "llama2_13b", "llama2_70b"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_resolves(name):
+    c = load_config(name)
+    model = train.model_config(c)
+    assert c.train.batch_size % c.train.grad_accum_steps == 0
+    assert metrics.flops_per_token(model, c.train.seq_len) > 0
+    with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+        docstring = f.read().split('"""')[1]
+    assert f"configs/{name}.py" in docstring, "the docstring gives the command"
+    assert "Hardware" in docstring and "Expected" in docstring
+
+
+def test_full_size_configs_use_the_presets():
+    for size in ("7b", "13b", "70b"):
+        c = load_config(f"llama2_{size}")
+        assert train.model_config(c) == train.model_config(c).preset(f"llama2-{size}").replace(
+            dtype="bfloat16", remat_policy="full"
+        )
+        assert c.train.seq_len == 4096 and c.train.batch_size * c.train.seq_len == 4 * 2**20
+
+
+def test_every_documented_override_exists():
+    defaults = train.default_config()
+    found = set()
+    for path in DOCS:
+        with open(path) as f:
+            found.update(re.findall(r"--config\.([a-z_]+(?:\.[a-z_0-9]+)+)", f.read()))
+    assert found, "the docs name no overrides"
+    for key in sorted(found):
+        node = defaults
+        for part in key.split("."):
+            assert part in node, f"--config.{key} (in the docs) is not a config key"
+            node = node[part]
+
+
+def test_cli_rejects_misspelt_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "llamax.cli.train", f"--config={REPO}/configs/tiny.py",
+         f"--workdir={tmp_path}", "--config.train.stepz=3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert 'Did you mean "steps"' in result.stderr
+    assert not os.path.exists(tmp_path / "metrics.jsonl")

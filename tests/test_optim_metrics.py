@@ -1,0 +1,105 @@
+"""The optimizer against a hand-written AdamW, the schedule, FLOPs and MFU accounting."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llamax import LlamaConfig, metrics, optim
+
+
+def test_schedule_warmup_then_cosine_to_ten_percent():
+    c = optim.default_config()
+    c.learning_rate, c.warmup_steps = 1e-3, 100
+    lr = optim.learning_rate_schedule(c, total_steps=1100)
+    assert float(lr(0)) == 0.0
+    assert float(lr(50)) == pytest.approx(5e-4)
+    assert float(lr(100)) == pytest.approx(1e-3)
+    assert float(lr(600)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-5)  # cosine midpoint
+    assert float(lr(1100)) == pytest.approx(1e-4)
+
+
+def test_llama2_recipe_defaults():
+    c = optim.default_config()
+    assert (c.b1, c.b2, c.eps, c.weight_decay, c.grad_clip_norm) == (0.9, 0.95, 1e-5, 0.1, 1.0)
+    assert (c.warmup_steps, c.end_learning_rate_ratio) == (2000, 0.1)
+
+
+def test_adamw_steps_equal_reference_formula():
+    """Two steps of clipping + AdamW with decoupled weight decay, computed by hand in float64;
+    norms ('.../scale') are excluded from decay by the default mask."""
+    c = optim.default_config()
+    c.learning_rate, c.warmup_steps, c.grad_clip_norm = 1e-2, 0, 0.5
+    tx = optim.make_optimizer(c, total_steps=10)
+    lr_at = optim.learning_rate_schedule(c, 10)
+    rng = np.random.default_rng(0)
+    shapes, decay = {"w": (3, 4), "norm/scale": (4,)}, {"w": 0.1, "norm/scale": 0.0}
+
+    def nest(flat):
+        return {"w": flat["w"], "norm": {"scale": flat["norm/scale"]}}
+
+    ref = {k: rng.normal(size=s) for k, s in shapes.items()}  # float64 reference
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), nest(ref))
+    state = tx.init(params)
+    m = {k: np.zeros(s) for k, s in shapes.items()}
+    v = {k: np.zeros(s) for k, s in shapes.items()}
+    for step in range(2):
+        grads = {k: rng.normal(size=s) for k, s in shapes.items()}
+        updates, state = tx.update(jax.tree.map(jnp.asarray, nest(grads)), state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+
+        clip = min(1.0, 0.5 / np.sqrt(sum((g**2).sum() for g in grads.values())))
+        t, lr = step + 1, float(lr_at(step))
+        for k, g in grads.items():
+            m[k] = 0.9 * m[k] + 0.1 * g * clip
+            v[k] = 0.95 * v[k] + 0.05 * (g * clip) ** 2
+            mhat, vhat = m[k] / (1 - 0.9**t), v[k] / (1 - 0.95**t)
+            ref[k] = ref[k] - lr * (mhat / (np.sqrt(vhat) + 1e-5) + decay[k] * ref[k])
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(nest(ref)), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_mask():
+    params = {"layers": {"attention_norm": {"scale": 0}, "attention": {"wq": 0}}, "output": 0}
+    assert optim.weight_decay_mask(params, "norm") == {
+        "layers": {"attention_norm": {"scale": False}, "attention": {"wq": True}},
+        "output": True,
+    }
+    assert all(jax.tree.leaves(optim.weight_decay_mask(params, "")))
+
+
+def test_flops_per_token_7b():
+    """MaxText's accounting: 6 * (non-embedding matmul params + V * D) + 6 * L * T * D."""
+    c = LlamaConfig.preset("llama2-7b")
+    matmul = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096
+    assert metrics.flops_per_token(c, 4096) == 6 * matmul + 6 * 32 * 4096 * 4096
+    assert metrics.flops_per_token(c, 4096) / 1e9 == pytest.approx(42.9, abs=0.05)
+
+
+def test_70b_grouped_query_flops():
+    c = LlamaConfig.preset("llama2-70b")
+    attention = 8192 * 128 * (2 * 64 + 2 * 8)
+    matmul = 80 * (attention + 3 * 8192 * 28672) + 32000 * 8192
+    assert metrics.flops_per_token(c, 4096) == 6 * matmul + 6 * 80 * 4096 * 8192
+
+
+class _Device:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("cpu", None),
+    ],
+)
+def test_peak_flops_lookup(kind, peak):
+    assert metrics.peak_flops_per_device(_Device(kind)) == peak
+    assert metrics.peak_flops_per_device(_Device(kind), override=1e12) == 1e12

@@ -1,0 +1,170 @@
+"""The training loop: sharding-invariant losses, gradient accumulation, learning, outputs."""
+
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from llamax import data, train
+from llamax.metrics import read_metrics
+
+
+def _losses(workdir):
+    return np.array([r["loss"] for r in read_metrics(workdir)])
+
+
+def _run(tmp_path, name, devices=None, **overrides):
+    config = load_config("tiny", **{"train.log_every": 1, "train.eval_every": 0, **overrides})
+    workdir = str(tmp_path / name)
+    state = train.run(config, workdir, devices=devices)
+    return _losses(workdir), state
+
+
+def test_same_losses_on_any_mesh(tmp_path):
+    """float32, 5 steps: 1 device and three 8-device meshes agree within 1e-5 relative."""
+    steps = {"train.steps": 5}
+    ref, _ = _run(tmp_path, "one", devices=jax.devices()[:1], **steps)
+    assert len(ref) == 5 and ref[-1] < ref[0]
+    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+        mesh = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), shape, strict=True))
+        losses, _ = _run(tmp_path, "x".join(map(str, shape)), **steps, **mesh)
+        np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=0, err_msg=str(shape))
+
+
+def test_grad_accumulation_equals_big_batch(tmp_path):
+    """4 micro-batches of 4 give the losses and parameters of one batch of 16."""
+    common = {"train.steps": 3, "train.batch_size": 16, "mesh.fsdp": 4, "mesh.data": 1}
+    big, big_state = _run(tmp_path, "big", devices=jax.devices()[:4], **common)
+    acc, acc_state = _run(
+        tmp_path, "acc", devices=jax.devices()[:4], **common, **{"train.grad_accum_steps": 4}
+    )
+    np.testing.assert_allclose(acc, big, rtol=1e-5)
+    for a, b in zip(
+        jax.tree.leaves(acc_state.params), jax.tree.leaves(big_state.params), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
+def test_learns_markov_chain_entropy_rate(tmp_path):
+    """The held-out loss gets within 5% of the chain's entropy rate (and not below it: a loss
+    under the entropy rate would mean the targets leak into the inputs)."""
+    overrides = {
+        "train.steps": 120, "train.batch_size": 16, "train.seq_len": 128,
+        "train.log_every": 40, "train.eval_every": 120, "train.eval_batches": 4,
+        "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 10,
+        "data.markov_states": 16,
+    }  # fmt: skip
+    config = load_config("tiny", **overrides)
+    train.run(config, str(tmp_path))
+    entropy = data.make_source(config.data, "train").entropy_rate
+    eval_loss = read_metrics(str(tmp_path))[-1]["eval_loss"]
+    print(f"entropy rate {entropy:.4f} nats, held-out loss {eval_loss:.4f}")
+    assert 0.97 * entropy <= eval_loss <= 1.05 * entropy
+
+
+def test_outputs_metrics_config_and_tensorboard(tmp_path):
+    config = load_config("tiny", **{"train.steps": 6, "train.log_every": 3, "train.eval_every": 6})
+    train.run(config, str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [3, 6]
+    for r in records:
+        assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"} <= set(r)
+        assert r["tokens_per_second"] > 0 and r["mfu"] is None  # no known peak for a CPU
+    assert "eval_loss" in records[-1]
+    resolved = json.loads((tmp_path / "config.json").read_text())
+    assert resolved["train"]["steps"] == 6
+    assert resolved["model"]["resolved"]["dim"] == 64
+
+    # TensorBoard: TFRecord framing (length, crc, event, crc) of Event protos.
+    from tensorboardX.proto import event_pb2
+
+    (events_file,) = (tmp_path / "tensorboard").iterdir()
+    raw, tags = events_file.read_bytes(), {}
+    while raw:
+        (length,) = struct.unpack("<Q", raw[:8])
+        event = event_pb2.Event.FromString(raw[12 : 12 + length])
+        for value in event.summary.value:
+            tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+        raw = raw[16 + length :]
+    assert [s for s, _ in tags["loss"]] == [3, 6]
+    assert tags["loss"][-1][1] == pytest.approx(records[-1]["loss"])
+    assert "learning_rate" in tags and "grad_norm" in tags and "eval_loss" in tags
+
+
+def test_nan_loss_stops_the_run(tmp_path):
+    config = load_config(
+        "tiny",
+        **{"train.steps": 10, "train.log_every": 5, "optimizer.learning_rate": 1e30,
+           "optimizer.grad_clip_norm": 0.0, "optimizer.warmup_steps": 0},
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"Loss is nan at step \d+"):
+        train.run(config, str(tmp_path))
+
+
+def test_bad_batch_layout_is_explained(tmp_path):
+    config = load_config("tiny", **{"train.batch_size": 12, "train.grad_accum_steps": 1})
+    with pytest.raises(ValueError, match="must split evenly over the mesh's data x fsdp = 8"):
+        train.run(config, str(tmp_path))
+    config = load_config("tiny", **{"train.batch_size": 8, "train.grad_accum_steps": 3})
+    with pytest.raises(ValueError, match="multiple of train.grad_accum_steps"):
+        train.run(config, str(tmp_path))
+
+
+def test_loss_against_numpy_reference(rng):
+    """Cross-entropy over valid targets only: no prediction into padding (segment 0) or across
+    a document boundary; z-loss adds weight * log(Z)^2 for the same targets."""
+    logits = rng.normal(size=(2, 7, 11)).astype(np.float32)
+    tokens = rng.integers(0, 11, (2, 7))
+    segment_ids = np.array([[1, 1, 1, 2, 2, 2, 0], [0, 0, 1, 1, 1, 1, 1]])
+    nll, z, count = train.next_token_loss(jnp.asarray(logits), tokens, segment_ids, z_loss=1e-2)
+
+    want_nll = want_z = want_count = 0.0
+    for b in range(2):
+        for t in range(6):
+            if segment_ids[b, t] == segment_ids[b, t + 1] != 0:
+                row = logits[b, t].astype(np.float64)
+                log_z = np.log(np.exp(row).sum())
+                want_nll += log_z - row[tokens[b, t + 1]]
+                want_z += 1e-2 * log_z**2
+                want_count += 1
+    assert want_count == 2 + 2 + 4
+    assert float(count) == want_count
+    np.testing.assert_allclose(float(nll), want_nll, rtol=1e-5)
+    np.testing.assert_allclose(float(z), want_z, rtol=1e-5)
+
+
+def test_data_rows_independent_of_how_they_are_split():
+    source = data.make_source(load_config("tiny").data, "train")
+    whole = source.rows(3, np.arange(8), 16)["tokens"]
+    halves = [source.rows(3, np.arange(4) + 4 * i, 16)["tokens"] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole)
+    assert not np.array_equal(source.rows(4, np.arange(8), 16)["tokens"], whole)
+
+
+def test_text_bytes_source(tmp_path):
+    for i, text in enumerate(["héllo wörld", "second file", "third"]):
+        (tmp_path / f"f{i}.txt").write_text(text * 3)
+    source = data.simple.TextBytesSource(str(tmp_path / "*.txt"), 0, "train", 0.0)
+    rows = source.rows(0, [0, 1, 2], 40)
+    for tokens, seg, pos in zip(
+        rows["tokens"], rows["segment_ids"], rows["positions"], strict=True
+    ):
+        for s in np.unique(seg):  # every segment is a run of one document from its position on
+            doc_pos = pos[seg == s]
+            np.testing.assert_array_equal(np.diff(doc_pos), 1)
+            starts = tokens[seg == s][doc_pos == 0]
+            assert (starts == data.simple.BOS).all()
+    with pytest.raises(FileNotFoundError, match="No files match"):
+        data.simple.TextBytesSource(str(tmp_path / "*.md"), 0, "train")
+
+
+def test_rerun_from_scratch_replaces_metrics(tmp_path):
+    """Without a checkpoint a rerun starts at step 0, and metrics.jsonl holds each step once."""
+    config = load_config("tiny", **{"train.steps": 4, "train.log_every": 2, "train.eval_every": 0})
+    train.run(config, str(tmp_path))
+    train.run(config, str(tmp_path))
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4]
