@@ -83,7 +83,7 @@ def run_llamax(steps: int) -> float:
 
     config = LlamaConfig(
         dim=DIM, n_layers=LAYERS, n_heads=HEADS, vocab_size=VOCAB, multiple_of=32, max_seq_len=SEQ,
-        dtype="bfloat16",
+        dtype="bfloat16", scan_unroll=LAYERS,  # the peer runs its layers unrolled too
     )  # fmt: skip
     assert config.hidden_dim == FFN
     model, tx = Llama(config), _optimizer()
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--impl", choices=["llamax", "peer"], help="measure one side (internal)")
     parser.add_argument("--peer-python", default="/tmp/peer/bin/python")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     if args.impl:

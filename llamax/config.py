@@ -41,6 +41,10 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters (the master weights)
     remat_policy: str = "none"
+    # Layers per iteration of the scan over layers. Unrolling lets XLA fuse across layers
+    # (20% faster train steps on CPU, measured in docs/performance.md) and costs compile time;
+    # 1 keeps TPU compiles fast. The parameter layout is the same for every value.
+    scan_unroll: int = 1
     attention: str = "xla"
 
     def __post_init__(self):
@@ -51,7 +55,15 @@ class LlamaConfig:
             # One spelling per model, so that equal models have equal (and equally hashed) configs.
             object.__setattr__(self, "n_kv_heads", None)
         errors = []
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        for name in (
+            "dim",
+            "n_layers",
+            "n_heads",
+            "vocab_size",
+            "multiple_of",
+            "max_seq_len",
+            "scan_unroll",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_kv_heads is not None and self.n_kv_heads <= 0:

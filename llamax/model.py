@@ -200,15 +200,16 @@ class Llama(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 5 + (0,),
             length=c.n_layers,
+            unroll=c.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, name="layers")
         x, new_layer_cache = layers(x, cos, sin, segment_ids, kv_segment_ids, index, layer_cache)
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", ("embed", "vocab"), (c.dim, c.vocab_size))
-        logits = jnp.einsum(
-            "BTD,DV->BTV", x, output.astype(c.compute_dtype), preferred_element_type=jnp.float32
-        )
+        # In the compute dtype, then float32 for the softmax (MaxText's default): float32
+        # output from the matmul would double the largest activation, [B, T, V].
+        logits = jnp.einsum("BTD,DV->BTV", x, output.astype(c.compute_dtype)).astype(jnp.float32)
         logits = _constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits

@@ -36,8 +36,10 @@ def rotary_angles(positions: jnp.ndarray, config: LlamaConfig) -> tuple[jnp.ndar
 
 
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate x [B, T, N, H] by angles [B, T, H/2], in float32; returns x's dtype."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    """Rotate x [B, T, N, H] by the angles whose cos and sin are [B, T, H/2], in x's dtype.
+
+    The angles themselves are computed in float32 (`rotary_angles`); only their bounded cos
+    and sin are rounded to x's dtype, as in Hugging Face's reference."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
