@@ -23,8 +23,13 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q
 
-demo: install
+STDLIB = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+
+demo: install runs/tokenizer/demo.model
 	$(BIN)/llamax-train --config configs/demo.py --workdir runs/demo
+
+runs/tokenizer/demo.model: | install
+	$(BIN)/llamax-tokenizer train --input '$(STDLIB)/*.py' --vocab-size 2048 --output $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs

@@ -191,10 +191,8 @@ def local_rows(batch_sharded: NamedSharding, batch_size: int, seq_len: int) -> n
     return np.array(sorted(rows))
 
 
-def global_batch(
-    source, step: int, rows: np.ndarray, batch_sharded: NamedSharding, batch_size: int, seq_len: int
-):
-    local = source.rows(step, rows, seq_len)
+def global_batch(local: dict, batch_sharded: NamedSharding, batch_size: int, seq_len: int):
+    """The global batch from this process's rows of it."""
     return {
         k: jax.make_array_from_process_local_data(batch_sharded, v, (batch_size, seq_len))
         for k, v in local.items()
@@ -238,13 +236,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
     check_batch_layout(c, mesh)
     config = model_config(c)
-    train_source = data_lib.make_source(c.data, "train")
-    if train_source.vocab_size > config.vocab_size:
+    data_vocab = data_lib.vocab_size(c.data)
+    if data_vocab > config.vocab_size:
         raise ValueError(
-            f"The data's vocabulary ({train_source.vocab_size}) does not fit the model's "
-            f"vocab_size ({config.vocab_size})"
+            f"The data's vocabulary ({data_vocab} ids) does not fit the model's vocab_size "
+            f"({config.vocab_size}): use the tokenizer the model was trained with"
         )
-    eval_source = data_lib.make_source(c.data, "validation") if t.eval_every else None
     write_config(c, workdir)
     model = Llama(config)
     schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
@@ -254,6 +251,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
 
     batch_sharded = batch_sharding(mesh, t.batch_size, t.seq_len)
     rows = local_rows(batch_sharded, t.batch_size, t.seq_len)
+    train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
     batch_shardings = dict.fromkeys(("tokens", "segment_ids", "positions"), batch_sharded)
     replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(
@@ -300,7 +298,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     timer_start, timer_step = None, int(state.step)
     with sharding.use_mesh(mesh):
         for step in range(int(state.step), t.steps):
-            batch = global_batch(train_source, step, rows, batch_sharded, t.batch_size, t.seq_len)
+            batch = global_batch(next(train_iter), batch_sharded, t.batch_size, t.seq_len)
             state, step_metrics = step_fn(state, batch)
             pending.append((step + 1, step_metrics))
             if timer_start is None:  # the first step compiles: time from its end
@@ -309,7 +307,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
             if progress is not None:
                 progress.update(1)
             last = step + 1 == t.steps
-            eval_now = eval_source is not None and ((step + 1) % t.eval_every == 0 or last)
+            eval_now = t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or last)
             if (step + 1) % t.log_every and not (last or eval_now):
                 continue
             fetched = jax.device_get(pending)
@@ -340,9 +338,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                 record["tflops_per_device"] = flops / 1e12
                 record["mfu"] = flops / peak if peak else None
             if eval_now:
-                record["eval_loss"] = evaluate(
-                    eval_fn, state.params, eval_source, rows, batch_sharded, t
-                )
+                record["eval_loss"] = evaluate(eval_fn, state.params, c, rows, batch_sharded)
             writer.write(done, record)
             if is_main:
                 line = format_record(done, record)
@@ -380,11 +376,14 @@ def summarize(records: list[dict]) -> str:
     return line
 
 
-def evaluate(eval_fn, params, source, rows, batch_sharded, t) -> float:
-    """Mean loss per target token over `t.eval_batches` batches of the validation split."""
+def evaluate(eval_fn, params, c, rows, batch_sharded) -> float:
+    """Mean loss per target token over the first `train.eval_batches` batches of the
+    validation split (the same batches at every eval)."""
+    t = c.train
+    batches = data_lib.make_iterator(c.data, "validation", t.seq_len, rows)
     nll = count = 0.0
-    for i in range(t.eval_batches):
-        batch = global_batch(source, i, rows, batch_sharded, t.batch_size, t.seq_len)
+    for _ in range(t.eval_batches):
+        batch = global_batch(next(batches), batch_sharded, t.batch_size, t.seq_len)
         n, k = jax.device_get(eval_fn(params, batch))
         nll, count = nll + float(n), count + float(k)
     return nll / max(count, 1.0)

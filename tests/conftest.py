@@ -88,3 +88,48 @@ def load_config(name, **overrides):
         section, field = key.split(".")
         config[section][field] = value
     return config
+
+
+WORDS = ("the model trains on packed documents with rotary positions and grouped query "
+         "attention while the optimizer keeps float32 master weights for every parameter "
+         "naïve café résumé größe über straße 東京 数据 😀").split()  # fmt: skip
+
+
+def make_text_corpus(directory, num_files=12, seed=0):
+    """Small .txt and .jsonl files of pseudo-sentences; returns the list of documents."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    docs = []
+    for i in range(num_files):
+        texts = [
+            f"doc {i}-{j}: " + " ".join(rng.choice(WORDS, rng.integers(5, 60))) + ".\n"
+            for j in range(3)
+        ]
+        if i % 2:
+            import json
+
+            with open(os.path.join(directory, f"part{i}.jsonl"), "w") as f:
+                f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+            docs.extend(texts)
+        else:
+            with open(os.path.join(directory, f"part{i}.txt"), "w") as f:
+                f.write("".join(texts))
+            docs.append("".join(texts))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    docs = make_text_corpus(str(directory))
+    return str(directory), docs
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(text_corpus, tmp_path_factory):
+    from llamax.data.tokenizer import train_tokenizer
+
+    lines = [line for doc in text_corpus[1] for line in doc.splitlines() if line]
+    path = str(tmp_path_factory.mktemp("tokenizer") / "test.model")
+    train_tokenizer(lines * 4, path, vocab_size=600)
+    return path

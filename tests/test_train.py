@@ -60,7 +60,9 @@ def test_learns_markov_chain_entropy_rate(tmp_path):
     }  # fmt: skip
     config = load_config("tiny", **overrides)
     train.run(config, str(tmp_path))
-    entropy = data.make_source(config.data, "train").entropy_rate
+    entropy = data.MarkovSource(
+        16, config.data.markov_alpha, config.data.seed, "train"
+    ).entropy_rate
     eval_loss = read_metrics(str(tmp_path))[-1]["eval_loss"]
     print(f"entropy rate {entropy:.4f} nats, held-out loss {eval_loss:.4f}")
     assert 0.97 * entropy <= eval_loss <= 1.05 * entropy
@@ -138,28 +140,11 @@ def test_loss_against_numpy_reference(rng):
 
 
 def test_data_rows_independent_of_how_they_are_split():
-    source = data.make_source(load_config("tiny").data, "train")
+    source = data.MarkovSource(32, 0.3, 0, "train")
     whole = source.rows(3, np.arange(8), 16)["tokens"]
     halves = [source.rows(3, np.arange(4) + 4 * i, 16)["tokens"] for i in range(2)]
     np.testing.assert_array_equal(np.concatenate(halves), whole)
     assert not np.array_equal(source.rows(4, np.arange(8), 16)["tokens"], whole)
-
-
-def test_text_bytes_source(tmp_path):
-    for i, text in enumerate(["héllo wörld", "second file", "third"]):
-        (tmp_path / f"f{i}.txt").write_text(text * 3)
-    source = data.simple.TextBytesSource(str(tmp_path / "*.txt"), 0, "train", 0.0)
-    rows = source.rows(0, [0, 1, 2], 40)
-    for tokens, seg, pos in zip(
-        rows["tokens"], rows["segment_ids"], rows["positions"], strict=True
-    ):
-        for s in np.unique(seg):  # every segment is a run of one document from its position on
-            doc_pos = pos[seg == s]
-            np.testing.assert_array_equal(np.diff(doc_pos), 1)
-            starts = tokens[seg == s][doc_pos == 0]
-            assert (starts == data.simple.BOS).all()
-    with pytest.raises(FileNotFoundError, match="No files match"):
-        data.simple.TextBytesSource(str(tmp_path / "*.md"), 0, "train")
 
 
 def test_rerun_from_scratch_replaces_metrics(tmp_path):

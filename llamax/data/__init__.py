@@ -1,33 +1,124 @@
-"""Input data: sources configured by the experiment config's `data` section."""
+"""Input data, configured by the experiment config's `data` section.
+
+Two sources, one interface: `make_iterator` returns an iterator of this process's rows of
+each global batch (dicts of int32 [rows, seq_len]: `tokens`, `segment_ids`, `positions`) with
+`get_state()` / `set_state()` for checkpoints.
+
+- `tfds`: text through tensorflow-datasets (a local corpus built from `data.files`, or a
+  catalog dataset `data.tfds_name`), tokenized with the sentencepiece model `data.tokenizer`,
+  packed by the grain pipeline (`llamax.data.pipeline`).
+- `markov`: a synthetic Markov chain with a known entropy rate, for tests.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Sequence
+
+import jax
 import ml_collections
+import numpy as np
 
-from llamax.data.simple import MarkovSource, TextBytesSource
+from llamax.data.markov import MarkovSource
 
-SOURCES = ("markov", "text_bytes")
+SOURCES = ("tfds", "markov")
+log = logging.getLogger("llamax")
 
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.source = "markov"  # one of SOURCES
-    c.seed = 0  # shuffling and sampling; independent of train.seed (model init)
+    c.seed = 0  # shuffling and sampling; independent of train.seed (model initialization)
+    # tfds: a catalog dataset by name ("c4/en:3.1.0"), or else a corpus built from `files`.
+    c.tfds_name = ""
+    c.tfds_data_dir = "~/tensorflow_datasets"  # where tfds datasets are built and read
+    c.files = ""  # comma-separated glob patterns of .txt/.jsonl(.gz) files (`**` recurses)
+    c.text_field = "text"  # the JSON field holding a document (and the tfds feature name)
+    c.validation_fraction = 0.05  # share of local documents held out for the eval loss
+    c.tokenizer = ""  # path of a sentencepiece model (Meta's tokenizer.model, or trained)
+    c.add_bos = True  # a BOS before each document, as Llama 2 was trained
+    c.add_eos = True  # an EOS after each document
     # markov: a random chain over `markov_states` symbols, Dirichlet(`markov_alpha`) rows.
     c.markov_states = 32
     c.markov_alpha = 0.3
-    # text_bytes: comma-separated glob patterns of local text files (`**` recurses).
-    c.files = ""
-    c.validation_fraction = 0.05  # share of files held out for the validation split
     return c
 
 
-def make_source(c: ml_collections.ConfigDict, split: str):
-    """The source of one split; it has `vocab_size` and `rows(step, row_indices, seq_len)`."""
+def vocab_size(c: ml_collections.ConfigDict) -> int:
+    """The number of ids the data can produce (the model's vocab_size must be at least this)."""
     if c.source == "markov":
-        return MarkovSource(c.markov_states, c.markov_alpha, c.seed, split)
-    if c.source == "text_bytes":
-        if not c.files:
-            raise ValueError("data.source 'text_bytes' needs data.files (glob patterns)")
-        return TextBytesSource(c.files, c.seed, split, c.validation_fraction)
+        return c.markov_states
+    if c.source == "tfds":
+        from llamax.data.tokenizer import Tokenizer
+
+        if not c.tokenizer:
+            raise ValueError("data.source 'tfds' needs data.tokenizer (a sentencepiece model)")
+        return Tokenizer(os.path.expanduser(c.tokenizer)).vocab_size
     raise ValueError(f"Unknown data.source {c.source!r}; expected one of {SOURCES}")
+
+
+class _StatelessIterator:
+    """Steps through a stateless source; the state is the next step."""
+
+    def __init__(self, source, rows: Sequence[int], seq_len: int):
+        self.source, self.rows, self.seq_len, self.step = source, rows, seq_len, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.source.rows(self.step, self.rows, self.seq_len)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def tfds_builder(c: ml_collections.ConfigDict):
+    """The tfds builder of the configured dataset; a local corpus is built on first use (by
+    process 0 first, so that processes sharing a data dir do not build it twice)."""
+    from llamax.data import corpus
+
+    data_dir = os.path.expanduser(c.tfds_data_dir)
+    if c.tfds_name:
+        return corpus.catalog_builder(c.tfds_name, data_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            corpus.build_corpus(c.files, data_dir, c.text_field, c.validation_fraction)
+        multihost_utils.sync_global_devices("llamax: corpus built")
+    return corpus.build_corpus(c.files, data_dir, c.text_field, c.validation_fraction)
+
+
+def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: Sequence[int]):
+    """This process's rows of each global batch; `rows` are their indices in the global batch
+    (stateless sources use them; the grain pipeline only needs how many)."""
+    if c.source == "markov":
+        return _StatelessIterator(
+            MarkovSource(c.markov_states, c.markov_alpha, c.seed, split), rows, seq_len
+        )
+    if c.source != "tfds":
+        raise ValueError(f"Unknown data.source {c.source!r}; expected one of {SOURCES}")
+    from llamax.data import corpus, pipeline
+
+    vocab_size(c)  # checks the tokenizer exists
+    source = corpus.data_source(tfds_builder(c), split)
+    dataset = pipeline.make_dataset(
+        source,
+        os.path.expanduser(c.tokenizer),
+        seq_len,
+        len(rows),
+        seed=c.seed + (0 if split == "train" else 1),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        text_field=c.text_field,
+        add_bos=c.add_bos,
+        add_eos=c.add_eos,
+    )
+    return iter(dataset)

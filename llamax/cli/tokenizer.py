@@ -1,0 +1,60 @@
+"""`llamax-tokenizer train --input PATTERNS --vocab-size N --output FILE.model`.
+
+Trains a BPE sentencepiece model with byte fallback and Llama 2's conventions (UNK 0, BOS 1,
+EOS 2, no pad) on local text (.txt, .jsonl with a text field, optionally gzipped). The model
+sees lines, as sentencepiece trains on; newlines, like any byte never learned as a piece,
+are encoded by byte fallback (as in Meta's tokenizer).
+
+`llamax-tokenizer encode --model FILE.model TEXT` prints the ids of TEXT (BOS and EOS added).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _lines(patterns: str, text_field: str, max_lines: int):
+    from llamax.data.corpus import _read_documents, expand_patterns
+
+    count = 0
+    for path in expand_patterns(patterns):
+        for _, text, problem in _read_documents(path, text_field):
+            if problem is not None:
+                continue
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+                    count += 1
+                    if count >= max_lines:
+                        return
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llamax-tokenizer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a BPE model on local text")
+    train.add_argument("--input", required=True, help="comma-separated glob patterns")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True, help="path of the .model file to write")
+    train.add_argument("--text-field", default="text", help="JSON field of .jsonl documents")
+    train.add_argument("--max-lines", type=int, default=2_000_000, help="lines sampled at most")
+    encode = sub.add_parser("encode", help="print the ids of a text")
+    encode.add_argument("--model", required=True)
+    encode.add_argument("text")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+    from llamax.data.tokenizer import Tokenizer, train_tokenizer
+
+    if args.command == "encode":
+        print(Tokenizer(args.model).encode(args.text, bos=True, eos=True))
+        return
+    lines = _lines(args.input, args.text_field, args.max_lines)
+    tok = train_tokenizer(lines, args.output, args.vocab_size, input_sentence_size=args.max_lines)
+    logging.info("wrote %s: %d pieces", args.output, tok.vocab_size)
+
+
+if __name__ == "__main__":
+    main()

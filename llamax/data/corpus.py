@@ -1,0 +1,191 @@
+"""Text corpora as tensorflow-datasets, stored as ArrayRecord and read back at random access.
+
+`TextCorpus` is a tfds `GeneratorBasedBuilder` over local files: `.txt` (one document per
+file), `.jsonl` (one document per line, from a text field), either optionally gzipped; files
+or glob patterns. Each document goes to the train or the validation split by a hash of its
+location, so the split is stable as files come and go. A catalog dataset (say `c4/en` in a
+`gs://` data dir) is read through the same path by name, once prepared as ArrayRecord.
+TensorFlow is not needed.
+
+Bad input never becomes a silent wrong batch: a missing pattern is an error; empty documents,
+bytes that are not UTF-8, lines that are not JSON or lack the text field are skipped, counted,
+and logged with the first place each happened.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+
+import tensorflow_datasets as tfds
+
+log = logging.getLogger("llamax")
+SPLITS = ("train", "validation")
+
+
+class TextCorpusConfig(tfds.core.BuilderConfig):
+    def __init__(self, *, files: Sequence[str], text_field: str, validation_fraction: float, **kw):
+        super().__init__(**kw)
+        self.files, self.text_field = list(files), text_field
+        self.validation_fraction = validation_fraction
+
+
+class TextCorpus(tfds.core.GeneratorBasedBuilder):
+    """Local text files as a tfds dataset with `train` and `validation` splits of {"text"}."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS: list[TextCorpusConfig] = []
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Local text corpus: " + ", ".join(self.builder_config.files[:5]),
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        )
+
+    def _split_generators(self, dl_manager):
+        splits = SPLITS if self.builder_config.validation_fraction > 0 else ("train",)
+        return {split: self._generate_examples(split) for split in splits}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        c = self.builder_config
+        skipped: dict[str, list] = collections.defaultdict(list)
+        kept = 0
+        for path in c.files:
+            for key, text, problem in _read_documents(path, c.text_field):
+                if problem is not None:
+                    skipped[problem].append(key)
+                    continue
+                held_out = zlib.crc32(key.encode()) % 10_000 < c.validation_fraction * 10_000
+                if held_out == (split == "validation"):
+                    kept += 1
+                    yield key, {"text": text}
+        for problem, keys in skipped.items():
+            log.warning(
+                "corpus %s split: skipped %d %s (first: %s)", split, len(keys), problem, keys[0]
+            )
+        log.info("corpus %s split: %d documents", split, kept)
+
+
+def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
+    """Sorted files matching comma-separated glob patterns (`**` recurses)."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    if not patterns:
+        raise ValueError("No corpus files given: set data.files to glob patterns")
+    files: set[str] = set()
+    for pattern in patterns:
+        matches = glob.glob(os.path.expanduser(pattern.strip()), recursive=True)
+        matches = [p for p in matches if os.path.isfile(p)]
+        if not matches:
+            raise FileNotFoundError(f"No files match {pattern!r}")
+        files.update(matches)
+    return sorted(files)
+
+
+def _open(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _read_documents(path: str, text_field: str):
+    """(key, text, problem) for each document of a file; problem is None for a good one."""
+    base = path[:-3] if path.endswith(".gz") else path
+    if base.endswith(".jsonl") or base.endswith(".json"):
+        with _open(path) as f:
+            for i, line in enumerate(f):
+                key = f"{path}:{i + 1}"
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield key, None, "records that are not UTF-8"
+                    continue
+                except json.JSONDecodeError:
+                    yield key, None, "lines that are not JSON"
+                    continue
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    yield key, None, f"records without a string {text_field!r} field"
+                elif not text:
+                    yield key, None, "empty documents"
+                else:
+                    yield key, text, None
+        return
+    with _open(path) as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield f"{path} (byte {e.start})", None, "files that are not UTF-8"
+        return
+    yield path, text, None if text else "empty documents"
+
+
+def build_corpus(
+    patterns: str | Sequence[str],
+    data_dir: str,
+    text_field: str = "text",
+    validation_fraction: float = 0.05,
+) -> TextCorpus:
+    """Prepares (once) and returns the tfds builder for these files.
+
+    The builder's config name is a hash of the files (paths, sizes, modification times) and
+    the settings, so a changed corpus is rebuilt rather than read stale."""
+    files = expand_patterns(patterns)
+    digest = hashlib.sha256()
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    digest.update(f"{text_field}|{validation_fraction}".encode())
+    config = TextCorpusConfig(
+        name=f"corpus_{digest.hexdigest()[:12]}",
+        files=files,
+        text_field=text_field,
+        validation_fraction=validation_fraction,
+    )
+    builder = TextCorpus(config=config, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        log.info("building tfds corpus of %d files into %s", len(files), builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except AssertionError as e:  # tfds refuses to write an empty split
+            if "No examples were yielded" not in str(e):
+                raise
+            raise ValueError(
+                f"{e}: the corpus {patterns!r} has no usable documents for that split "
+                "(see the warnings above); add documents or change data.validation_fraction"
+            ) from e
+    return builder
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str):
+    """Random-access ArrayRecord source of one split; records are {"text": bytes}."""
+    try:
+        source = builder.as_data_source(split=split)
+    except Exception as e:  # tfds raises several types for a missing split or format
+        raise ValueError(
+            f"Cannot read split {split!r} of {builder.name} in {builder.data_dir} as ArrayRecord "
+            f"({e}). Catalog datasets must be prepared with file_format=array_record."
+        ) from e
+    if len(source) == 0:
+        raise ValueError(f"The {split!r} split of {builder.name} has no documents")
+    return source
+
+
+def catalog_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """A prepared catalog dataset, e.g. `c4/en:3.1.0` in `gs://bucket/tensorflow_datasets`."""
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not builder.is_prepared():
+        raise ValueError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir}: prepare it first "
+            "(tfds build --file_format=array_record), or point data.tfds_data_dir at it"
+        )
+    return builder

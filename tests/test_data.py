@@ -1,0 +1,161 @@
+"""The tfds corpus and the grain pipeline: packing, determinism, process shards, resume."""
+
+import gzip
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from llamax import train
+from llamax.data import corpus, pipeline
+from llamax.data.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def built(text_corpus, tmp_path_factory):
+    directory, docs = text_corpus
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    builder = corpus.build_corpus(f"{directory}/*.txt,{directory}/*.jsonl", data_dir, "text", 0.2)
+    return builder, docs
+
+
+def _texts(source):
+    return sorted(source[i]["text"].decode() for i in range(len(source)))
+
+
+def test_corpus_splits_hold_every_document_once(built):
+    builder, docs = built
+    train_docs = _texts(corpus.data_source(builder, "train"))
+    valid_docs = _texts(corpus.data_source(builder, "validation"))
+    assert sorted(train_docs + valid_docs) == sorted(docs)
+    assert 0 < len(valid_docs) < len(train_docs)
+    # Prepared once: building again reuses it.
+    again = corpus.build_corpus(builder.builder_config.files, builder._data_dir_root, "text", 0.2)
+    assert again.data_dir == builder.data_dir
+
+
+def test_bad_input_is_skipped_counted_and_logged(tmp_path, caplog):
+    (tmp_path / "good.txt").write_text("a good document")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    lines = [json.dumps({"text": "fine"}), "{not json", json.dumps({"body": "no text"}), ""]
+    with gzip.open(tmp_path / "mixed.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="llamax"):
+        builder = corpus.build_corpus(str(tmp_path / "*"), str(tmp_path / "tfds"), "text", 0.0)
+    assert _texts(corpus.data_source(builder, "train")) == ["a good document", "fine"]
+    log = caplog.text
+    assert "skipped 1 empty documents" in log
+    assert "skipped 1 files that are not UTF-8" in log and "latin1.txt (byte 3)" in log
+    assert "skipped 1 lines that are not JSON" in log and "mixed.jsonl.gz:2" in log
+    assert "skipped 1 records without a string 'text' field" in log
+
+
+def test_missing_files_and_empty_split_are_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No files match"):
+        corpus.build_corpus(str(tmp_path / "*.txt"), str(tmp_path / "tfds"))
+    (tmp_path / "one.txt").write_text("only document")
+    builder = corpus.build_corpus(str(tmp_path / "*.txt"), str(tmp_path / "tfds"), "text", 0.0)
+    with pytest.raises(ValueError, match="Cannot read split 'validation'"):
+        corpus.data_source(builder, "validation")  # validation_fraction 0: no such split
+    (tmp_path / "two.txt").write_text("")
+    with pytest.raises(ValueError, match="no usable documents"):
+        corpus.build_corpus(str(tmp_path / "two.txt"), str(tmp_path / "tfds"), "text", 0.0)
+
+
+def _epoch(source, tokenizer_path, seq_len=32, batch=4, seed=0, index=0, count=1):
+    ds = pipeline.make_dataset(
+        source, tokenizer_path, seq_len, batch, seed, index, count, num_epochs=1
+    )
+    return list(ds)
+
+
+def _stream(batches):
+    """Valid tokens of every row in order: packing must reproduce the documents end to end."""
+    return np.concatenate([b["tokens"][b["segment_ids"] > 0] for b in batches])
+
+
+def test_packing_loses_and_duplicates_nothing(built, tokenizer_path):
+    builder, _ = built
+    source = corpus.data_source(builder, "train")
+    tok = Tokenizer(tokenizer_path)
+    batches = _epoch(source, tokenizer_path)
+    stream = _stream(batches)
+    all_docs = [tok.encode_array(source[i]["text"].decode()) for i in range(len(source))]
+    assert len(stream) == sum(len(d) for d in all_docs)
+    # Documents come back whole, in the shuffled order, each wrapped in BOS ... EOS.
+    ends = np.flatnonzero(stream == 2) + 1
+    pieces = np.split(stream, ends[:-1])
+    assert sorted(map(tuple, pieces)) == sorted(map(tuple, all_docs))
+    for b in batches:
+        for row_tokens, seg, pos in zip(b["tokens"], b["segment_ids"], b["positions"], strict=True):
+            for s in np.unique(seg[seg > 0]):
+                np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+            # The loss sees no prediction across a document boundary or into padding.
+            _, _, count = train.next_token_loss(
+                np.zeros((1, len(seg), 4)), row_tokens[None] % 4, seg[None]
+            )
+            assert int(count) == sum((seg == s).sum() - 1 for s in np.unique(seg[seg > 0]))
+            starts = np.flatnonzero(np.diff(seg, prepend=-1) != 0)
+            for start in starts:  # a piece starts a document (BOS) or continues one
+                assert seg[start] == 0 or pos[start] == 0
+
+
+def test_same_seed_same_batches(built, tokenizer_path):
+    source = corpus.data_source(built[0], "train")
+    a, b = _epoch(source, tokenizer_path, seed=3), _epoch(source, tokenizer_path, seed=3)
+    c = _epoch(source, tokenizer_path, seed=4)
+    np.testing.assert_array_equal(_stream(a), _stream(b))
+    assert not np.array_equal(_stream(a), _stream(c))
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_cover_the_records_of_one(built, tokenizer_path, processes):
+    source = corpus.data_source(built[0], "train")
+    whole = _stream(_epoch(source, tokenizer_path, batch=1))
+    shards = [
+        _stream(_epoch(source, tokenizer_path, batch=1, index=i, count=processes))
+        for i in range(processes)
+    ]
+    docs = lambda s: sorted(map(tuple, np.split(s, np.flatnonzero(s == 2)[:-1] + 1)))  # noqa: E731
+    together = sorted(d for shard in shards for d in docs(shard))
+    assert together == docs(whole)  # every record exactly once, no overlap
+
+
+def test_resume_from_state_gives_the_same_batches(built, tokenizer_path):
+    source = corpus.data_source(built[0], "train")
+    ds = pipeline.make_dataset(source, tokenizer_path, 16, 2, seed=0)  # repeats forever
+    it = iter(ds)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(7)]
+    resumed = iter(pipeline.make_dataset(source, tokenizer_path, 16, 2, seed=0))
+    resumed.set_state(state)
+    for want, got in zip(expected, [next(resumed) for _ in range(7)], strict=True):
+        for key in ("tokens", "segment_ids", "positions"):
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_training_on_tfds_corpus(text_corpus, tokenizer_path, tmp_path):
+    from conftest import load_config
+
+    directory, _ = text_corpus
+    overrides = {
+        "data.source": "tfds", "data.files": f"{directory}/*", "data.tokenizer": tokenizer_path,
+        "data.tfds_data_dir": str(tmp_path / "tfds"), "data.validation_fraction": 0.2,
+        "model.vocab_size": 640, "train.steps": 6, "train.log_every": 3, "train.eval_every": 6,
+    }  # fmt: skip
+    config = load_config("tiny", **overrides)
+    train.run(config, str(tmp_path / "run"))
+    from llamax.metrics import read_metrics
+
+    records = read_metrics(str(tmp_path / "run"))
+    assert [r["step"] for r in records] == [3, 6] and np.isfinite(records[-1]["eval_loss"])
+
+    config = load_config("tiny", **{**overrides, "model.vocab_size": 256})
+    with pytest.raises(
+        ValueError, match=r"vocabulary \(600 ids\) does not fit .* vocab_size \(256\)"
+    ):
+        train.run(config, str(tmp_path / "bad"))
