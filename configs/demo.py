@@ -3,7 +3,7 @@
     make demo    # trains the tokenizer once, then:
     llamax-tokenizer train --input "$STDLIB/*.py" --vocab-size 2048 \
         --output runs/tokenizer/demo.model
-    llamax-train --config configs/demo.py --workdir runs/demo
+    llamax-train --config configs/demo.py --workdir runs/demo   # a rerun resumes
 
 The corpus is this Python installation's own standard library source (`*.py` at its top
 level, about 4 MB), built into a tfds ArrayRecord dataset under runs/tfds (5% of the files
@@ -44,4 +44,5 @@ def get_config():
     c.train.log_every = 25
     c.train.eval_every = 100
     c.train.eval_batches = 4
+    c.checkpoint.every = 100  # rerunning `make demo` resumes from the latest
     return c

@@ -111,5 +111,5 @@ def tree_shardings(boxed_tree, mesh: Mesh):
         lambda names, shape: NamedSharding(mesh, mesh_axes(names, shape, mesh)),
         axes,
         shapes,
-        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, str | None) for n in x),
+        is_leaf=lambda x: type(x) is tuple and all(isinstance(n, str | None) for n in x),
     )

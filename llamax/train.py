@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llamax import checkpoint, optim, sharding
 from llamax import data as data_lib
 from llamax import metrics as metrics_lib
-from llamax import optim, sharding
 from llamax.config import LlamaConfig
 from llamax.model import Llama, abstract_params
 
@@ -70,6 +70,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # parameter initialization
     c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device up in metrics.PEAK_FLOPS
     c.train.progress_bar = True
+    c.checkpoint = checkpoint.default_config()
+    # A checkpoint (a run's workdir or a converted one) whose parameters start a new run:
+    # continued training and fine-tuning. Ignored when the workdir has a checkpoint to resume.
+    c.init_from = ""
     return c
 
 
@@ -161,21 +165,37 @@ def eval_step(params, batch, *, model):
 # ----- setup -----
 
 
-def init_state(model: Llama, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh):
-    """The train state born sharded, and its shardings."""
+def state_shardings(model: Llama, tx: optax.GradientTransformation, mesh: Mesh):
+    """The abstract train state (shapes and dtypes) and its shardings; no memory used."""
     boxed = abstract_params(model)
     param_shardings = sharding.tree_shardings(boxed, mesh)
     # optax mirrors the boxed parameters in its moments, so they get the same logical names.
     opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    params = flax.linen.unbox(boxed)
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+    )
+    return abstract, shardings
 
-    def init(r):
-        params = flax.linen.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+def init_state(
+    model: Llama, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh, params=None
+):
+    """The train state born sharded (from `params` when given, e.g. for `init_from`), and its
+    shardings."""
+    _, shardings = state_shardings(model, tx, mesh)
+
+    def init(r, p):
+        if p is None:
+            p = flax.linen.unbox(model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
 
     with sharding.use_mesh(mesh):
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        state = jax.jit(init, out_shardings=shardings)(rng, params)
     return state, shardings
 
 
@@ -246,12 +266,33 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     model = Llama(config)
     schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
     tx = optim.make_optimizer(c.optimizer, t.steps)
-    state, shardings = init_state(model, tx, jax.random.key(t.seed), mesh)
-    writer = metrics_lib.MetricsWriter(workdir, start_step=int(state.step))
-
     batch_sharded = batch_sharding(mesh, t.batch_size, t.seq_len)
     rows = local_rows(batch_sharded, t.batch_size, t.seq_len)
     train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
+
+    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), c.checkpoint)
+    latest = manager.latest_step()
+    tokens_seen = 0
+    if latest is not None:
+        abstract, shardings = state_shardings(model, tx, mesh)
+        state, data_state, meta = checkpoint.restore(manager, latest, abstract, shardings)
+        train_iter.set_state(data_state)
+        tokens_seen = meta.get("tokens_seen", 0)
+        log.info("resuming from the checkpoint of step %d in %s", latest, manager.directory)
+    elif c.init_from:
+        abstract, shardings = state_shardings(model, tx, mesh)
+        params, from_step = checkpoint.restore_params(
+            c.init_from, abstract.params, shardings.params
+        )
+        state, shardings = init_state(model, tx, jax.random.key(t.seed), mesh, params)
+        log.info("initialized from the parameters of %s (step %d)", c.init_from, from_step)
+    else:
+        state, shardings = init_state(model, tx, jax.random.key(t.seed), mesh)
+    start_step = int(state.step)
+    resolved = json.loads(c.to_json_best_effort())
+    writer = metrics_lib.MetricsWriter(workdir, start_step=start_step)
+    preemption = checkpoint.PreemptionWatcher()
+
     batch_shardings = dict.fromkeys(("tokens", "segment_ids", "positions"), batch_sharded)
     replicated = NamedSharding(mesh, PartitionSpec())
     step_fn = jax.jit(
@@ -278,8 +319,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     is_main = jax.process_index() == 0
     if is_main:
         log.info(
-            "model %s: %s parameters; mesh %s over %d devices (%d processes); %s",
+            "model (%s preset%s): %s parameters; mesh %s over %d devices (%d processes); %s",
             c.model.preset,
+            " with overrides" if config != LlamaConfig.preset(c.model.preset) else "",
             f"{config.num_params():,}",
             dict(mesh.shape),
             num_devices,
@@ -291,13 +333,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
         from tqdm import tqdm
 
         progress = tqdm(
-            total=t.steps, initial=int(state.step), desc="train", unit="step", dynamic_ncols=True
+            total=t.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
         )
 
     pending: list[tuple[int, dict]] = []
-    timer_start, timer_step = None, int(state.step)
+    timer_start, timer_step = None, start_step
     with sharding.use_mesh(mesh):
-        for step in range(int(state.step), t.steps):
+        for step in range(start_step, t.steps):
             batch = global_batch(next(train_iter), batch_sharded, t.batch_size, t.seq_len)
             state, step_metrics = step_fn(state, batch)
             pending.append((step + 1, step_metrics))
@@ -306,7 +348,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                 timer_start, timer_step = time.perf_counter(), step + 1
             if progress is not None:
                 progress.update(1)
-            last = step + 1 == t.steps
+            tokens_seen += t.batch_size * t.seq_len
+            preempted = preemption.reached(step + 1)
+            last = step + 1 == t.steps or preempted
+            if (c.checkpoint.every and (step + 1) % c.checkpoint.every == 0) or last:
+                meta = {"step": step + 1, "tokens_seen": tokens_seen, "config": resolved}
+                checkpoint.save(manager, step + 1, state, train_iter.get_state(), meta)
             eval_now = t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or last)
             if (step + 1) % t.log_every and not (last or eval_now):
                 continue
@@ -344,6 +391,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                 line = format_record(done, record)
                 progress.write(line) if progress is not None else log.info("%s", line)
             timer_start, timer_step = time.perf_counter(), done
+            if preempted:
+                log.warning("preempted: saved the checkpoint of step %d; exiting", done)
+                break
+    manager.wait_until_finished()
+    manager.close()
+    preemption.close()
     if progress is not None:
         progress.close()
     writer.close()

@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and tfds narrate every step
     initialize_distributed()
     from llamax import train
 

@@ -1,0 +1,214 @@
+"""Checkpoints: exact resume after SIGKILL and SIGTERM, kills during async saves, restoring
+onto other meshes and device counts, init_from, and shape mismatches."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from conftest import REPO, load_config
+
+from llamax import checkpoint, sharding, train
+from llamax.metrics import read_metrics
+from llamax.model import Llama, abstract_params
+
+# Slow enough (about 0.3 s a step) that a signal lands mid-run.
+RUN = {"train.steps": 12, "train.log_every": 1, "train.eval_every": 0, "train.seq_len": 256,
+       "checkpoint.every": 6}  # fmt: skip
+
+
+def _flags(overrides):
+    return [f"--config.{k}={v}" for k, v in overrides.items()] + [
+        "--config.train.progress_bar=false"
+    ]
+
+
+def _start(workdir, overrides, env=None, extra=()):
+    return subprocess.Popen(
+        [sys.executable, "-m", "llamax.cli.train", f"--config={REPO}/configs/tiny.py",
+         f"--workdir={workdir}", *_flags(overrides), *extra],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    """Until the checkpoint of `step` (or a later one) is complete."""
+    directory = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(directory):
+            done = [int(d) for d in os.listdir(directory) if d.isdigit()]
+            if done and max(done) >= step:
+                return max(done)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step {step} after {timeout}s")
+
+
+def _params(workdir):
+    """The final parameters a run saved, as numpy arrays."""
+    model = Llama(train.model_config(load_config("tiny", **RUN)))
+    boxed = abstract_params(model)
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    params, _ = checkpoint.restore_params(
+        workdir, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
+    )
+    return jax.tree.map(np.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    train.run(load_config("tiny", **RUN), workdir)
+    return workdir, [r["loss"] for r in read_metrics(workdir)], _params(workdir)
+
+
+def _assert_same_run(workdir, reference):
+    _, losses, params = reference
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    np.testing.assert_array_equal([r["loss"] for r in records], losses)
+    for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)  # bitwise
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, reference):
+    workdir = str(tmp_path)
+    proc = _start(workdir, RUN)
+    step = _wait_for_step(workdir, 6, proc)
+    proc.kill()
+    proc.wait()
+    assert step < 12, "the run finished before it could be killed"
+    proc = _start(workdir, RUN)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert f"resuming from the checkpoint of step {step}" in out
+    _assert_same_run(workdir, reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
+    workdir = str(tmp_path)
+    overrides = {**RUN, "checkpoint.every": 100}
+    proc = _start(workdir, overrides)
+    while not os.path.exists(os.path.join(workdir, "metrics.jsonl")):  # a step or more done
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    saved = checkpoint.make_manager(os.path.join(workdir, "checkpoints")).latest_step()
+    assert 1 <= saved < 12 and f"saved the checkpoint of step {saved}" in out
+    proc = _start(workdir, overrides)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    _assert_same_run(workdir, reference)
+
+
+def test_kills_during_async_saves_never_break_restart(tmp_path, reference):
+    workdir = str(tmp_path)
+    overrides = {**RUN, "checkpoint.every": 1, "checkpoint.keep": 2}
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        proc = _start(workdir, overrides)
+        _wait_for_step(workdir, 1, proc)
+        time.sleep(rng.uniform(0.0, 1.5))  # saves happen every step: most kills hit one
+        proc.kill()
+        proc.wait()
+    proc = _start(workdir, overrides)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    leftovers = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if not d.isdigit()]
+    assert not leftovers, leftovers  # partial saves were cleaned up
+    _assert_same_run(workdir, reference)
+
+
+def test_restore_onto_other_meshes_and_device_counts(reference):
+    workdir, _, params = reference  # written with fsdp=8
+    config = train.model_config(load_config("tiny", **RUN))
+    boxed = abstract_params(Llama(config))
+    for mesh in [
+        sharding.make_mesh(data=2, fsdp=2, tensor=2),
+        sharding.make_mesh(fsdp=4, devices=jax.devices()[:4]),
+    ]:
+        restored, step = checkpoint.restore_params(
+            workdir, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
+        )
+        assert step == 12
+        wq = restored["layers"]["attention"]["wq"]
+        assert wq.sharding.mesh.shape == mesh.shape
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_init_from_starts_a_new_run_from_the_parameters(tmp_path, reference):
+    source, losses, _ = reference
+    config = load_config("tiny", **{**RUN, "train.steps": 2})
+    config.init_from = source
+    train.run(config, str(tmp_path / "continued"))
+    fresh = load_config("tiny", **{**RUN, "train.steps": 2})
+    train.run(fresh, str(tmp_path / "fresh"))
+    continued = read_metrics(str(tmp_path / "continued"))[0]["loss"]
+    assert continued < read_metrics(str(tmp_path / "fresh"))[0]["loss"] - 0.5
+    assert continued < losses[0]
+    config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="init_from: no checkpoint directory"):
+        train.run(config, str(tmp_path / "third"))
+
+
+def test_resuming_with_other_shapes_names_the_parameter(tmp_path, reference):
+    import shutil
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference[0], workdir)
+    config = load_config("tiny", **{**RUN, "model.dim": 128})
+    with pytest.raises(
+        ValueError,
+        match=r"'layers/attention/wk' has shape \(2, 64, 2, 16\) in the checkpoint "
+        r"but \(2, 128, 2, 32\)",
+    ):
+        train.run(config, workdir)
+
+
+def test_two_processes_resume_exactly(tmp_path, reference):
+    overrides = {**RUN, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
+    workdir = str(tmp_path)
+
+    def start_both():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [
+            _start(
+                workdir,
+                overrides,
+                env,
+                [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+            )
+            for i in range(2)
+        ]
+
+    procs = start_both()
+    step = _wait_for_step(workdir, 6, procs[0], timeout=240)
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert step < 12
+    procs = start_both()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    # One process x 8 devices and two x 4 agree to float rounding, not bitwise.
+    np.testing.assert_allclose([r["loss"] for r in records], reference[1], rtol=1e-5)
