@@ -253,3 +253,20 @@ class PreemptionWatcher:
 
 def state_bytes(state) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
+def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
+    """`(model, params)` from a converted checkpoint or a training run's workdir: the latest
+    checkpoint's parameters (in their stored dtype) on `mesh` (default: one device), and the
+    model with compute dtype `dtype`."""
+    import flax.linen as nn
+
+    from llamax import sharding
+    from llamax.convert import read_model_config
+    from llamax.model import Llama, abstract_params
+
+    model = Llama(read_model_config(path).replace(dtype=dtype))
+    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    boxed = abstract_params(model)
+    params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
+    return model, params

@@ -63,7 +63,7 @@ def _layer_to_hf(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
     return w
 
 
-def _expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     d, f, h = c.dim, c.hidden_dim, c.head_dim
     per_layer = {
         "q": (c.n_heads * h, d),
@@ -86,7 +86,7 @@ def _expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, dtype=np.float32) -> dict:
     """llamax parameters (numpy) from a Hugging Face Llama state dict (numpy or torch)."""
-    expected = _expected_hf_shapes(config)
+    expected = expected_hf_shapes(config)
     names = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
@@ -130,3 +130,73 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
         for i in range(config.n_layers):
             out[f"model.layers.{i}.{hf_name}"] = _layer_to_hf(stacked[i], kind, config)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# ----- files: config.json and safetensors (single, or sharded with an index) -----
+
+
+def read(directory: str):
+    """The config and, per tensor name, a function that loads it, from a Hugging Face model
+    directory (`config.json` and `model.safetensors` or `model.safetensors.index.json`)."""
+    import json
+    import os
+
+    from llamax.convert.formats import FormatError, load_safetensors
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Input directory not found: {directory}")
+    config_path = os.path.join(directory, "config.json")
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(config_path) or not (
+        os.path.exists(index_path) or os.path.exists(single)
+    ):
+        raise FormatError(
+            f"{directory} is not a Hugging Face Llama checkpoint: expected config.json and "
+            f"model.safetensors (or an index), found {sorted(os.listdir(directory))[:10]}"
+        )
+    with open(config_path) as f:
+        config = LlamaConfig.from_hf_config(json.load(f))
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not os.path.exists(os.path.join(directory, name))]
+        if missing:
+            raise FormatError(f"{directory}: shards named in the index are missing: {missing}")
+        lazy = {}
+        for name in files:
+            lazy.update(load_safetensors(os.path.join(directory, name)))
+    else:
+        lazy = load_safetensors(single)
+    expected = expected_hf_shapes(config)
+    names = {k for k in lazy if not k.endswith(_IGNORED_SUFFIXES)}
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing or extra:
+        raise FormatError(
+            f"{directory}: tensors do not match config.json: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    for name, want in expected.items():
+        if lazy[name].shape != want:
+            raise FormatError(f"{name}: shape {lazy[name].shape}, config.json implies {want}")
+    return config, {name: lazy[name].load for name in expected}
+
+
+def write(config: LlamaConfig, tensors, directory: str) -> None:
+    """`config.json` and one `model.safetensors`, loadable by `LlamaForCausalLM.from_pretrained`."""
+    import json
+    import os
+
+    from llamax.convert.formats import SafetensorsWriter
+
+    shapes = expected_hf_shapes(config)
+    dtype = np.dtype(config.weight_dtype)
+    writer = SafetensorsWriter(
+        os.path.join(directory, "model.safetensors"), {k: (v, dtype) for k, v in shapes.items()}
+    )
+    for name in shapes:
+        writer.write(name, tensors[name]())
+    writer.close()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config.to_hf_config(), f, indent=2)

@@ -1,0 +1,63 @@
+"""`llamax-convert --from meta|hf|llamax --to llamax|hf|meta --input DIR --output DIR`.
+
+    llamax-convert --from meta --to llamax --input llama-2-7b --output ckpt/llama2-7b
+    llamax-convert --from llamax --to hf --input ckpt/llama2-7b --output hf/llama2-7b
+    llamax-convert --from llamax --to meta --shards 2 --input ckpt/x --output meta/x
+    llamax-convert --verify ckpt/llama2-7b
+
+The output appears only when complete (written to a temporary directory, then renamed), with
+a manifest.json that `--verify` checks. `tokenizer.model` is taken from the input directory
+or its parent (Meta's release puts it there), or from `--tokenizer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamax-convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="src", choices=["meta", "hf", "llamax"])
+    parser.add_argument("--to", dest="dst", choices=["llamax", "hf", "meta"])
+    parser.add_argument("--input")
+    parser.add_argument("--output")
+    parser.add_argument("--shards", type=int, default=1, help="model-parallel shards (--to meta)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the input's"
+    )
+    parser.add_argument(
+        "--tokenizer", help="tokenizer.model to copy (default: found next to the input)"
+    )
+    parser.add_argument("--verify", metavar="DIR", help="check DIR against its manifest.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    from llamax import convert
+
+    if args.verify:
+        problems = convert.verify(args.verify)
+        for problem in problems:
+            print(f"FAIL {problem}")
+        print("OK" if not problems else f"{len(problems)} problem(s) in {args.verify}")
+        return 1 if problems else 0
+    if not (args.src and args.dst and args.input and args.output):
+        parser.error("--from, --to, --input and --output are required (or --verify DIR)")
+    try:
+        convert.convert(
+            args.src, args.dst, args.input, args.output, args.shards, args.dtype, args.tokenizer
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"llamax-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,61 @@
+"""`llamax-generate --checkpoint DIR --prompt TEXT [--chat] [--system TEXT]`.
+
+Loads a converted checkpoint (or a training run's workdir) with its `tokenizer.model`,
+and prints the continuation of the prompt; with `--chat`, the prompt is the user's turn of a
+Llama 2 chat dialog formatted exactly as Meta's `chat_completion` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamax-generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="format as a Llama 2 chat turn")
+    parser.add_argument("--system", help="system prompt (with --chat)")
+    parser.add_argument("--tokenizer", help="default: CHECKPOINT/tokenizer.model")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.system and not args.chat:
+        parser.error("--system needs --chat")
+
+    import llamax
+    from llamax.data.tokenizer import Tokenizer
+    from llamax.generate import chat_tokens
+
+    tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path)
+    model, params = llamax.load_pretrained(args.checkpoint, dtype=args.dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        parser.error(f"{tokenizer_path} has more pieces than the model's vocabulary")
+    if args.chat:
+        dialog = [{"role": "system", "content": args.system}] if args.system else []
+        ids = chat_tokens([*dialog, {"role": "user", "content": args.prompt}], tokenizer)
+    else:
+        ids = tokenizer.encode(args.prompt, bos=True, eos=False)
+    (out,) = llamax.generate(
+        model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id,
+    )  # fmt: skip
+    print(tokenizer.decode(out))
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

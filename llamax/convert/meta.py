@@ -1,0 +1,194 @@
+"""Meta's Llama 2 release layout: `params.json` and `consolidated.NN.pth` model-parallel shards.
+
+Shards follow fairscale's layers in Meta's `llama/model.py`: `wq, wk, wv, w1, w3, output` are
+ColumnParallelLinear (torch `[out, in]`, split on dim 0), `wo, w2` RowParallelLinear (split on
+dim 1), `tok_embeddings` ParallelEmbedding (split on the embedding dim, 1); norms are
+replicated. Meta rotates interleaved pairs, llamax and Hugging Face the two halves of each head:
+the rows of wq and wk are permuted per head on import, and back on export.
+
+Tensors are exchanged in Hugging Face's names and layout (`model.layers.0.self_attn.q_proj.
+weight`, half-split rotary), the converter's common currency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from llamax.config import LlamaConfig
+from llamax.convert.formats import FormatError, load_pth
+
+# Meta name (inside `layers.{i}.` for layer tensors) -> (HF name, split dim or None, permute)
+_TOP = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight", 1, None),
+    "norm.weight": ("model.norm.weight", None, None),
+    "output.weight": ("lm_head.weight", 0, None),
+}
+_LAYER = {
+    "attention.wq.weight": ("self_attn.q_proj.weight", 0, "q"),
+    "attention.wk.weight": ("self_attn.k_proj.weight", 0, "k"),
+    "attention.wv.weight": ("self_attn.v_proj.weight", 0, None),
+    "attention.wo.weight": ("self_attn.o_proj.weight", 1, None),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0, None),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1, None),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0, None),
+    "attention_norm.weight": ("input_layernorm.weight", None, None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None, None),
+}
+IGNORED = ("rope.freqs",)  # a buffer of Meta's, recomputed from rope_theta
+
+
+def to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's interleaved rotary rows -> half-split, per head (`view(n, H/2, 2, D)
+    .transpose(1, 2)`)."""
+    d = w.shape[1]
+    return w.reshape(n_heads, -1, 2, d).transpose(0, 2, 1, 3).reshape(-1, d)
+
+
+def to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
+    d = w.shape[1]
+    return w.reshape(n_heads, 2, -1, d).transpose(0, 2, 1, 3).reshape(-1, d)
+
+
+def _names(config: LlamaConfig):
+    """(Meta name, HF name, split dim, permute) for every tensor of the model."""
+    for meta, (hf, dim, perm) in _TOP.items():
+        yield meta, hf, dim, perm
+    for i in range(config.n_layers):
+        for meta, (hf, dim, perm) in _LAYER.items():
+            yield f"layers.{i}.{meta}", f"model.layers.{i}.{hf}", dim, perm
+
+
+def shard_files(directory: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Input directory not found: {directory}")
+    names = sorted(f for f in os.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", f))
+    if not names or not os.path.exists(os.path.join(directory, "params.json")):
+        raise FormatError(
+            f"{directory} is not a Meta Llama checkpoint: expected params.json and "
+            f"consolidated.NN.pth files, found {sorted(os.listdir(directory))[:10]}"
+        )
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(names))]
+    if names != expected:
+        missing = sorted(set(expected) - set(names))
+        extra = sorted(set(names) - set(expected))
+        raise FormatError(
+            f"Shards of {directory} are not consolidated.00..{len(names) - 1:02d}.pth: missing "
+            f"{missing}, unexpected {extra}"
+        )
+    return [os.path.join(directory, n) for n in names]
+
+
+def check_shard_count(config: LlamaConfig, shards: int) -> None:
+    for what, size in (
+        ("n_heads", config.n_heads),
+        ("n_kv_heads", config.kv_heads),
+        ("dim", config.dim),
+        ("the feed-forward width", config.hidden_dim),
+        ("vocab_size", config.vocab_size),
+    ):
+        if size % shards:
+            raise FormatError(f"{shards} shards do not fit {what} = {size}: it must divide it")
+
+
+def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray]]]:
+    """The config and, per Hugging Face tensor name, a function that loads that tensor (merged
+    across shards, rotary rows permuted)."""
+    files = shard_files(directory)
+    with open(os.path.join(directory, "params.json")) as f:
+        params = json.load(f)
+    shards = [load_pth(path) for path in files]
+    if "tok_embeddings.weight" not in shards[0]:
+        raise FormatError(f"{files[0]} has no tok_embeddings.weight")
+    vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    try:
+        config = LlamaConfig.from_meta_params(
+            params, vocab_size=vocab if params.get("vocab_size", -1) <= 0 else None
+        )
+    except ValueError as e:
+        raise FormatError(f"{directory}/params.json: {e}") from e
+    check_shard_count(config, len(files))
+
+    expected = {meta: (hf, dim, perm) for meta, hf, dim, perm in _names(config)}
+    for path, shard in zip(files, shards, strict=True):
+        names = set(shard) - set(IGNORED)
+        missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+        if missing or extra:
+            raise FormatError(
+                f"{path} does not match params.json: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+    hf_shapes = _hf_shapes(config)
+    n = len(files)
+
+    def loader(meta: str, hf: str, dim: int | None, perm: str | None):
+        def load() -> np.ndarray:
+            want = hf_shapes[hf]
+            parts = [s[meta] for s in shards]
+            for path, p in zip(files, parts, strict=True):
+                shard_shape = (
+                    tuple(want)
+                    if dim is None
+                    else tuple(w // n if i == dim else w for i, w in enumerate(want))
+                )
+                if p.shape != shard_shape:
+                    raise FormatError(
+                        f"{path}: {meta} has shape {p.shape}, but params.json implies {shard_shape}"
+                    )
+            w = (
+                parts[0].load()
+                if dim is None
+                else np.concatenate([p.load() for p in parts], axis=dim)
+            )
+            if perm == "q":
+                w = to_half_split(w, config.n_heads)
+            elif perm == "k":
+                w = to_half_split(w, config.kv_heads)
+            return w
+
+        return load
+
+    return config, {hf: loader(meta, hf, dim, perm) for meta, (hf, dim, perm) in expected.items()}
+
+
+def _hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    from llamax.convert.hf import expected_hf_shapes
+
+    return expected_hf_shapes(c)
+
+
+def write(
+    config: LlamaConfig, tensors: dict[str, Callable[[], np.ndarray]], directory: str, shards: int
+) -> None:
+    """Meta's layout with `shards` model-parallel shards (needs torch to write `.pth`)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("Writing Meta's .pth shards needs PyTorch: pip install torch") from e
+    check_shard_count(config, shards)
+    out: list[dict] = [{} for _ in range(shards)]
+    for meta, hf, dim, perm in _names(config):
+        w = tensors[hf]()
+        if perm == "q":
+            w = to_interleaved(w, config.n_heads)
+        elif perm == "k":
+            w = to_interleaved(w, config.kv_heads)
+        pieces = [w] * shards if dim is None else np.split(w, shards, axis=dim)
+        for k, piece in enumerate(pieces):
+            out[k][meta] = _to_torch(torch, np.ascontiguousarray(piece))
+    h = config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
+    for k in range(shards):
+        out[k]["rope.freqs"] = _to_torch(torch, freqs.astype(np.float32))
+        torch.save(out[k], os.path.join(directory, f"consolidated.{k:02d}.pth"))
+    with open(os.path.join(directory, "params.json"), "w") as f:
+        json.dump(config.to_meta_params(), f, indent=2)
+
+
+def _to_torch(torch, a: np.ndarray):
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
