@@ -69,8 +69,6 @@ def read_llamax(path: str) -> tuple[LlamaConfig, Tensors]:
 def write_llamax(config: LlamaConfig, tensors: Tensors, directory: str) -> None:
     import orbax.checkpoint as ocp
 
-    from llamax import checkpoint
-
     dtype = np.dtype(config.weight_dtype)
     scratch = os.path.join(directory, ".scratch")
     os.makedirs(scratch)
@@ -90,13 +88,20 @@ def write_llamax(config: LlamaConfig, tensors: Tensors, directory: str) -> None:
     params["norm"] = {"scale": np.asarray(tensors["model.norm.weight"](), dtype)}
     params["output"] = np.ascontiguousarray(np.asarray(tensors["lm_head.weight"](), dtype).T)
 
-    options = checkpoint.default_config()
-    options.async_save = False
-    manager = checkpoint.make_manager(os.path.join(directory, "checkpoints"), options)
+    # At most 1 GB in flight to disk, so host memory stays bounded whatever the model size;
+    # no compression: random-looking weights do not compress, and zstd would halve the speed.
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=1, save_device_host_concurrent_gb=1, use_compression=False
+    )
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(directory, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+        item_handlers={"params": handler, "meta": ocp.JsonCheckpointHandler()},
+    )
     manager.save(
         0,
         args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
+            params=ocp.args.PyTreeSave(params),
             meta=ocp.args.JsonSave({"step": 0, "converted": True, "config": config.to_dict()}),
         ),
     )
