@@ -18,24 +18,8 @@ the data dir: `tfds build c4/en --file_format=array_record`), tokenized with Met
 `tokenizer.model`.
 """
 
-from llamax.train import default_config
+from llamax.train import llama2_recipe
 
 
 def get_config():
-    c = default_config()
-    c.model.preset = "llama2-70b"
-    c.model.dtype = "bfloat16"
-    c.model.remat_policy = "full"
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    c.data.source = "tfds"
-    c.data.tfds_name = "c4/en:3.1.0"
-    c.optimizer.learning_rate = 1.5e-4
-    c.optimizer.warmup_steps = 2000
-    c.train.steps = 500_000
-    c.train.batch_size = 1024
-    c.train.seq_len = 4096
-    c.train.grad_accum_steps = 4
-    c.train.log_every = 10
-    c.train.eval_every = 1000
-    c.train.eval_batches = 8
-    return c
+    return llama2_recipe("llama2-70b", learning_rate=1.5e-4)

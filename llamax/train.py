@@ -77,6 +77,30 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def llama2_recipe(preset: str, learning_rate: float) -> ml_collections.ConfigDict:
+    """Llama 2's pretraining recipe (Touvron et al. 2023, section 2.2) for a preset: 4,096-token
+    context, 4M-token global batches (1,024 sequences as 4 accumulated micro-batches), the
+    paper's AdamW and schedule, 2T tokens; bfloat16 compute with full remat, fsdp over every
+    chip, C4 English through tfds. `configs/llama2_*.py` set the hardware."""
+    c = default_config()
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.data.source = "tfds"
+    c.data.tfds_name = "c4/en:3.1.0"
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.warmup_steps = 2000
+    c.train.steps = 500_000
+    c.train.batch_size = 1024
+    c.train.seq_len = 4096
+    c.train.grad_accum_steps = 4
+    c.train.log_every = 10
+    c.train.eval_every = 1000
+    c.train.eval_batches = 8
+    return c
+
+
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
     overrides = {k: v for k, v in c.model.items() if k != "preset" and v is not None}
     if "rope_scaling" in overrides:
