@@ -362,71 +362,94 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
 
     pending: list[tuple[int, dict]] = []
     timer_start, timer_step = None, start_step
-    with sharding.use_mesh(mesh):
-        for step in range(start_step, t.steps):
-            batch = global_batch(next(train_iter), batch_sharded, t.batch_size, t.seq_len)
-            state, step_metrics = step_fn(state, batch)
-            pending.append((step + 1, step_metrics))
-            if timer_start is None:  # the first step compiles: time from its end
-                jax.block_until_ready(step_metrics)
-                timer_start, timer_step = time.perf_counter(), step + 1
-            if progress is not None:
-                progress.update(1)
-            tokens_seen += t.batch_size * t.seq_len
-            preempted = preemption.reached(step + 1)
-            last = step + 1 == t.steps or preempted
-            if (c.checkpoint.every and (step + 1) % c.checkpoint.every == 0) or last:
-                meta = {"step": step + 1, "tokens_seen": tokens_seen, "config": resolved}
-                checkpoint.save(manager, step + 1, state, train_iter.get_state(), meta)
-            eval_now = t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or last)
-            if (step + 1) % t.log_every and not (last or eval_now):
-                continue
-            fetched = jax.device_get(pending)
-            pending.clear()
-            for done, m in fetched:
-                if not np.isfinite(m["loss"]):
-                    raise FloatingPointError(
-                        f"Loss is {m['loss']} at step {done} (grad norm {m['grad_norm']}): "
-                        "stopping. Lower optimizer.learning_rate, raise warmup_steps, or use "
-                        "float32 compute to find the cause."
+    try:
+        with sharding.use_mesh(mesh):
+            for step in range(start_step, t.steps):
+                done = step + 1
+                batch = global_batch(next(train_iter), batch_sharded, t.batch_size, t.seq_len)
+                state, step_metrics = step_fn(state, batch)
+                pending.append((done, step_metrics))
+                if timer_start is None:  # the first step compiles: time from its end
+                    jax.block_until_ready(step_metrics)
+                    timer_start, timer_step = time.perf_counter(), done
+                if progress is not None:
+                    progress.update(1)
+                tokens_seen += t.batch_size * t.seq_len
+                preempted = preemption.reached(done)
+                last = done == t.steps or preempted
+                save_now = (c.checkpoint.every and done % c.checkpoint.every == 0) or last
+                eval_now = t.eval_every > 0 and (done % t.eval_every == 0 or last)
+                log_now = done % t.log_every == 0 or last or eval_now
+                if not (save_now or log_now):
+                    continue
+                # Metrics are fetched only here, so the host does not wait on every step; a
+                # non-finite loss stops the run before it can reach a checkpoint.
+                fetched = jax.device_get(pending)
+                pending.clear()
+                for at, m in fetched:
+                    if not np.isfinite(m["loss"]):
+                        raise FloatingPointError(
+                            f"Loss is {m['loss']} at step {at} (grad norm {m['grad_norm']}): "
+                            "stopping. Lower optimizer.learning_rate, raise warmup_steps, or "
+                            "use float32 compute to find the cause."
+                        )
+                if save_now:
+                    meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
+                    checkpoint.save(manager, done, state, train_iter.get_state(), meta)
+                if log_now:
+                    record = _record(
+                        fetched[-1][1],
+                        done - timer_step,
+                        timer_start,
+                        t,
+                        flops_token,
+                        num_devices,
+                        peak,
                     )
-            done, m = fetched[-1]
-            elapsed = time.perf_counter() - timer_start
-            steps_timed = done - timer_step
-            tokens_per_second = (
-                steps_timed * t.batch_size * t.seq_len / elapsed if steps_timed else None
-            )
-            record = {
-                "loss": float(m["loss"]),
-                "learning_rate": float(m["learning_rate"]),
-                "grad_norm": float(m["grad_norm"]),
-                "tokens_per_second": tokens_per_second,
-                "tflops_per_device": None,
-                "mfu": None,
-            }
-            if tokens_per_second:
-                flops = tokens_per_second * flops_token / num_devices
-                record["tflops_per_device"] = flops / 1e12
-                record["mfu"] = flops / peak if peak else None
-            if eval_now:
-                record["eval_loss"] = evaluate(eval_fn, state.params, c, rows, batch_sharded)
-            writer.write(done, record)
-            if is_main:
-                line = format_record(done, record)
-                progress.write(line) if progress is not None else log.info("%s", line)
-            timer_start, timer_step = time.perf_counter(), done
-            if preempted:
-                log.warning("preempted: saved the checkpoint of step %d; exiting", done)
-                break
-    manager.wait_until_finished()
-    manager.close()
-    preemption.close()
-    if progress is not None:
-        progress.close()
-    writer.close()
+                    if eval_now:
+                        record["eval_loss"] = evaluate(
+                            eval_fn, state.params, c, rows, batch_sharded
+                        )
+                    writer.write(done, record)
+                    if is_main:
+                        line = format_record(done, record)
+                        progress.write(line) if progress is not None else log.info("%s", line)
+                    timer_start, timer_step = time.perf_counter(), done
+                if preempted:
+                    log.warning("preempted: saved the checkpoint of step %d; exiting", done)
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        preemption.close()
+        if progress is not None:
+            progress.close()
+        writer.close()
     if is_main and writer.enabled and os.path.exists(writer.path):
         log.info("%s", summarize(metrics_lib.read_metrics(workdir)))
     return state
+
+
+def _record(
+    m: dict, steps_timed: int, timer_start: float, t, flops_token, num_devices, peak
+) -> dict:
+    """The metrics record of a logged step: that step's values and the throughput since the
+    last record."""
+    elapsed = time.perf_counter() - timer_start
+    tokens_per_second = steps_timed * t.batch_size * t.seq_len / elapsed if steps_timed else None
+    record = {
+        "loss": float(m["loss"]),
+        "learning_rate": float(m["learning_rate"]),
+        "grad_norm": float(m["grad_norm"]),
+        "tokens_per_second": tokens_per_second,
+        "tflops_per_device": None,
+        "mfu": None,
+    }
+    if tokens_per_second:
+        flops = tokens_per_second * flops_token / num_devices
+        record["tflops_per_device"] = flops / 1e12
+        record["mfu"] = flops / peak if peak else None
+    return record
 
 
 def format_record(step: int, r: dict) -> str:

@@ -1,6 +1,7 @@
 """The training loop: sharding-invariant losses, gradient accumulation, learning, outputs."""
 
 import json
+import os
 import struct
 
 import jax
@@ -101,10 +102,13 @@ def test_nan_loss_stops_the_run(tmp_path):
     config = load_config(
         "tiny",
         **{"train.steps": 10, "train.log_every": 5, "optimizer.learning_rate": 1e30,
-           "optimizer.grad_clip_norm": 0.0, "optimizer.warmup_steps": 0},
+           "optimizer.grad_clip_norm": 0.0, "optimizer.warmup_steps": 0, "checkpoint.every": 1},
     )  # fmt: skip
-    with pytest.raises(FloatingPointError, match=r"Loss is nan at step \d+"):
+    with pytest.raises(FloatingPointError, match=r"Loss is nan at step \d+") as error:
         train.run(config, str(tmp_path))
+    bad_step = int(str(error.value).split("at step ")[1].split()[0])
+    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+    assert max(saved, default=0) < bad_step  # the diverged state is never checkpointed
 
 
 def test_bad_batch_layout_is_explained(tmp_path):
