@@ -3,7 +3,8 @@
 Every conversion passes tensors one at a time in Hugging Face's names and layout (the common
 currency of `meta.py` and `hf.py`). Meta and Hugging Face inputs are read lazily, tensor by
 tensor; a llamax output stacks each layer parameter on the `layers` axis in a scratch file
-mapped from disk, so host memory does not grow with the model. Output goes to a temporary
+mapped from disk. The final orbax write still holds the whole model in memory (see
+docs/performance.md); making it streaming is open work. Output goes to a temporary
 directory that is renamed to the output path only when complete, with a `manifest.json`
 (files, sizes, sha256; parameter shapes and dtypes) that `verify` checks.
 
@@ -88,8 +89,9 @@ def write_llamax(config: LlamaConfig, tensors: Tensors, directory: str) -> None:
     params["norm"] = {"scale": np.asarray(tensors["model.norm.weight"](), dtype)}
     params["output"] = np.ascontiguousarray(np.asarray(tensors["lm_head.weight"](), dtype).T)
 
-    # At most 1 GB in flight to disk, so host memory stays bounded whatever the model size;
-    # no compression: random-looking weights do not compress, and zstd would halve the speed.
+    # The limits cap the bytes in flight to disk, but orbax still copies every leaf into
+    # memory before writing (bench/convert_memory.py: 1.15x the checkpoint in anonymous
+    # memory), so the write is not yet streaming. No compression: weights barely compress.
     handler = ocp.PyTreeCheckpointHandler(
         save_concurrent_gb=1, save_device_host_concurrent_gb=1, use_compression=False
     )
