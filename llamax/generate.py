@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llamax.model import Llama, init_cache
+from llamax.model import Llama, init_cache, unstack_layers
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -61,7 +61,11 @@ def _generate(
     eos_id,
 ):
     b, p = tokens.shape
-    cache = init_cache(model.config, b, p + max_new_tokens)
+    # Separate per-layer weights and caches: slicing a layer out of stacked arrays copies it,
+    # on every step (measured in docs/performance.md); unstacking copies the weights once.
+    model = Llama(model.config, scan_layers=False)
+    params = unstack_layers(params)
+    cache = init_cache(model.config, b, p + max_new_tokens, stacked=False)
     logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
     rng, key = jax.random.split(rng)
     first = sample_logits(logits[:, -1], key, temperature, top_p, top_k)

@@ -29,7 +29,7 @@ from llamax import rope, sharding
 from llamax.attention import attend
 from llamax.config import LlamaConfig
 
-Cache = dict[str, jnp.ndarray]
+Cache = dict[str, Any]
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -66,7 +66,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer_cache):
+    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer, kv):
         c = self.config
         d, n, k, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
         dt = c.compute_dtype
@@ -84,21 +84,27 @@ class Attention(nn.Module):
         )
         value = _constrain(value, ("batch", "length", "kv_heads", "head_dim"))
 
-        new_cache = None
-        if layer_cache is not None:
-            at = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(
-                layer_cache["k"], key.astype(layer_cache["k"].dtype), at
-            )
-            value = jax.lax.dynamic_update_slice(
-                layer_cache["v"], value.astype(layer_cache["v"].dtype), at
-            )
-            new_cache = {"k": key, "v": value}
-            key, value = key.astype(dt), value.astype(dt)
+        if kv is not None:
+            # The scanned model carries the whole cache [L, B, S, K, H] and `layer` indexes it;
+            # the looped model passes this layer's own [B, S, K, H] (layer None). Either way
+            # only the new keys and values are written, in place.
+            prefix = () if layer is None else (layer,)
+
+            def write(cache, new):
+                new = new.reshape((1,) * len(prefix) + new.shape).astype(cache.dtype)
+                return jax.lax.dynamic_update_slice(cache, new, (*prefix, 0, cache_index, 0, 0))
+
+            def read(cache):
+                return (cache if layer is None else cache[layer]).astype(dt)
+
+            kv = {"k": write(kv["k"], key), "v": write(kv["v"], value)}
+            key, value = read(kv["k"]), read(kv["v"])
 
         out = attend(q, key, value, q_segment_ids, kv_segment_ids, cache_index, c.attention)
-        out = checkpoint_name(jnp.einsum("BTNH,NHD->BTD", out, wo), "out_proj")
-        return out, new_cache
+        # As one [N*H, D] matmul: XLA's CPU layout pass otherwise transposes wo on every call.
+        out = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))
+        out = checkpoint_name(out, "out_proj")
+        return out, kv
 
 
 class FeedForward(nn.Module):
@@ -120,26 +126,29 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer; the signature is what `nn.scan` threads through."""
+    """One pre-norm transformer layer; the signature is what `nn.scan` threads through: the
+    carry is (activations, KV cache or None), `layer` is this layer's index."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer_cache):
-        h, new_cache = Attention(self.config, name="attention")(
+    def __call__(self, carry, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer):
+        x, kv = carry
+        h, kv = Attention(self.config, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x),
             cos,
             sin,
             q_segment_ids,
             kv_segment_ids,
             cache_index,
-            layer_cache,
+            layer,
+            kv,
         )
         x = x + h
         x = x + FeedForward(self.config, name="feed_forward")(
             RMSNorm(self.config, name="ffn_norm")(x)
         )
-        return _constrain(x, ("batch", "length", "embed")), new_cache
+        return (_constrain(x, ("batch", "length", "embed")), kv), None
 
 
 REMAT_POLICIES = {
@@ -153,9 +162,16 @@ REMAT_POLICIES = {
 
 
 class Llama(nn.Module):
-    """tokens int32 [B, T] -> float32 logits [B, T, V] (and the updated cache, if one is given)."""
+    """tokens int32 [B, T] -> float32 logits [B, T, V] (and the updated cache, if one is given).
+
+    `scan_layers=False` runs the layers as a Python loop over separate parameters
+    `layers_0`, `layers_1`, ... (see `unstack_layers`) and a per-layer cache
+    (`init_cache(..., stacked=False)`): generation uses it, because slicing a layer out of
+    stacked weights and caches copies it, on every decode step.
+    """
 
     config: LlamaConfig
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -184,26 +200,38 @@ class Llama(nn.Module):
         cos, sin = rope.rotary_angles(positions, c)
 
         if cache is None:
-            kv_segment_ids, layer_cache = segment_ids, None
+            kv_segment_ids, kv = segment_ids, None
         else:
             kv_segment_ids = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids, (0, index)
             )
-            layer_cache = {"k": cache["k"], "v": cache["v"]}
+            kv = {"k": cache["k"], "v": cache["v"]}
 
         block = Block
         if c.remat_policy != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast,) * 5 + (0,),
-            length=c.n_layers,
-            unroll=c.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
-        x, new_layer_cache = layers(x, cos, sin, segment_ids, kv_segment_ids, index, layer_cache)
+        if self.scan_layers:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 5 + (0,),
+                length=c.n_layers,
+                unroll=c.scan_unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, name="layers")
+            layer_ids = jnp.arange(c.n_layers, dtype=jnp.int32)
+            (x, kv), _ = layers((x, kv), cos, sin, segment_ids, kv_segment_ids, index, layer_ids)
+        else:
+            per_layer = []
+            for i in range(c.n_layers):
+                layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
+                (x, layer_kv), _ = block(c, name=f"layers_{i}")(
+                    (x, layer_kv), cos, sin, segment_ids, kv_segment_ids, index, None
+                )
+                per_layer.append(layer_kv)
+            if kv is not None:
+                kv = {name: tuple(layer_kv[name] for layer_kv in per_layer) for name in ("k", "v")}
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", ("embed", "vocab"), (c.dim, c.vocab_size))
@@ -213,16 +241,38 @@ class Llama(nn.Module):
         logits = _constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        return logits, {**new_layer_cache, "segment_ids": kv_segment_ids, "index": index + t}
+        return logits, {**kv, "segment_ids": kv_segment_ids, "index": index + t}
 
 
-def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache of `max_len` slots; keys and values in the compute dtype by default."""
-    shape = (config.n_layers, batch_size, max_len, config.kv_heads, config.head_dim)
+def unstack_layers(params):
+    """Parameters of `Llama(config)` -> those of `Llama(config, scan_layers=False)`."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return params
+
+
+def init_cache(
+    config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = None, stacked: bool = True
+) -> Cache:
+    """An empty KV cache of `max_len` slots; keys and values in the compute dtype by default.
+
+    `stacked`: keys and values as one [L, B, S, K, H] array each, for `Llama(config)`; else as
+    a tuple of L arrays [B, S, K, H], for `Llama(config, scan_layers=False)`.
+    """
+    shape = (batch_size, max_len, config.kv_heads, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
+
+    def zeros():  # a new buffer each call: k and v must not alias (donation needs it)
+        if stacked:
+            return jnp.zeros((config.n_layers, *shape), dtype)
+        return tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
+        "k": zeros(),
+        "v": zeros(),
         # 0 marks empty slots; they are also later than every query, so causality hides them.
         "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
         "index": jnp.asarray(0, jnp.int32),

@@ -3,22 +3,30 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import random_params
 
 import llamax
-from llamax.model import init_cache
+from llamax.model import init_cache, unstack_layers
 
 TOL = 1e-5
 
 
-def test_token_by_token_equals_full_forward(rng):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_token_by_token_equals_full_forward(rng, scan_layers):
+    """Both layouts: scanned layers with a stacked cache, and the per-layer loop (separate
+    weights and caches) that generation uses."""
     config = llamax.LlamaConfig.preset("tiny")
-    model, params = llamax.Llama(config), random_params(config)
+    params = random_params(config)
     tokens = rng.integers(0, config.vocab_size, (2, 12), dtype=np.int32)
-    full = np.asarray(model.apply({"params": params}, tokens))
+    full = np.asarray(llamax.Llama(config).apply({"params": params}, tokens))
 
+    model = llamax.Llama(config, scan_layers=scan_layers)
+    if not scan_layers:
+        params = unstack_layers(params)
+        assert sorted(params) == ["layers_0", "layers_1", "norm", "output", "tok_embeddings"]
     step = jax.jit(lambda p, tok, cache: model.apply({"params": p}, tok, cache=cache))
-    cache = init_cache(config, batch_size=2, max_len=16)
+    cache = init_cache(config, batch_size=2, max_len=16, stacked=scan_layers)
     for t in range(tokens.shape[1]):
         logits, cache = step(params, tokens[:, t : t + 1], cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=TOL, rtol=0)
@@ -69,3 +77,5 @@ def test_cache_dtype_and_shapes():
     cache = init_cache(config, batch_size=3, max_len=7)
     assert cache["k"].shape == (2, 3, 7, 2, 16) and cache["k"].dtype == jnp.bfloat16
     assert cache["segment_ids"].shape == (3, 7) and int(cache["index"]) == 0
+    per_layer = init_cache(config, batch_size=3, max_len=7, stacked=False)
+    assert len(per_layer["v"]) == 2 and per_layer["v"][1].shape == (3, 7, 2, 16)

@@ -8,7 +8,7 @@ from conftest import random_params
 
 import llamax
 from llamax import rope
-from llamax.model import Block, RMSNorm
+from llamax.model import Block, RMSNorm, unstack_layers
 
 
 def test_scan_equals_python_loop_over_layers(rng):
@@ -22,14 +22,18 @@ def test_scan_equals_python_loop_over_layers(rng):
     cos, sin = rope.rotary_angles(positions, config)
     for i in range(config.n_layers):
         layer = jax.tree.map(lambda w, i=i: w[i], params["layers"])
-        x, _ = Block(config).apply(
-            {"params": layer}, x, cos, sin, segment_ids, segment_ids, 0, None
+        (x, _), _ = Block(config).apply(
+            {"params": layer}, (x, None), cos, sin, segment_ids, segment_ids, 0, None
         )
     x = RMSNorm(config).apply({"params": params["norm"]}, x)
     looped = np.asarray(x @ params["output"])
 
     scanned = np.asarray(llamax.Llama(config).apply({"params": params}, tokens))
     np.testing.assert_allclose(scanned, looped, atol=1e-5, rtol=0)
+    unstacked = llamax.Llama(config, scan_layers=False).apply(
+        {"params": unstack_layers(params)}, tokens
+    )
+    np.testing.assert_allclose(np.asarray(unstacked), looped, atol=1e-5, rtol=0)
 
 
 def test_scan_unroll_changes_nothing_but_speed(rng):
