@@ -4,8 +4,9 @@
 
 Writes a Meta-layout checkpoint with Llama 2 7B's widths (dim 4096, ffn 11008, vocab 32000,
 bfloat16, one shard) and fewer layers (9: 4.2 GB), then runs `llamax-convert --from meta
---to llamax` in a child process and reads its peak resident set size (`ru_maxrss`) and its
-anonymous memory high-water mark (`VmHWM` is the same; `RssAnon` is sampled). Prints one JSON
+--to llamax` in a child process, which reports its own peak resident set size (`ru_maxrss`);
+its anonymous memory (`RssAnon`) is sampled too. The checkpoint is written by another child,
+so that no memory of the writer's is counted. Prints one JSON
 line. Goal: peak <= 25% of the checkpoint size, and >= 200 MB/s.
 """
 
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -66,12 +66,28 @@ def write_meta(directory: str, layers: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--write-meta", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_meta:
+        write_meta(args.write_meta, args.layers)
+        return
     work = tempfile.mkdtemp(prefix="llamax-convert-", dir=os.environ.get("TMPDIR", "/tmp"))
     try:
-        size = write_meta(os.path.join(work, "meta"), args.layers)
         meta_dir, out_dir = os.path.join(work, "meta"), os.path.join(work, "out")
-        cmd = [sys.executable, "-m", "llamax.cli.convert", "--from", "meta", "--to", "llamax",
+        # The checkpoint is written by a child of its own: a converter forked from this
+        # process would otherwise count the pages torch left here in its peak.
+        subprocess.run(
+            [sys.executable, __file__, "--write-meta", meta_dir, "--layers", str(args.layers)],
+            check=True,
+        )
+        size = os.path.getsize(os.path.join(meta_dir, "consolidated.00.pth"))
+        # The converter reports its own peak (ru_maxrss of RUSAGE_SELF) as it exits.
+        code = (
+            "import resource, sys; from llamax.cli.convert import main; rc = main(sys.argv[1:]); "
+            "print('maxrss', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
+            "sys.exit(rc)"
+        )
+        cmd = [sys.executable, "-c", code, "--from", "meta", "--to", "llamax",
                "--input", meta_dir, "--output", out_dir]  # fmt: skip
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -95,7 +111,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         if proc.returncode:
             sys.exit(err[-3000:])
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        peak = int(err.split("maxrss")[-1].split()[0]) * 1024
         print(
             json.dumps(
                 {

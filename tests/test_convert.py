@@ -13,6 +13,7 @@ import llamax
 from llamax import convert
 from llamax.cli import convert as convert_cli
 from llamax.cli import generate as generate_cli
+from llamax.convert import formats
 from llamax.data.tokenizer import Tokenizer
 from llamax.generate import chat_tokens
 
@@ -262,6 +263,21 @@ def test_truncated_shard(two_shards, tmp_path):
     data = (two_shards / "consolidated.00.pth").read_bytes()
     (two_shards / "consolidated.00.pth").write_bytes(data[: len(data) // 2])
     _fails(tmp_path, "truncated")
+
+
+def test_read_error_midway_leaves_nothing(two_shards, tmp_path, monkeypatch):
+    """An input that fails while the output is being streamed (the 12th tensor read) stops
+    the writer and removes everything written so far."""
+    load, calls = formats.LazyTensor.load, []
+
+    def failing(self):
+        calls.append(self)
+        if len(calls) == 12:
+            raise formats.FormatError("simulated read error")
+        return load(self)
+
+    monkeypatch.setattr(formats.LazyTensor, "load", failing)
+    _fails(tmp_path, "simulated read error")
 
 
 def test_unknown_layouts(tmp_path):

@@ -13,8 +13,9 @@ or its parent (Meta's release puts it there), or from `--tokenizer`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from llamax.cli import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verify", metavar="DIR", help="check DIR against its manifest.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    setup_logging()
 
     from llamax import convert
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
+
+from llamax.cli import setup_logging
 
 
 def _lines(patterns: str, text_field: str, max_lines: int):
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     encode.add_argument("--model", required=True)
     encode.add_argument("text")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    setup_logging()
 
     from llamax.data.tokenizer import Tokenizer, train_tokenizer
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     lines = _lines(args.input, args.text_field, args.max_lines)
     tok = train_tokenizer(lines, args.output, args.vocab_size, input_sentence_size=args.max_lines)
-    logging.info("wrote %s: %d pieces", args.output, tok.vocab_size)
+    logging.getLogger("llamax").info("wrote %s: %d pieces", args.output, tok.vocab_size)
 
 
 if __name__ == "__main__":

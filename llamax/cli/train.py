@@ -7,12 +7,12 @@ cluster by itself; elsewhere (several processes on one machine, GPUs) pass `--co
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from llamax.cli import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -48,8 +48,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax and tfds narrate every step
+    setup_logging("%(asctime)s %(message)s")
     initialize_distributed()
     from llamax import train
 

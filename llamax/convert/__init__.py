@@ -2,9 +2,9 @@
 
 Every conversion passes tensors one at a time in Hugging Face's names and layout (the common
 currency of `meta.py` and `hf.py`). Meta and Hugging Face inputs are read lazily, tensor by
-tensor; a llamax output stacks each layer parameter on the `layers` axis in a scratch file
-mapped from disk. The final orbax write still holds the whole model in memory (see
-docs/performance.md); making it streaming is open work. Output goes to a temporary
+tensor; a llamax output is written by orbax one layer of one parameter at a time (each
+stacked parameter stored as one chunk per layer), so host memory stays near the size of the
+largest of one layer's matrices and the embedding (docs/performance.md). Output goes to a temporary
 directory that is renamed to the output path only when complete, with a `manifest.json`
 (files, sizes, sha256; parameter shapes and dtypes) that `verify` checks.
 
@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -49,68 +52,201 @@ def read_model_config(path: str) -> LlamaConfig:
     return LlamaConfig.from_dict(d)
 
 
-def read_llamax(path: str) -> tuple[LlamaConfig, Tensors]:
-    from llamax.checkpoint import load_pretrained
+def _leaf_readers(path: str) -> Callable[[str], Any]:
+    """`open(leaf_name)` -> a tensorstore array for the parameters of the latest checkpoint
+    under `path` (converted or a training workdir): reads only the slices asked for."""
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
 
-    model, params = load_pretrained(path, dtype="float32")
-    config = model.config
+    from llamax.checkpoint import checkpoint_dir
+
+    directory = os.path.abspath(checkpoint_dir(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No llamax checkpoint at {path}")
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"No complete checkpoint in {directory}")
+    params = os.path.join(directory, str(step), "params")
+    ocdbt = os.path.exists(os.path.join(params, "manifest.ocdbt"))
+
+    def open_leaf(name: str):
+        if ocdbt:
+            kvstore = {"driver": "ocdbt", "base": f"file://{params}", "path": name}
+        else:
+            kvstore = {"driver": "file", "path": os.path.join(params, name)}
+        errors = []
+        for driver in ("zarr", "zarr3"):  # orbax writes zarr v2 by default, v3 on request
+            try:
+                return ts.open({"driver": driver, "kvstore": kvstore}, open=True).result()
+            except ValueError as e:
+                errors.append(str(e))
+        raise FormatError(f"{params}: cannot read parameter {name}: {errors[-1]}")
+
+    return open_leaf
+
+
+def read_llamax(path: str) -> tuple[LlamaConfig, Tensors]:
+    """The config and lazy tensors of a llamax checkpoint: each load reads one layer's slice."""
+    config = read_model_config(path)
+    open_leaf = _leaf_readers(path)
+    expected = {
+        "tok_embeddings": (config.vocab_size, config.dim),
+        "norm.scale": (config.dim,),
+        "output": (config.dim, config.vocab_size),
+    }
+    for (module, leaf), (_, kind) in hf._LAYER_MAP.items():
+        expected[f"layers.{module}.{leaf}"] = (
+            config.n_layers,
+            *hf.llamax_layer_shape(kind, config),
+        )
+    leaves = {}
+    for name, shape in expected.items():
+        leaves[name] = open_leaf(name)
+        if tuple(leaves[name].shape) != shape:
+            raise FormatError(
+                f"{path}: parameter {name} has shape {tuple(leaves[name].shape)}, "
+                f"config.json implies {shape}"
+            )
+    config = config.replace(param_dtype=np.dtype(leaves["norm.scale"].dtype.numpy_dtype).name)
+
+    def read(name, index=()):
+        return np.asarray(leaves[name][index].read().result())
+
     tensors: Tensors = {
-        "model.embed_tokens.weight": lambda: np.asarray(params["tok_embeddings"]),
-        "model.norm.weight": lambda: np.asarray(params["norm"]["scale"]),
-        "lm_head.weight": lambda: np.asarray(params["output"]).T,
+        "model.embed_tokens.weight": lambda: read("tok_embeddings"),
+        "model.norm.weight": lambda: read("norm.scale"),
+        "lm_head.weight": lambda: hf.transpose(read("output")),
     }
     for (module, leaf), (hf_name, kind) in hf._LAYER_MAP.items():
         for i in range(config.n_layers):
             tensors[f"model.layers.{i}.{hf_name}"] = lambda m=module, lf=leaf, k=kind, i=i: (
-                hf._layer_to_hf(np.asarray(params["layers"][m][lf][i]), k, config)
+                hf._layer_to_hf(read(f"layers.{m}.{lf}", i), k, config)
             )
     return config, tensors
 
 
+# Parts being built (read, converted) on threads while an earlier one is written.
+PREFETCH = 2
+
+
+class LazyArray:
+    """An array made only when it is written, in `parts` equal slices along its first axis:
+    `part(i)` builds slice i from the input (a stacked parameter: one layer per part)."""
+
+    def __init__(self, shape, dtype, part: Callable[[int], np.ndarray], parts: int = 1):
+        self.shape, self.dtype, self.part, self.parts = tuple(shape), np.dtype(dtype), part, parts
+        self.ndim, self.size = len(self.shape), math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize
+
+
+def _streaming_handler():
+    """orbax's numpy handler, made to write one leaf at a time, each `LazyArray` part by part
+    (building the next `PREFETCH` parts on threads while one is written), and without its
+    defensive copy of every array. What it writes are ordinary numpy leaves to any reader."""
+    import asyncio
+
+    import jax
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+        def __init__(self):
+            super().__init__(deepcopy_host_arrays=False)
+            self._lock, self._failed = None, False
+
+        async def _open_and_write(self, value, tspec, ts_context):
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._failed:  # nothing more is written once a leaf has failed (its
+                    return  # error is the one the save raises)
+                try:
+                    await self._write(value, tspec, ts_context)
+                except BaseException:
+                    self._failed = True
+                    raise
+
+        async def _write(self, value, tspec, ts_context):
+            t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            if not isinstance(value, LazyArray):
+                await t.write(value)
+                return
+            rows = value.shape[0] // value.parts
+            with ThreadPoolExecutor(PREFETCH) as pool:
+                pending = [pool.submit(value.part, i) for i in range(min(PREFETCH, value.parts))]
+                for i in range(value.parts):
+                    part = await asyncio.wrap_future(pending.pop(0))
+                    if part.shape != (rows, *value.shape[1:]) or part.dtype != value.dtype:
+                        raise FormatError(
+                            f"part {i} of a {value.shape} array: {part.shape} {part.dtype}"
+                        )
+                    if i + PREFETCH < value.parts:
+                        pending.append(pool.submit(value.part, i + PREFETCH))
+                    await t[i * rows : (i + 1) * rows].write(part)
+
+    handler = StreamingNumpyHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, handler), (LazyArray, handler), (jax.Array, ocp.type_handlers.ArrayHandler())
+    )
+    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+
+
 def write_llamax(config: LlamaConfig, tensors: Tensors, directory: str) -> None:
+    """Writes `tensors` (Hugging Face names) as a llamax checkpoint into `directory`, holding
+    one layer of one parameter at a time, or the embedding or output matrix."""
     import orbax.checkpoint as ocp
 
     dtype = np.dtype(config.weight_dtype)
-    scratch = os.path.join(directory, ".scratch")
-    os.makedirs(scratch)
-
-    def disk(name, shape):
-        return np.memmap(os.path.join(scratch, name), dtype=dtype, mode="w+", shape=shape)
-
     params: dict = {"layers": {}}
-    for (module, leaf), (hf_name, kind) in hf._LAYER_MAP.items():
-        first = hf._layer_to_llamax(tensors[f"model.layers.0.{hf_name}"](), kind, config)
-        stacked = disk(f"{module}.{leaf}", (config.n_layers, *first.shape))
-        stacked[0] = first
-        for i in range(1, config.n_layers):
-            stacked[i] = hf._layer_to_llamax(tensors[f"model.layers.{i}.{hf_name}"](), kind, config)
-        params["layers"].setdefault(module, {})[leaf] = stacked
-    params["tok_embeddings"] = np.asarray(tensors["model.embed_tokens.weight"](), dtype)
-    params["norm"] = {"scale": np.asarray(tensors["model.norm.weight"](), dtype)}
-    params["output"] = np.ascontiguousarray(np.asarray(tensors["lm_head.weight"](), dtype).T)
+    save_args: dict = {"layers": {}}
+    count, written = len(hf._LAYER_MAP) + 3, []
 
-    # The limits cap the bytes in flight to disk, but orbax still copies every leaf into
-    # memory before writing (bench/convert_memory.py: 1.15x the checkpoint in anonymous
-    # memory), so the write is not yet streaming. No compression: weights barely compress.
-    handler = ocp.PyTreeCheckpointHandler(
-        save_concurrent_gb=1, save_device_host_concurrent_gb=1, use_compression=False
+    def lazy(name, shape, make, parts=1):
+        def part(i):
+            out = np.ascontiguousarray(make(i), dtype)
+            if i == parts - 1:
+                written.append(name)
+                log.info("converted %s (%d of %d parameters)", name, len(written), count)
+            return out
+
+        return LazyArray(shape, dtype, part, parts)
+
+    for (module, leaf), (hf_name, kind) in hf._LAYER_MAP.items():
+        shape = (config.n_layers, *hf.llamax_layer_shape(kind, config))
+
+        def layer(i, hf_name=hf_name, kind=kind):
+            w = hf._layer_to_llamax(tensors[f"model.layers.{i}.{hf_name}"](), kind, config)
+            return w[None]
+
+        stack = lazy(f"layers/{module}/{leaf}", shape, layer, config.n_layers)
+        params["layers"].setdefault(module, {})[leaf] = stack
+        # One storage chunk per layer, so that each layer is written once, whole.
+        save_args["layers"].setdefault(module, {})[leaf] = ocp.SaveArgs(shard_axes=(0,))
+    d, v = config.dim, config.vocab_size
+    params["tok_embeddings"] = lazy(
+        "tok_embeddings", (v, d), lambda _: tensors["model.embed_tokens.weight"]()
     )
+    params["norm"] = {"scale": lazy("norm/scale", (d,), lambda _: tensors["model.norm.weight"]())}
+    params["output"] = lazy("output", (d, v), lambda _: hf.transpose(tensors["lm_head.weight"]()))
+    save_args.update(tok_embeddings=ocp.SaveArgs(), output=ocp.SaveArgs())
+    save_args["norm"] = {"scale": ocp.SaveArgs()}
+
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(directory, "checkpoints")),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
-        item_handlers={"params": handler, "meta": ocp.JsonCheckpointHandler()},
+        item_handlers={"params": _streaming_handler(), "meta": ocp.JsonCheckpointHandler()},
     )
     manager.save(
         0,
         args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params),
+            params=ocp.args.PyTreeSave(params, save_args=save_args),
             meta=ocp.args.JsonSave({"step": 0, "converted": True, "config": config.to_dict()}),
         ),
     )
     manager.wait_until_finished()
     manager.close()
-    del params
-    shutil.rmtree(scratch)
     with open(os.path.join(directory, "config.json"), "w") as f:
         f.write(config.to_json())
 
@@ -124,6 +260,13 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _hash_files(directory: str, names: list[str]) -> dict[str, str]:
+    """sha256 of each file, on as many threads as cores (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        digests = pool.map(lambda rel: _sha256(os.path.join(directory, rel)), names)
+        return dict(zip(names, digests, strict=True))
 
 
 def _files(directory: str) -> list[str]:
@@ -145,11 +288,8 @@ def write_manifest(directory: str, config: LlamaConfig, fmt: str) -> None:
             for name, shape in hf.expected_hf_shapes(config).items()
         },
         "files": {
-            rel: {
-                "bytes": os.path.getsize(os.path.join(directory, rel)),
-                "sha256": _sha256(os.path.join(directory, rel)),
-            }
-            for rel in _files(directory)
+            rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": digest}
+            for rel, digest in _hash_files(directory, _files(directory)).items()
         },
     }
     with open(os.path.join(directory, "manifest.json"), "w") as f:
@@ -165,13 +305,17 @@ def verify(directory: str) -> list[str]:
         manifest = json.load(f)
     problems = []
     present = set(_files(directory))
+    to_hash = []
     for rel, info in manifest["files"].items():
         full = os.path.join(directory, rel)
         if rel not in present:
             problems.append(f"missing file {rel}")
         elif os.path.getsize(full) != info["bytes"]:
             problems.append(f"{rel}: {os.path.getsize(full)} bytes, manifest says {info['bytes']}")
-        elif _sha256(full) != info["sha256"]:
+        else:
+            to_hash.append(rel)
+    for rel, digest in _hash_files(directory, to_hash).items():
+        if digest != manifest["files"][rel]["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
     problems += [f"unexpected file {rel}" for rel in sorted(present - set(manifest["files"]))]
     return problems

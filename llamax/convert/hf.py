@@ -40,27 +40,55 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def transpose(w: np.ndarray, tile: int = 64) -> np.ndarray:
+    """A contiguous transpose of a matrix, tile by tile: 4x faster than numpy's on large
+    bfloat16 matrices (bench/convert_memory.py), whose strided copy misses the cache."""
+    rows, cols = w.shape
+    # Copied as unsigned integers of the same width: numpy moves those faster than
+    # ml_dtypes' bfloat16.
+    bits = np.dtype(f"u{w.dtype.itemsize}")
+    src = np.ascontiguousarray(w).view(bits)
+    out = np.empty((cols, rows), bits)
+    for i in range(0, rows, tile):
+        for j in range(0, cols, tile):
+            out[j : j + tile, i : i + tile] = src[i : i + tile, j : j + tile].T
+    return out.view(w.dtype)
+
+
 def _layer_to_llamax(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
     d, h = c.dim, c.head_dim
     if kind == "q":
-        return w.T.reshape(d, c.n_heads, h)
+        return transpose(w).reshape(d, c.n_heads, h)
     if kind == "kv":
-        return w.T.reshape(d, c.kv_heads, h)
+        return transpose(w).reshape(d, c.kv_heads, h)
     if kind == "o":
-        return w.T.reshape(c.n_heads, h, d)
+        return transpose(w).reshape(c.n_heads, h, d)
     if kind in ("in", "out"):
-        return w.T
+        return transpose(w)
     return w
 
 
 def _layer_to_hf(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
     if kind in ("q", "kv"):
-        return w.reshape(c.dim, -1).T
+        return transpose(w.reshape(c.dim, -1))
     if kind == "o":
-        return w.reshape(-1, c.dim).T
+        return transpose(w.reshape(-1, c.dim))
     if kind in ("in", "out"):
-        return w.T
+        return transpose(w)
     return w
+
+
+def llamax_layer_shape(kind: str, c: LlamaConfig) -> tuple[int, ...]:
+    """The shape of one layer's slice of a llamax parameter, by `_LAYER_MAP` kind."""
+    d, f, h = c.dim, c.hidden_dim, c.head_dim
+    return {
+        "q": (d, c.n_heads, h),
+        "kv": (d, c.kv_heads, h),
+        "o": (c.n_heads, h, d),
+        "in": (d, f),
+        "out": (f, d),
+        "norm": (d,),
+    }[kind]
 
 
 def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:

@@ -13,6 +13,7 @@ weight`, half-split rotary), the converter's common currency.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -40,6 +41,8 @@ _LAYER = {
     "ffn_norm.weight": ("post_attention_layernorm.weight", None, None),
 }
 IGNORED = ("rope.freqs",)  # a buffer of Meta's, recomputed from rope_theta
+
+log = logging.getLogger("llamax")
 
 
 def to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -121,23 +124,22 @@ def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray
             raise FormatError(
                 f"{path} does not match params.json: missing {missing[:5]}, unexpected {extra[:5]}"
             )
+    # Every shape is checked before anything is loaded or written.
     hf_shapes = _hf_shapes(config)
     n = len(files)
+    for meta, (hf, dim, _) in expected.items():
+        want = hf_shapes[hf]
+        if dim is not None:
+            want = tuple(w // n if i == dim else w for i, w in enumerate(want))
+        for path, shard in zip(files, shards, strict=True):
+            if shard[meta].shape != tuple(want):
+                raise FormatError(
+                    f"{path}: {meta} has shape {shard[meta].shape}, but params.json implies {want}"
+                )
 
     def loader(meta: str, hf: str, dim: int | None, perm: str | None):
         def load() -> np.ndarray:
-            want = hf_shapes[hf]
             parts = [s[meta] for s in shards]
-            for path, p in zip(files, parts, strict=True):
-                shard_shape = (
-                    tuple(want)
-                    if dim is None
-                    else tuple(w // n if i == dim else w for i, w in enumerate(want))
-                )
-                if p.shape != shard_shape:
-                    raise FormatError(
-                        f"{path}: {meta} has shape {p.shape}, but params.json implies {shard_shape}"
-                    )
             w = (
                 parts[0].load()
                 if dim is None
@@ -163,27 +165,29 @@ def _hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def write(
     config: LlamaConfig, tensors: dict[str, Callable[[], np.ndarray]], directory: str, shards: int
 ) -> None:
-    """Meta's layout with `shards` model-parallel shards (needs torch to write `.pth`)."""
+    """Meta's layout with `shards` model-parallel shards (needs torch to write `.pth`). One
+    shard is held in memory at a time (each input tensor is read once per shard)."""
     try:
         import torch
     except ImportError as e:
         raise ImportError("Writing Meta's .pth shards needs PyTorch: pip install torch") from e
     check_shard_count(config, shards)
-    out: list[dict] = [{} for _ in range(shards)]
-    for meta, hf, dim, perm in _names(config):
-        w = tensors[hf]()
-        if perm == "q":
-            w = to_interleaved(w, config.n_heads)
-        elif perm == "k":
-            w = to_interleaved(w, config.kv_heads)
-        pieces = [w] * shards if dim is None else np.split(w, shards, axis=dim)
-        for k, piece in enumerate(pieces):
-            out[k][meta] = _to_torch(torch, np.ascontiguousarray(piece))
     h = config.head_dim
     freqs = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
     for k in range(shards):
-        out[k]["rope.freqs"] = _to_torch(torch, freqs.astype(np.float32))
-        torch.save(out[k], os.path.join(directory, f"consolidated.{k:02d}.pth"))
+        out = {}
+        for meta, hf, dim, perm in _names(config):
+            w = tensors[hf]()
+            if perm == "q":
+                w = to_interleaved(w, config.n_heads)
+            elif perm == "k":
+                w = to_interleaved(w, config.kv_heads)
+            piece = w if dim is None else np.split(w, shards, axis=dim)[k]
+            out[meta] = _to_torch(torch, np.ascontiguousarray(piece))
+        out["rope.freqs"] = _to_torch(torch, freqs.astype(np.float32))
+        torch.save(out, os.path.join(directory, f"consolidated.{k:02d}.pth"))
+        log.info("wrote consolidated.%02d.pth (%d of %d shards)", k, k + 1, shards)
+        del out
     with open(os.path.join(directory, "params.json"), "w") as f:
         json.dump(config.to_meta_params(), f, indent=2)
 
