@@ -18,7 +18,32 @@ from flax.core import FrozenDict
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
 ATTENTION_BACKENDS = ("xla",)
-ROPE_TYPES = ("default", "linear")
+# rope_scaling keys by type (Hugging Face's names; `ntk` is llamax's, see llamax/rope.py):
+# required, then optional. "type"/"rope_type" name the type itself.
+ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "default": (set(), set()),
+    "linear": ({"factor"}, set()),
+    "ntk": ({"factor"}, set()),
+    "dynamic": ({"factor"}, set()),
+    "yarn": (
+        {"factor"},
+        {"original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+         "mscale", "mscale_all_dim", "truncate"},
+    ),
+    "llama3": (
+        {"factor", "low_freq_factor", "high_freq_factor"},
+        {"original_max_position_embeddings"},
+    ),
+}  # fmt: skip
+ROPE_TYPES = tuple(ROPE_KEYS)
+# What `use_scaled_rope: true` means in Meta's Llama 3.1 params.json (its `apply_scaling`).
+META_LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +111,31 @@ class LlamaConfig:
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
-            kind = self.rope_type
-            if kind not in ROPE_TYPES:
-                errors.append(f"rope_scaling type must be one of {ROPE_TYPES}, got {kind!r}")
-            elif kind == "linear" and not self.rope_scaling.get("factor", 0) > 0:
-                errors.append(f"rope_scaling 'linear' needs a positive factor: {self.rope_scaling}")
+            errors += self._rope_scaling_errors()
         if errors:
             raise ValueError("Invalid LlamaConfig: " + "; ".join(errors))
+
+    def _rope_scaling_errors(self) -> list[str]:
+        kind, scaling = self.rope_type, self.rope_scaling
+        if kind not in ROPE_KEYS:
+            return [f"rope_scaling type must be one of {ROPE_TYPES}, got {kind!r}"]
+        required, optional = ROPE_KEYS[kind]
+        given = set(scaling) - {"type", "rope_type"}
+        errors = []
+        if required - given:
+            errors.append(f"rope_scaling {kind!r} needs {sorted(required - given)}: {scaling}")
+        if given - required - optional:
+            errors.append(
+                f"Unknown rope_scaling key(s) for {kind!r}: {sorted(given - required - optional)}"
+                f" (allowed: {sorted(required | optional)})"
+            )
+        factor = scaling.get("factor")
+        if "factor" in required and not (isinstance(factor, int | float) and factor > 0):
+            errors.append(f"rope_scaling {kind!r} needs a positive factor: {scaling}")
+        if kind == "llama3" and not errors:
+            if not scaling["high_freq_factor"] > scaling["low_freq_factor"] > 0:
+                errors.append(f"llama3 needs high_freq_factor > low_freq_factor > 0: {scaling}")
+        return errors
 
     # ----- derived sizes -----
 
@@ -180,6 +223,11 @@ class LlamaConfig:
         """From Meta's `params.json`. Its `vocab_size` is -1 in the Llama 2 release: the
         vocabulary then comes from the tokenizer or the embedding, passed as `vocab_size`."""
         ignored = {"max_batch_size"}  # generation-time settings of Meta's ModelArgs
+        if params.get("use_scaled_rope"):  # Llama 3.1's params.json: its fixed llama3 scaling
+            params = {k: v for k, v in params.items() if k != "use_scaled_rope"}
+            params["rope_scaling"] = META_LLAMA3_SCALING
+        elif "use_scaled_rope" in params:
+            params = {k: v for k, v in params.items() if k != "use_scaled_rope"}
         fields = {
             "dim",
             "n_layers",
@@ -225,6 +273,10 @@ class LlamaConfig:
             out["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.rope_theta != 10000.0:
             out["rope_theta"] = self.rope_theta
+        if self.rope_scaling is not None:
+            # Not a field of Meta's Llama 2 ModelArgs (its loader refuses unknown keys), but
+            # the only way to keep a context-extended model's rotary scaling in this format.
+            out["rope_scaling"] = dict(self.rope_scaling)
         if self.ffn_dim is not None:
             raise ValueError(
                 "Meta's params.json cannot express an explicit ffn_dim; use multiple_of and "
@@ -293,6 +345,12 @@ class LlamaConfig:
             "eos_token_id": 2,
             "torch_dtype": self.param_dtype,
         }
+        if self.rope_type == "ntk":
+            # transformers has no static NTK type: it is the default rotary embedding with the
+            # scaled base, which gives the same frequencies (llamax.rope.ntk_theta).
+            h = self.head_dim
+            out["rope_theta"] = self.rope_theta * self.rope_scaling["factor"] ** (h / (h - 2))
+            out["rope_scaling"] = None
         return out
 
 

@@ -33,10 +33,23 @@ CONFIGS = {
         rope_theta=500000.0,
         max_seq_len=64,
     ),
-    "linear_scaling": llamax.LlamaConfig.preset(
-        "tiny", max_seq_len=32, rope_scaling={"rope_type": "linear", "factor": 4.0}
-    ),
 }
+# Each rotary scaling, run to 3x the context it was "trained" at (32 positions).
+SCALINGS = {
+    "linear": (32, {"rope_type": "linear", "factor": 4.0}),
+    "ntk": (32, {"rope_type": "ntk", "factor": 4.0}),
+    "dynamic": (32, {"rope_type": "dynamic", "factor": 4.0}),
+    "yarn": (128, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama3": (
+        256,
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 32},
+    ),
+}  # fmt: skip
+for _name, (_length, _scaling) in SCALINGS.items():
+    CONFIGS[f"{_name}_scaling"] = llamax.LlamaConfig.preset(
+        "tiny", max_seq_len=_length, rope_scaling=_scaling
+    )
 
 
 def _check(config, tokens, **kwargs):
@@ -49,8 +62,8 @@ def _check(config, tokens, **kwargs):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name, rng):
     config = CONFIGS[name]
-    # Positions run to 3x the config's context for the scaled-rope config.
-    length = 96 if name == "linear_scaling" else 24
+    # Positions run to 3x the original context for the scaled-rope configs.
+    length = 96 if name.endswith("_scaling") else 24
     tokens = rng.integers(0, config.vocab_size, (2, length), dtype=np.int32)
     ours, hf = _check(config, tokens)
     ref = hf_logits(hf, tokens)
