@@ -17,11 +17,11 @@ from llamax.cli import setup_logging
 
 
 def _lines(patterns: str, text_field: str, max_lines: int):
-    from llamax.data.corpus import _read_documents, expand_patterns
+    from llamax.data.corpus import expand_patterns, read_documents
 
     count = 0
     for path in expand_patterns(patterns):
-        for _, text, problem in _read_documents(path, text_field):
+        for _, text, problem in read_documents(path, text_field):
             if problem is not None:
                 continue
             for line in text.splitlines():

@@ -59,7 +59,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
         skipped: dict[str, list] = collections.defaultdict(list)
         kept = 0
         for path in c.files:
-            for key, text, problem in _read_documents(path, c.text_field):
+            for key, text, problem in read_documents(path, c.text_field):
                 if problem is not None:
                     skipped[problem].append(key)
                     continue
@@ -94,7 +94,7 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def _read_documents(path: str, text_field: str):
+def read_documents(path: str, text_field: str):
     """(key, text, problem) for each document of a file; problem is None for a good one."""
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".jsonl") or base.endswith(".json"):

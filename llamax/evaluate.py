@@ -1,0 +1,277 @@
+"""Long-context evaluation: sliding-window perplexity and passkey retrieval, with plots.
+
+Perplexity at context length L (as in Chen et al. 2023, arXiv:2306.15595): the evaluation text
+is tokenized document by document (BOS before each, EOS after), concatenated into one stream
+and read through windows of L tokens that start every `stride` tokens. Each window scores only
+the targets no earlier window scored, so every token is counted once, predicted from up to
+L - 1 tokens of context; with `stride == L` (the default) the windows are disjoint, and a
+smaller stride gives each scored token more context for more compute.
+
+Passkey retrieval (Mohtashami and Jaggi 2023, arXiv:2305.16300): a random 5-digit key is hidden
+at a relative depth of repeated filler text that fills the context to L tokens, and the model is
+asked for it. A trial succeeds when greedy decoding would produce the key's tokens: the argmax
+at each answer position equals the answer token (teacher forcing gives exactly greedy decoding
+while the answer is right, so one forward pass decides it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("llamax")
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "it. I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+# ----- text -----
+
+
+def read_texts(
+    files: str = "",
+    tfds_name: str = "",
+    tfds_data_dir: str = "",
+    split: str = "validation",
+    text_field: str = "text",
+) -> Iterable[str]:
+    """Documents from text files (comma-separated globs of .txt/.jsonl(.gz)) or from a
+    prepared tfds dataset's split."""
+    from llamax.data import corpus
+
+    if bool(files) == bool(tfds_name):
+        raise ValueError("Give the evaluation text as files or as a tfds dataset name (one)")
+    if files:
+        for path in corpus.expand_patterns(files):
+            for _, text, _ in corpus.read_documents(path, text_field):
+                if text:
+                    yield text
+        return
+    builder = corpus.catalog_builder(tfds_name, os.path.expanduser(tfds_data_dir) or None)
+    source = corpus.data_source(builder, split)
+    for i in range(len(source)):
+        text = source[i][text_field]
+        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
+def token_stream(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """The documents tokenized with BOS and EOS and concatenated, int32, up to `max_tokens`."""
+    pieces, total = [], 0
+    for text in texts:
+        ids = tokenizer.encode_array(text, bos=True, eos=True)
+        pieces.append(ids)
+        total += len(ids)
+        if max_tokens and total >= max_tokens:
+            break
+    if not pieces:
+        raise ValueError("The evaluation text has no documents")
+    stream = np.concatenate(pieces)
+    return stream[:max_tokens] if max_tokens else stream
+
+
+# ----- perplexity -----
+
+
+def windows(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored prediction) of each window: predictions i >= first of the window
+    starting at `start` are scored (prediction i is of token start + i + 1)."""
+    if not 0 < stride <= length:
+        raise ValueError(f"stride must be in (0, length]; got {stride} for length {length}")
+    if n_tokens < length:
+        raise ValueError(f"{n_tokens} tokens of text cannot fill one window of {length}")
+    out, scored_until = [], 0  # tokens with index < scored_until have been scored
+    for start in range(0, n_tokens - length + 1, stride):
+        first = max(scored_until - start - 1, 0)
+        out.append((start, first))
+        scored_until = start + length
+    return out
+
+
+@partial(jax.jit, static_argnames="model")
+def _window_nll(params, tokens, weights, *, model):
+    logits = model.apply({"params": params}, tokens)[:, :-1].astype(jnp.float32)
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def perplexity(
+    model, params, stream: np.ndarray, length: int, stride: int | None = None, batch_size: int = 1
+) -> dict:
+    """Sliding-window perplexity of `stream` at context `length` (see the module docstring)."""
+    spans = windows(len(stream), length, stride or length)
+    nll, count = 0.0, 0.0
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i : i + batch_size]
+        tokens = np.stack([stream[s : s + length] for s, _ in chunk])
+        weights = np.zeros((len(chunk), length - 1), np.float32)
+        for row, (_, first) in enumerate(chunk):
+            weights[row, first:] = 1
+        if len(chunk) < batch_size:  # same shapes for every call: pad with unscored rows
+            pad = batch_size - len(chunk)
+            tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, 0)])
+            weights = np.concatenate([weights, np.zeros((pad, length - 1), np.float32)])
+        s, c = _window_nll(params, jnp.asarray(tokens), jnp.asarray(weights), model=model)
+        nll, count = nll + float(s), count + float(c)
+        log.info("perplexity at %d: %d of %d windows", length, i + len(chunk), len(spans))
+    return {
+        "length": length,
+        "stride": stride or length,
+        "windows": len(spans),
+        "tokens_scored": int(count),
+        "nll": nll / count,
+        "perplexity": math.exp(nll / count),
+    }
+
+
+# ----- passkey -----
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) with the key's sentence at `depth` (0: first, 1: last) of the
+    filler, the whole at most `length` tokens."""
+
+    def enc(text):
+        return tokenizer.encode(text, bos=False, eos=False)
+
+    intro, filler, question = enc(INTRO), enc(FILLER), enc(QUESTION)
+    needle, answer = enc(NEEDLE.format(key=key)), enc(str(key))
+    fixed = 1 + len(intro) + len(needle) + len(question) + len(answer)
+    repeats = (length - fixed) // len(filler)
+    if repeats < 1:
+        raise ValueError(f"length {length} is too short for a passkey prompt ({fixed} tokens)")
+    before = round(repeats * depth)
+    prompt = [tokenizer.bos_id, *intro, *filler * before, *needle]
+    prompt += [*filler * (repeats - before), *question]
+    return prompt, answer
+
+
+@partial(jax.jit, static_argnames="model")
+def _greedy_matches(params, tokens, segment_ids, answer_mask, *, model):
+    logits = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+    predicted = jnp.argmax(logits[:, :-1], axis=-1)
+    right = (predicted == tokens[:, 1:]) | ~answer_mask
+    return jnp.all(right, axis=-1)
+
+
+def passkey(
+    model,
+    params,
+    tokenizer,
+    lengths: Sequence[int],
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 5,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict:
+    """Passkey accuracy for each length and depth, over `trials` random keys each."""
+    rng = np.random.default_rng(seed)
+    accuracy: dict[str, dict[str, float]] = {}
+    for length in lengths:
+        cases = []
+        for depth in depths:
+            for _ in range(trials):
+                key = int(rng.integers(10000, 100000))
+                cases.append((depth, *passkey_prompt(tokenizer, length, depth, key)))
+        hits = {depth: 0 for depth in depths}
+        for i in range(0, len(cases), batch_size):
+            chunk = cases[i : i + batch_size]
+            tokens = np.zeros((batch_size, length), np.int32)
+            segment_ids = np.zeros_like(tokens)
+            answer_mask = np.zeros((batch_size, length - 1), bool)
+            for row, (_, prompt, answer) in enumerate(chunk):
+                ids = prompt + answer
+                tokens[row, : len(ids)], segment_ids[row, : len(ids)] = ids, 1
+                # Prediction j is of token j + 1: the answer's tokens follow the prompt.
+                answer_mask[row, len(prompt) - 1 : len(ids) - 1] = True
+            right = _greedy_matches(
+                params, tokens, segment_ids, answer_mask, model=model
+            )  # fmt: skip
+            for row, (depth, _, _) in enumerate(chunk):
+                hits[depth] += bool(right[row])
+        accuracy[str(length)] = {str(d): hits[d] / trials for d in depths}
+        mean = sum(hits.values()) / (trials * len(depths))
+        log.info("passkey at %d tokens: %.0f%% (%s)", length, 100 * mean, accuracy[str(length)])
+    return {
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "seed": seed,
+        "accuracy": accuracy,
+    }
+
+
+# ----- output -----
+
+
+def write_json(path: str, data) -> None:
+    """Written to a temporary file, then renamed."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _save(fig, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_perplexity(curves: dict[str, dict[int, float]], path: str, title: str = "") -> None:
+    """Perplexity against context length, one line per label ({label: {length: ppl}})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        lengths = sorted(points, key=int)
+        ax.plot([int(n) for n in lengths], [points[n] for n in lengths], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "Sliding-window perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    if len(curves) > 1:
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_passkey(result: dict, path: str, title: str = "") -> None:
+    """A heatmap of passkey accuracy: depth (rows) by context length (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths = [str(n) for n in result["lengths"]], [str(d) for d in result["depths"]]
+    grid = np.array([[result["accuracy"][n][d] for n in lengths] for d in depths])
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 1.5))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_yticks(range(len(depths)), depths)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("depth of the key")
+    for (row, col), value in np.ndenumerate(grid):
+        ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(title or f"Passkey retrieval ({result['trials']} keys per cell)")
+    _save(fig, path)
+    plt.close(fig)
