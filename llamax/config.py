@@ -17,7 +17,7 @@ from flax.core import FrozenDict
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
-ATTENTION_BACKENDS = ("xla",)
+ATTENTION_BACKENDS = ("xla", "chunked")
 # rope_scaling keys by type (Hugging Face's names; `ntk` is llamax's, see llamax/rope.py):
 # required, then optional. "type"/"rope_type" name the type itself.
 ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
@@ -70,7 +70,8 @@ class LlamaConfig:
     # (20% faster train steps on CPU, measured in docs/performance.md) and costs compile time;
     # 1 keeps TPU compiles fast. The parameter layout is the same for every value.
     scan_unroll: int = 1
-    attention: str = "xla"
+    attention: str = "xla"  # or "chunked": memory-lean, see llamax/attention.py
+    attention_chunk: int = 512  # queries per block of the chunked attention
 
     def __post_init__(self):
         if self.rope_scaling is not None:
@@ -88,6 +89,7 @@ class LlamaConfig:
             "multiple_of",
             "max_seq_len",
             "scan_unroll",
+            "attention_chunk",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -100,7 +100,10 @@ class Attention(nn.Module):
             kv = {"k": write(kv["k"], key), "v": write(kv["v"], value)}
             key, value = read(kv["k"]), read(kv["v"])
 
-        out = attend(q, key, value, q_segment_ids, kv_segment_ids, cache_index, c.attention)
+        out = attend(
+            q, key, value, q_segment_ids, kv_segment_ids, cache_index, c.attention,
+            c.attention_chunk,
+        )  # fmt: skip
         # As one [N*H, D] matmul: XLA's CPU layout pass otherwise transposes wo on every call.
         out = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))
         out = checkpoint_name(out, "out_proj")

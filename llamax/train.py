@@ -101,6 +101,29 @@ def llama2_recipe(preset: str, learning_rate: float) -> ml_collections.ConfigDic
     return c
 
 
+def context_extension_recipe(preset: str, seq_len: int) -> ml_collections.ConfigDict:
+    """Position interpolation (Chen et al. 2023, arXiv:2306.15595, section 3) for a Llama 2
+    preset trained at 4,096 tokens: continued training from converted weights (`init_from`)
+    with `linear` rotary scaling by seq_len / 4096, 1,000 steps of 64 sequences of `seq_len`,
+    AdamW at 2e-5 (beta2 0.95) after 20 warmup steps, no decay, no weight decay, on the
+    pretraining data. Chunked attention and full remat keep the long sequences in memory."""
+    c = llama2_recipe(preset, learning_rate=2e-5)
+    factor = seq_len / c.train.seq_len
+    c.model.rope_scaling = {"rope_type": "linear", "factor": factor}
+    c.model.max_seq_len = seq_len
+    c.model.attention = "chunked"
+    c.optimizer.warmup_steps = 20
+    c.optimizer.end_learning_rate_ratio = 1.0  # constant after the warmup
+    c.optimizer.weight_decay = 0.0
+    c.train.steps = 1000
+    c.train.batch_size = 64
+    c.train.seq_len = seq_len
+    c.train.grad_accum_steps = 1
+    c.train.eval_every = 200
+    c.checkpoint.every = 200
+    return c
+
+
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
     overrides = {k: v for k, v in c.model.items() if k != "preset" and v is not None}
     if "rope_scaling" in overrides:

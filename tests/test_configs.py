@@ -19,6 +19,7 @@ DOCS += glob.glob(os.path.join(REPO, "configs", "*.py"))
 
 def test_expected_configs_exist():
     assert {"tiny", "demo", "llama2_7b", "llama2_13b", "llama2_70b"} <= set(CONFIGS)
+    assert {"llama2_7b_extend_16k", "llama2_7b_extend_32k"} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -65,3 +66,18 @@ def test_cli_rejects_misspelt_key(tmp_path):
     assert result.returncode != 0
     assert 'Did you mean "steps"' in result.stderr
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("length, factor", [(16384, 4.0), (32768, 8.0)])
+def test_context_extension_configs_follow_the_paper(length, factor):
+    """Chen et al. 2023: linear interpolation by L / 4096, 1,000 steps at 2e-5, no decay."""
+    c = load_config(f"llama2_7b_extend_{length // 1024}k")
+    model = train.model_config(c)
+    assert model.rope_scaling == {"rope_type": "linear", "factor": factor}
+    assert model.max_seq_len == c.train.seq_len == length
+    assert model.attention == "chunked" and model.remat_policy == "full"
+    assert c.optimizer.learning_rate == 2e-5 and c.optimizer.end_learning_rate_ratio == 1.0
+    assert c.optimizer.weight_decay == 0.0 and c.train.steps == 1000
+    assert model.replace(rope_scaling=None, max_seq_len=4096, attention="xla") == (
+        model.preset("llama2-7b").replace(dtype="bfloat16", remat_policy="full")
+    )

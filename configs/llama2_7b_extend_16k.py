@@ -1,0 +1,32 @@
+"""Llama 2 7B extended from 4,096 to 16,384 tokens by position interpolation.
+
+    llamax-convert --from meta --to llamax --input llama-2-7b --output $HOME/ckpt/llama2-7b
+    # on every worker of the TPU VM slice (scripts/extend_context.sh runs this for you):
+    llamax-train --config configs/llama2_7b_extend_16k.py --workdir $HOME/runs/llama2-7b-16k \
+        --config.init_from=$HOME/ckpt/llama2-7b \
+        --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets \
+        --config.data.tokenizer=$HOME/ckpt/llama2-7b/tokenizer.model
+    llamax-eval perplexity --checkpoint $HOME/runs/llama2-7b-16k \
+        --lengths 2048,4096,8192,16384 --tfds pg19 --split test \
+        --tokenizer $HOME/ckpt/llama2-7b/tokenizer.model --output eval/16k
+    llamax-eval passkey --checkpoint $HOME/runs/llama2-7b-16k --lengths 4096,8192,16384 \
+        --tokenizer $HOME/ckpt/llama2-7b/tokenizer.model --output eval/16k
+
+Recipe (`llamax.train.context_extension_recipe`, Chen et al. 2023, arXiv:2306.15595): linear
+rotary scaling x4, 1,000 steps of 64 x 16,384 tokens (1M tokens per step) at
+learning rate 2e-5 after 20 warmup steps, on C4 English (the paper used the Pile; a corpus of
+long documents, such as pg19 in `--config.data.tfds_name`, teaches more of the long range);
+chunked attention and full remat.
+
+Hardware: a v5p-64 slice (32 chips, 95 GB each), fsdp over all chips, 2 sequences per chip.
+The per-chip memory has not been checked ahead of time yet (llamax-aot is a later issue).
+Expected, from the paper (its Tables 1, 2 and 4, Llama 7B at 16k): perplexity that keeps
+falling as the context grows to 16,384 tokens, within a few percent of the 4k model's at
+2,048, and passkey retrieval near 100% at every length up to 16,384.
+"""
+
+from llamax.train import context_extension_recipe
+
+
+def get_config():
+    return context_extension_recipe("llama2-7b", seq_len=16384)
