@@ -243,13 +243,15 @@ def plot_perplexity(curves: dict[str, dict[int, float]], path: str, title: str =
         lengths = sorted(points, key=int)
         ax.plot([int(n) for n in lengths], [points[n] for n in lengths], marker="o", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    values = [v for points in curves.values() for v in points.values()]
+    if max(values) > 10 * min(values):  # a blow-up: show it on a log scale
+        ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title or "Sliding-window perplexity")
     ax.grid(True, which="both", alpha=0.3)
     if len(curves) > 1:
-        ax.legend()
+        ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
 
