@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Simulated devices for CPU runs; harmless on TPU and GPU, where the host platform is unused.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# The tests and the demo run on the CPU (libtpu, installed for ahead-of-time TPU compiles,
+# would otherwise look for a TPU first).
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: install test lint demo clean
 

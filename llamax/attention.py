@@ -4,10 +4,18 @@
 memory, grouped-query heads without repeating k and v. Its scores take B x N x T x S floats:
 34 GB per layer for one 16k sequence of Llama 2 7B.
 
-`chunked` is the same computation a block of `chunk` queries at a time, each block
-rematerialized in the backward pass: scores take B x N x chunk x S, so long sequences fit on
-any platform (it does the full T x S work; Pallas splash attention on TPU skips the masked
-blocks).
+`chunked` is the same computation a block of `block_q` queries at a time, each block
+rematerialized in the backward pass: scores take B x N x block_q x S, so long sequences fit on
+any platform (it does the full T x S work).
+
+`splash` is Pallas' TPU splash attention (flash attention that skips the blocks the causal
+and segment masks hide), run per device under `shard_map` with the model's batch and head
+shardings, grouped-query heads by mapping its multi-query kernel over the kv heads. Off TPU it
+runs in Pallas' interpret mode (slow; for tests). Self-attention of 128 tokens or more only
+(the KV-cache path and shorter inputs use `xla`).
+
+`cudnn` is `jax.nn.dot_product_attention`: cuDNN's fused attention on GPU, the same function's
+XLA implementation elsewhere.
 
 Masking is by slot, not by position: the query at row t sits at key slot `q_offset + t` and sees
 the key slots up to and including its own whose segment id equals its own. Positions restart at
@@ -19,8 +27,31 @@ H head dim.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
+
+BACKENDS = ("xla", "chunked", "splash", "cudnn")
+# The platform the kernels are traced for: the default backend's, unless a program is being
+# compiled ahead of time for another (`compiling_for`).
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace the fused kernels for `platform` ("tpu", "gpu") whatever this machine is: how
+    `llamax.aot` compiles splash attention for a TPU slice on a CPU."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def _platform() -> str:
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def attend(
@@ -31,14 +62,22 @@ def attend(
     kv_segment_ids: jnp.ndarray,
     q_offset: jnp.ndarray | int = 0,
     backend: str = "xla",
-    chunk: int = 512,
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> jnp.ndarray:
     """Causal, segment-masked attention: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]."""
-    if backend == "xla" or (backend == "chunked" and q.shape[1] <= chunk):
-        return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
-    if backend == "chunked":
-        return _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, chunk)
-    raise ValueError(f"Unknown attention backend {backend!r}; available: 'xla', 'chunked'")
+    self_attention = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
+    # Below 128 tokens (one TPU lane width; e.g. the 1-token dummy input of initialization)
+    # splash has no block to work with: those use the reference.
+    if backend == "splash" and self_attention and q.shape[1] >= 128:
+        return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
+    if backend == "cudnn" and self_attention:
+        return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    if backend == "chunked" and q.shape[1] > block_q:
+        return _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q)
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {backend!r}; available: {BACKENDS}")
+    return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
 
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_offset=0) -> jnp.ndarray:
@@ -82,3 +121,64 @@ def _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, chunk):
 
     out = jax.lax.map(block, (q_blocks, seg_blocks, offsets))  # [blocks, B, chunk, N, H]
     return jnp.moveaxis(out, 0, 1).reshape(b, blocks * chunk, n, h)[:, :t]
+
+
+def _block(size: int, length: int, name: str) -> int:
+    block = min(size, length)
+    if length % block:
+        raise ValueError(
+            f"splash attention: sequence length {length} is not a multiple of {name} {block}"
+        )
+    return block
+
+
+def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    from llamax import sharding
+
+    interpret = _platform() != "tpu"
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale
+
+    def local(q, k, v, q_segment_ids, kv_segment_ids):  # this device's share
+        b, t, n, h = q.shape
+        s, kv = k.shape[1], k.shape[2]
+        if block_kv % 128:
+            raise ValueError(f"splash attention: block_kv {block_kv} must be a multiple of 128")
+        bq, bkv = _block(block_q, t, "block_q"), _block(block_kv, s, "block_kv")
+        sizes = sk.BlockSizes(
+            block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
+            block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv,
+        )  # fmt: skip
+        mask = sm.MultiHeadMask([sm.CausalMask((t, s)) for _ in range(n // kv)])
+        kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+        q = jnp.moveaxis(q.reshape(b, t, kv, n // kv, h), 1, 3)  # [B, K, G, T, H]
+        k, v = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [B, K, S, H]
+
+        def one_row(q, k, v, q_seg, kv_seg):  # over kv heads: each a multi-query kernel call
+            segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k, v)
+
+        out = jax.vmap(one_row)(q, k, v, q_segment_ids, kv_segment_ids)  # [B, K, G, T, H]
+        return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, q_segment_ids, kv_segment_ids)
+    spec = lambda names, x: sharding.mesh_axes(names, x.shape, mesh)  # noqa: E731
+    q_spec = spec(("batch", "length", "heads", "head_dim"), q)
+    kv_spec = spec(("batch", "length", "kv_heads", "head_dim"), k)
+    if q_spec[2] != kv_spec[2]:  # heads and kv heads must split alike to stay grouped
+        q_spec = jax.sharding.PartitionSpec(q_spec[0], None, kv_spec[2], None)
+    seg_spec = jax.sharding.PartitionSpec(q_spec[0], None)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+        out_specs=q_spec, check_vma=False,
+    )(q, k, v, q_segment_ids, kv_segment_ids)  # fmt: skip
+
+
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
+    mask = attention_mask(q_segment_ids, kv_segment_ids)[:, None]  # [B, 1, T, S]
+    implementation = "cudnn" if _platform() == "gpu" else None
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

@@ -17,7 +17,7 @@ from flax.core import FrozenDict
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
-ATTENTION_BACKENDS = ("xla", "chunked")
+ATTENTION_BACKENDS = ("xla", "chunked", "splash", "cudnn")
 # rope_scaling keys by type (Hugging Face's names; `ntk` is llamax's, see llamax/rope.py):
 # required, then optional. "type"/"rope_type" name the type itself.
 ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
@@ -70,8 +70,10 @@ class LlamaConfig:
     # (20% faster train steps on CPU, measured in docs/performance.md) and costs compile time;
     # 1 keeps TPU compiles fast. The parameter layout is the same for every value.
     scan_unroll: int = 1
-    attention: str = "xla"  # or "chunked": memory-lean, see llamax/attention.py
-    attention_chunk: int = 512  # queries per block of the chunked attention
+    attention: str = "xla"  # "chunked" (memory-lean), "splash" (TPU), "cudnn" (GPU)
+    # Queries and keys per block of the chunked and splash attention (llamax/attention.py).
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
 
     def __post_init__(self):
         if self.rope_scaling is not None:
@@ -89,7 +91,8 @@ class LlamaConfig:
             "multiple_of",
             "max_seq_len",
             "scan_unroll",
-            "attention_chunk",
+            "attention_block_q",
+            "attention_block_kv",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -114,6 +117,11 @@ class LlamaConfig:
                 errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             errors += self._rope_scaling_errors()
+        if self.attention == "splash" and self.attention_block_kv % 128:
+            errors.append(
+                f"splash attention needs attention_block_kv a multiple of 128 (TPU lanes), "
+                f"got {self.attention_block_kv}"
+            )
         if errors:
             raise ValueError("Invalid LlamaConfig: " + "; ".join(errors))
 

@@ -100,9 +100,12 @@ class Attention(nn.Module):
             kv = {"k": write(kv["k"], key), "v": write(kv["v"], value)}
             key, value = read(kv["k"]), read(kv["v"])
 
+        # Without a cache this is self-attention from slot 0 (a static 0, so that the fused
+        # kernels, which handle only that case, are chosen).
+        offset = 0 if kv is None else cache_index
         out = attend(
-            q, key, value, q_segment_ids, kv_segment_ids, cache_index, c.attention,
-            c.attention_chunk,
+            q, key, value, q_segment_ids, kv_segment_ids, offset, c.attention,
+            c.attention_block_q, c.attention_block_kv,
         )  # fmt: skip
         # As one [N*H, D] matmul: XLA's CPU layout pass otherwise transposes wo on every call.
         out = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))

@@ -246,6 +246,27 @@ def init_state(
     return state, shardings
 
 
+def jitted_train_step(c, model, tx, schedule, shardings, batch_sharded: NamedSharding):
+    """`train_step` under `jax.jit` with the state's and the batch's shardings, the state
+    donated: what the loop runs and what `llamax.aot` compiles for TPU topologies."""
+    batch_shardings = dict.fromkeys(("tokens", "segment_ids", "positions"), batch_sharded)
+    replicated = NamedSharding(batch_sharded.mesh, PartitionSpec())
+    return jax.jit(
+        partial(
+            train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            grad_accum_steps=c.train.grad_accum_steps,
+            z_loss=c.train.z_loss,
+            grad_shardings=shardings.params,
+        ),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
 def batch_sharding(mesh: Mesh, batch_size: int, seq_len: int) -> NamedSharding:
     return NamedSharding(mesh, sharding.mesh_axes(("batch", "length"), (batch_size, seq_len), mesh))
 
@@ -341,21 +362,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     preemption = checkpoint.PreemptionWatcher()
 
     batch_shardings = dict.fromkeys(("tokens", "segment_ids", "positions"), batch_sharded)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn = jax.jit(
-        partial(
-            train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            grad_accum_steps=t.grad_accum_steps,
-            z_loss=t.z_loss,
-            grad_shardings=shardings.params,
-        ),
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
+    step_fn = jitted_train_step(c, model, tx, schedule, shardings, batch_sharded)
     eval_fn = jax.jit(
         partial(eval_step, model=model), in_shardings=(shardings.params, batch_shardings)
     )

@@ -133,6 +133,8 @@ def test_hf_config_round_trip():
     from transformers import LlamaConfig as HFConfig
 
     for config in CONFIGS.values():
+        if config.rope_type == "ntk":  # becomes the default type with its base (test_rope.py)
+            continue
         hf_dict = HFConfig(**config.to_hf_config()).to_dict()  # transformers' own serialization
         back = llamax.LlamaConfig.from_hf_config(hf_dict)
         # Hugging Face keeps only the resulting width, not Meta's recipe for it.

@@ -1,4 +1,4 @@
-"""The TPU VM scripts: shellcheck-clean, and their dry runs print the right commands."""
+"""The TPU VM scripts: shellcheck-clean, and their dry runs print the right gcloud commands."""
 
 import glob
 import os
@@ -11,6 +11,15 @@ from conftest import REPO
 
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "scripts", "*.sh")))
 SHELLCHECK = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+VM = ["--tpu", "t", "--zone", "z"]
+TRAIN_ARGS = ["--tpu", "tpu-1", "--zone", "us-east5-a", "--workdir", "gs://b/runs/7b 16k",
+              "--tfds-data-dir", "gs://b/tfds", "--tokenizer", "/ckpt/tokenizer.model"]  # fmt: skip
+
+
+def test_expected_scripts_exist():
+    names = {os.path.basename(p) for p in SCRIPTS}
+    assert {"tpu_vm.sh", "train.sh", "pretrain_7b.sh", "continue_training.sh",
+            "extend_context.sh"} <= names  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
@@ -19,38 +28,102 @@ def test_shellcheck(script):
     assert result.returncode == 0, result.stdout
 
 
-def _run(*args):
-    script = os.path.join(REPO, "scripts", "extend_context.sh")
-    return subprocess.run(["bash", script, *args], capture_output=True, text=True, cwd=REPO)
+def _run(script, *args, action=None):
+    path = os.path.join(REPO, "scripts", script)
+    first = [action] if action else []
+    return subprocess.run(
+        ["bash", path, *first, "--dry-run", *args], capture_output=True, text=True
+    )
 
 
-def test_extend_context_dry_run():
-    result = _run(
-        "--dry-run", "--tpu", "tpu-1", "--zone", "us-east5-a", "--project", "p",
-        "--init-from", "/ckpt/llama2-7b", "--workdir", "/runs/7b 16k",
-        "--tfds-data-dir", "gs://b/tfds", "--tokenizer", "/ckpt/llama2-7b/tokenizer.model",
-        "--config", "configs/llama2_7b_extend_32k.py",
-    )  # fmt: skip
+def _commands(result):
     assert result.returncode == 0, result.stderr
-    argv = shlex.split(result.stdout)
-    assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-1"]
-    assert {"--zone=us-east5-a", "--worker=all", "--project=p"} <= set(argv)
-    remote = next(a for a in argv if a.startswith("--command="))[len("--command=") :]
-    cd, train = remote.split(" && ")
+    return [shlex.split(line) for line in result.stdout.splitlines()]
+
+
+def _remote(argv):
+    return next(a for a in argv if a.startswith("--command="))[len("--command=") :]
+
+
+def test_create_one_slice_and_a_multislice_queued_resource():
+    (one,) = _commands(
+        _run("tpu_vm.sh", "--tpu", "t", "--zone", "z", "--type", "v5p-128", action="create")
+    )
+    assert one[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+    assert {"--accelerator-type=v5p-128", "--version=v2-alpha-tpuv5"} <= set(one)
+    args = ["--tpu", "t", "--zone", "z", "--type", "v5e-256", "--num-slices", "4", "--spot"]
+    (multi,) = _commands(_run("tpu_vm.sh", *args, action="create"))
+    assert multi[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+    assert {
+        "--node-count=4",
+        "--node-prefix=t",
+        "--spot",
+        "--runtime-version=v2-alpha-tpuv5-lite",
+    } <= set(multi)
+
+
+def test_setup_and_run_on_all_workers():
+    setup_args = [*VM, "--repo", "https://g/l.git", "--ref", "v1"]
+    (setup,) = _commands(_run("tpu_vm.sh", *setup_args, action="setup"))
+    remote = _remote(setup)
+    assert "--worker=all" in setup and "git clone https://g/l.git llamax" in remote
+    assert "git -C llamax checkout v1" in remote
+    assert ".venv/bin/pip install -q -e '.[tpu]'" in remote
+    run_args = [*VM, "--num-slices", "2", "--", "echo", "a b"]
+    (run,) = _commands(_run("tpu_vm.sh", *run_args, action="run"))
+    assert run[:5] == ["gcloud", "compute", "tpus", "queued-resources", "ssh"]
+    assert {"--worker=all", "--node=all"} <= set(run)
+    assert _remote(run) == "cd ~/llamax && echo a\\ b"
+
+
+def test_train_scripts_run_llamax_train_everywhere():
+    (pretrain,) = _commands(
+        _run("pretrain_7b.sh", *TRAIN_ARGS, "--project", "p", "--", "--config.train.steps=5")
+    )
+    assert pretrain[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-1"]
+    assert {"--zone=us-east5-a", "--worker=all", "--project=p"} <= set(pretrain)
+    cd, train = _remote(pretrain).split(" && ")
     assert cd == "cd ~/llamax"
     assert shlex.split(train) == [
-        ".venv/bin/llamax-train", "--config", "configs/llama2_7b_extend_32k.py",
-        "--workdir", "/runs/7b 16k", "--config.init_from=/ckpt/llama2-7b",
-        "--config.data.tfds_data_dir=gs://b/tfds",
-        "--config.data.tokenizer=/ckpt/llama2-7b/tokenizer.model",
+        ".venv/bin/llamax-train", "--config", "configs/llama2_7b.py",
+        "--workdir", "gs://b/runs/7b 16k",
+        "--config.data.tfds_data_dir=gs://b/tfds", "--config.data.tokenizer=/ckpt/tokenizer.model",
+        "--config.train.steps=5",
     ]  # fmt: skip
+    for script, config in (("extend_context.sh", "configs/llama2_7b_extend_16k.py"),
+                           ("continue_training.sh", "configs/llama2_7b.py")):  # fmt: skip
+        (cmd,) = _commands(_run(script, *TRAIN_ARGS, "--init-from", "/ckpt"))
+        train = shlex.split(_remote(cmd).split(" && ")[1])
+        assert train[2] == config and "--config.init_from=/ckpt" in train
+    (cmd,) = _commands(
+        _run(
+            "extend_context.sh",
+            *TRAIN_ARGS,
+            "--init-from",
+            "/ckpt",
+            "--config",
+            "configs/llama2_7b_extend_32k.py",
+        )
+    )
+    assert "configs/llama2_7b_extend_32k.py" in _remote(cmd)
 
 
-def test_extend_context_refuses_missing_arguments():
-    result = _run("--dry-run", "--tpu", "tpu-1")
-    assert result.returncode == 2
-    assert "missing --zone --init-from --workdir --tfds-data-dir --tokenizer" in result.stderr
-    required = ["--tpu", "t", "--zone", "z", "--init-from", "i", "--workdir", "w"]
-    required += ["--tfds-data-dir", "d", "--tokenizer", "t"]
-    bad = _run("--dry-run", *required, "--config", "configs/nope.py")
-    assert bad.returncode == 2 and "no config file configs/nope.py" in bad.stderr
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("extend_context.sh", TRAIN_ARGS, "missing --init-from"),
+        ("continue_training.sh", TRAIN_ARGS, "missing --init-from"),
+        ("train.sh", ["--tpu", "t"], "missing --zone --config --workdir"),
+        (
+            "train.sh",
+            [*TRAIN_ARGS, "--config", "configs/nope.py"],
+            "no config file configs/nope.py",
+        ),
+        ("tpu_vm.sh", ["--tpu", "t", "--zone", "z", "--type", "v9-8"], "unknown slice type v9-8"),
+        ("tpu_vm.sh", ["--tpu", "t", "--zone", "z"], "create needs --type"),
+        ("tpu_vm.sh", ["--tpu", "t"], "--tpu and --zone are required"),
+    ],
+)
+def test_scripts_refuse_bad_arguments(script, args, message):
+    result = _run(script, *args, action="create" if script == "tpu_vm.sh" else None)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -1,0 +1,170 @@
+"""Ahead-of-time fit checks: compile the real train step for a TPU slice on any machine.
+
+With `libtpu` installed (`pip install 'llamax[tpu]'`), JAX describes any TPU topology without
+the hardware (`jax.experimental.topologies`) and XLA compiles for it; the compiled program's
+`memory_analysis()` gives what each chip would hold. `check(c, "v5e-16")` compiles
+`llamax.train.jitted_train_step` for the experiment config `c` on that slice, with the
+config's mesh over the slice's chips, and reports per-chip memory against the chip's HBM,
+whether it fits, the compile time and the model FLOPs per step.
+
+Slice names are Google Cloud's: `v4-N` and `v5p-N` count TensorCores (two per chip, one JAX
+device per chip), `v5e-N` and `v6e-N` count chips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import ml_collections
+
+GiB = 2**30
+# Per chip: HBM bytes, JAX topology generation name, chip config, chips per host.
+CHIPS = {
+    "v4": (32 * GiB, "v4", "megacore", (2, 2, 1)),
+    "v5p": (95 * GiB, "v5p", "megacore", (2, 2, 1)),
+    "v5e": (16 * GiB, "v5e", "default", (2, 2, 1)),
+    "v6e": (32 * GiB, "v6e", "default", (2, 2, 1)),
+}
+# Chip grids by chip count: 2D tori (v5e, v6e) and 3D (v4, v5p), as Google Cloud lays them out.
+GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+            128: (8, 16), 256: (16, 16)}  # fmt: skip
+GRIDS_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+            128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16),
+            2048: (8, 16, 16), 4096: (16, 16, 16)}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str
+    generation: str
+    chips: int
+    grid: tuple[int, ...]
+    hbm_bytes: int
+
+    @property
+    def topology(self) -> str:
+        return f"{CHIPS[self.generation][1]}:{'x'.join(map(str, self.grid))}"
+
+
+def parse_slice(name: str) -> Slice:
+    """`v5e-16` -> 16 v5e chips on a 4x4 grid; clear errors for anything else."""
+    generation, _, count = name.partition("-")
+    if generation not in CHIPS or not count.isdigit():
+        raise ValueError(
+            f"Unknown TPU slice {name!r}: expected v4-N, v5p-N (TensorCores), v5e-N or v6e-N "
+            "(chips), e.g. v5e-16 or v5p-128"
+        )
+    n = int(count)
+    chips = n // 2 if generation in ("v4", "v5p") else n
+    grids = GRIDS_3D if generation in ("v4", "v5p") else GRIDS_2D
+    if chips not in grids or (generation in ("v4", "v5p") and n % 2):
+        sizes = sorted(c * 2 if generation in ("v4", "v5p") else c for c in grids)
+        raise ValueError(f"No {generation} slice of {n}: Google Cloud's sizes are {sizes}")
+    return Slice(name, generation, chips, grids[chips], CHIPS[generation][0])
+
+
+def topology_devices(tpu: Slice, num_slices: int = 1) -> list:
+    from jax.experimental import topologies
+
+    # Compiling uses no TPU, so several processes may load libtpu at once (it otherwise
+    # takes a machine-wide lock).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    _, _, chip_config, host_bounds = CHIPS[tpu.generation]
+    try:
+        desc = topologies.get_topology_desc(
+            tpu.topology, "tpu", chip_config_name=chip_config,
+            chips_per_host_bounds=host_bounds, num_slices=num_slices,
+        )  # fmt: skip
+    except Exception as e:  # jax raises several types when libtpu is missing or refuses
+        raise RuntimeError(
+            f"Cannot describe TPU topology {tpu.topology} ({e}); ahead-of-time checks need "
+            "libtpu: pip install 'llamax[tpu]'"
+        ) from e
+    return list(desc.devices)
+
+
+def check(
+    c: ml_collections.ConfigDict, slice_name: str, num_slices: int = 1
+) -> dict[str, float | int | bool | str | dict]:
+    """Compiles the train step of config `c` for `num_slices` slices of `slice_name`; the
+    per-chip memory report (bytes), whether it fits, compile seconds, model FLOPs per step."""
+    from llamax import attention, metrics, optim, sharding, train
+    from llamax.model import Llama
+
+    tpu = parse_slice(slice_name)
+    devices = topology_devices(tpu, num_slices)
+    mesh_shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    try:
+        mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+    except ValueError as e:
+        raise ValueError(
+            f"The config's mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tensor={c.mesh.tensor} "
+            f"does not fit {num_slices} x {slice_name} ({len(devices)} chips): {e}"
+        ) from e
+    train.check_batch_layout(c, mesh)
+    config = train.model_config(c)
+    model = Llama(config)
+    tx = optim.make_optimizer(c.optimizer, c.train.steps)
+    schedule = optim.learning_rate_schedule(c.optimizer, c.train.steps)
+    abstract, shardings = train.state_shardings(model, tx, mesh)
+    batch_sharded = train.batch_sharding(mesh, c.train.batch_size, c.train.seq_len)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    tokens = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len), "int32",
+                                  sharding=batch_sharded)  # fmt: skip
+    batch = dict.fromkeys(("tokens", "segment_ids", "positions"), tokens)
+    step = train.jitted_train_step(c, model, tx, schedule, shardings, batch_sharded)
+    start = time.perf_counter()
+    with sharding.use_mesh(mesh), attention.compiling_for("tpu"):
+        compiled = step.lower(state, batch).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    peak = getattr(memory, "peak_memory_in_bytes", 0) or (
+        memory.argument_size_in_bytes + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes - memory.alias_size_in_bytes
+    )  # fmt: skip
+    tokens_per_step = c.train.batch_size * c.train.seq_len
+    return {
+        "topology": slice_name,
+        "num_slices": num_slices,
+        "chips": len(devices),
+        "mesh": dict(mesh.shape),
+        "per_device_batch": c.train.batch_size / (mesh.shape["data"] * mesh.shape["fsdp"]),
+        "seq_len": c.train.seq_len,
+        "attention": config.attention,
+        "remat_policy": config.remat_policy,
+        "argument_bytes_per_chip": memory.argument_size_in_bytes,
+        "output_bytes_per_chip": memory.output_size_in_bytes,
+        "temp_bytes_per_chip": memory.temp_size_in_bytes,
+        "alias_bytes_per_chip": memory.alias_size_in_bytes,
+        "peak_bytes_per_chip": int(peak),
+        "hbm_bytes_per_chip": tpu.hbm_bytes,
+        "fits": bool(peak <= tpu.hbm_bytes),
+        "compile_seconds": round(seconds, 1),
+        # Pallas kernels compiled to Mosaic (splash attention), as calls in the program.
+        "mosaic_kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        "model_flops_per_step": metrics.flops_per_token(config, c.train.seq_len) * tokens_per_step,
+        "parameters": config.num_params(),
+    }
+
+
+def format_report(r: dict) -> str:
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    lines = [
+        f"{r['num_slices']} x {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, "
+        f"{r['per_device_batch']:g} x {r['seq_len']} tokens per device, "
+        f"attention {r['attention']}, remat {r['remat_policy']}",
+        f"  per chip: arguments {gib(r['argument_bytes_per_chip'])}, temporaries "
+        f"{gib(r['temp_bytes_per_chip'])}, output {gib(r['output_bytes_per_chip'])} "
+        f"(aliased {gib(r['alias_bytes_per_chip'])})",
+        f"  peak {gib(r['peak_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM: "
+        + ("fits" if r["fits"] else "DOES NOT FIT"),
+        f"  compiled in {r['compile_seconds']} s; {r['model_flops_per_step'] / 1e12:.1f} model "
+        f"TFLOP per step ({r['parameters'] / 1e6:,.1f}M parameters)",
+    ]
+    return "\n".join(lines)

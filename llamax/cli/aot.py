@@ -1,0 +1,56 @@
+"""`llamax-aot --config configs/X.py --topology v5e-16 [--num_slices N] [--json FILE]`.
+
+Compiles the config's train step for a TPU slice on this machine (libtpu from PyPI is enough;
+no TPU needed) and prints per-chip memory (arguments, temporaries, output, peak) against the
+chip's HBM, whether it fits, the compile time and the model FLOPs per step. `--config.KEY=V`
+overrides work as in `llamax-train`, e.g. `--config.train.batch_size=32`. Exits 1 when the
+step does not fit, 2 on bad input (an unknown slice, a mesh that does not fit it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llamax.cli import setup_logging
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file.", lock_config=True
+)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-16, v5p-128, v4-8.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multi-slice over DCN).")
+_JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON file.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _TOPOLOGY.value is None:
+        raise app.UsageError("--config and --topology are required")
+    setup_logging()
+    from llamax import aot
+
+    try:
+        report = aot.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)
+    except (ValueError, RuntimeError) as e:
+        print(f"llamax-aot: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(aot.format_report(report))
+    if _JSON.value:
+        tmp = f"{_JSON.value}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, _JSON.value)
+    sys.exit(0 if report["fits"] else 1)
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,68 @@
+"""Ahead-of-time compiles for TPU slices (libtpu from PyPI, no TPU): slice names, the report,
+refusals, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, load_config
+
+from llamax import aot, train
+
+
+@pytest.mark.parametrize(
+    "name, chips, topology",
+    [("v5e-16", 16, "v5e:4x4"), ("v5e-256", 256, "v5e:16x16"), ("v6e-8", 8, "v6e:2x4"),
+     ("v4-8", 4, "v4:2x2x1"), ("v5p-128", 64, "v5p:4x4x4"), ("v5p-1024", 512, "v5p:8x8x8")],
+)  # fmt: skip
+def test_slice_names(name, chips, topology):
+    tpu = aot.parse_slice(name)
+    assert tpu.chips == chips and tpu.topology == topology
+    assert len(aot.topology_devices(tpu)) == chips
+
+
+@pytest.mark.parametrize("name", ["v5e-3", "v7-8", "v5p-7", "v4", "tpu-16"])
+def test_unknown_slices_are_refused(name):
+    with pytest.raises(ValueError, match="TPU slice|No v"):
+        aot.parse_slice(name)
+
+
+@pytest.mark.parametrize("attention", ["xla", "splash"])
+def test_tiny_train_step_compiles_for_v5e(attention):
+    c = load_config("tiny")  # with TPU-sized widths, so that tile padding is negligible
+    c.model.dim, c.model.n_heads, c.model.n_kv_heads, c.model.vocab_size = 512, 4, 2, 1024
+    c.model.multiple_of = 128
+    c.train.seq_len, c.model.attention = 128, attention
+    r = aot.check(c, "v5e-4")
+    model = train.model_config(c)
+    state_bytes = 3 * 4 * model.num_params()  # float32 parameters and two AdamW moments
+    # fsdp over 4 chips: each holds a quarter, and the batch.
+    assert state_bytes / 4 <= r["argument_bytes_per_chip"] <= state_bytes / 4 * 1.05 + 2**16
+    assert 0 < r["peak_bytes_per_chip"] < r["hbm_bytes_per_chip"] == 16 * 2**30 and r["fits"]
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["chips"] == 4
+    assert r["model_flops_per_step"] > 0 and r["compile_seconds"] > 0
+    # splash is compiled to Mosaic kernels (forward, and the two backward ones), xla to none.
+    assert (r["mosaic_kernel_calls"] > 0) == (attention == "splash")
+
+
+def test_a_mesh_that_does_not_fit_is_refused():
+    c = load_config("tiny")
+    c.mesh.fsdp, c.mesh.tensor = -1, 3
+    with pytest.raises(ValueError, match="does not fit 1 x v5e-4"):
+        aot.check(c, "v5e-4")
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "fit.json"
+    cmd = [sys.executable, "-m", "llamax.cli.aot", "--config", "configs/tiny.py",
+           "--topology", "v5e-4", "--json", str(out), "--config.train.batch_size=16"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"peak_bytes_per_chip", "hbm_bytes_per_chip", "fits", "compile_seconds"} <= set(report)
+    assert report["per_device_batch"] == 4 and "fits" in result.stdout
+    bad = subprocess.run([*cmd[:6], "v5e-5"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "No v5e slice of 5" in bad.stderr
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
