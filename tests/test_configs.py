@@ -81,3 +81,38 @@ def test_context_extension_configs_follow_the_paper(length, factor):
     assert model.replace(rope_scaling=None, max_seq_len=4096, attention="xla") == (
         model.preset("llama2-7b").replace(dtype="bfloat16", remat_policy="full")
     )
+
+
+def _keys(node, prefix=""):
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def test_config_reference_lists_every_key():
+    with open(os.path.join(REPO, "docs", "config.md")) as f:
+        reference = f.read()
+    missing = [k for k in _keys(train.default_config()) if f"| `{k}` |" not in reference]
+    assert not missing, f"docs/config.md does not describe {missing}"
+
+
+def test_every_command_named_in_the_docs_exists():
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(REPO, "setup.cfg"))
+    scripts = setup["options.entry_points"]["console_scripts"]
+    commands = {line.split("=")[0].strip() for line in scripts.splitlines() if line.strip()}
+    named = set()
+    for path in DOCS:
+        with open(path) as f:
+            named.update(re.findall(r"(?<![/\w.-])(llamax-[a-z]+)\b", f.read()))
+    assert named, "the docs name no commands"
+    assert named <= commands, f"named in the docs but not installed: {named - commands}"
+    for name in sorted(commands):  # and each one starts and answers --help (absl's exits 1)
+        result = subprocess.run([os.path.join(os.path.dirname(sys.executable), name), "--help"],
+                                capture_output=True, text=True)  # fmt: skip
+        out = result.stdout + result.stderr
+        assert "usage" in out.lower() and "Traceback" not in out, (name, out[-500:])

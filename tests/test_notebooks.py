@@ -1,0 +1,42 @@
+"""The notebooks run as written (executed here with nbclient, small sizes, CPU) and are kept
+in git without outputs."""
+
+import glob
+import os
+import re
+
+import nbformat
+import pytest
+from conftest import REPO
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+
+
+def test_expected_notebooks():
+    names = [os.path.basename(p) for p in NOTEBOOKS]
+    assert names == [
+        "01_quickstart.ipynb", "02_convert_and_chat.ipynb", "03_position_interpolation.ipynb"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_is_stripped_and_holds_no_library_code(path):
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "outputs in git"
+            assert not re.search(r"^\s*(def|class) ", cell.source, re.M), cell.source
+    assert any("import llamax" in c.source for c in notebook.cells)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
+def test_notebook_runs(path):
+    notebook = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        notebook, timeout=300, kernel_name="python3",
+        resources={"metadata": {"path": os.path.dirname(path)}},
+    )  # fmt: skip
+    client.execute()  # raises CellExecutionError, with the cell and its traceback, on failure
+    errors = [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
