@@ -39,10 +39,10 @@ CASES = [
     ("llama2_7b_extend_16k", "v5p-64", 2, "splash"),
     ("llama2_7b_extend_32k", "v5p-128", 1, "splash"),
 ]
-# The memory side of the remat trade-off: 7B on v5e-16, 2 sequences per chip, splash.
+# The memory side of the remat trade-off: 7B on v5p-32 (16 chips of 95 GiB), 1 sequence each.
 REMAT_CASES = [
-    ("llama2_7b", "v5e-16", 2, "splash", p)
-    for p in ("save_qkv_proj", "dots_no_batch", "dots", "none")
+    ("llama2_7b", "v5p-32", 1, "splash", policy)
+    for policy in ("full", "save_qkv_proj", "dots_no_batch", "dots", "none")
 ]
 
 
@@ -82,6 +82,10 @@ def _table(rows) -> str:
         head += f"{remat[0] if remat else 'full'} | "
         if "error" in r:
             lines.append(head + f"error: {r['error'][:80]} | | | | |")
+            continue
+        if not r["compiled"]:
+            lines.append(head + f"| over {r['temp_bytes_per_chip'] / GiB:.2f} GiB | "
+                         f"{r['hbm_bytes_per_chip'] / GiB:.0f} GiB | **no** | |")  # fmt: skip
             continue
         lines.append(
             head
@@ -153,7 +157,7 @@ what the donated state aliases.
 
 ## Remat policies
 
-The memory side of the trade-off, 7B on v5e-16 with 2 sequences per chip: `full` saves only
+The memory side of the trade-off, 7B on v5p-32 with 1 sequence per chip: `full` saves only
 each layer's input and recomputes the whole layer in the backward pass (one extra forward,
 about a third more FLOPs per step); the others keep more activations to recompute less
 (`save_qkv_proj`: the q, k, v projections; `dots_no_batch`: weight matmul outputs; `dots`:

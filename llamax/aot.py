@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import time
 
 import jax
@@ -120,14 +121,28 @@ def check(
     batch = dict.fromkeys(("tokens", "segment_ids", "positions"), tokens)
     step = train.jitted_train_step(c, model, tx, schedule, shardings, batch_sharded)
     start = time.perf_counter()
-    with sharding.use_mesh(mesh), attention.compiling_for("tpu"):
-        compiled = step.lower(state, batch).compile()
+    try:
+        with sharding.use_mesh(mesh), attention.compiling_for("tpu"):
+            compiled = step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        # XLA refuses to compile a program whose temporaries alone exceed the HBM.
+        needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "CompileTimeHbmOom" not in str(e) or not needed:
+            raise
+        compiled, temporaries = None, int(float(needed.group(1)) * GiB)
     seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    peak = getattr(memory, "peak_memory_in_bytes", 0) or (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes - memory.alias_size_in_bytes
-    )  # fmt: skip
+    if compiled is None:
+        memory = dict(argument=0, output=0, temp=temporaries, alias=0)
+        peak, kernels = temporaries, 0
+    else:
+        analysis = compiled.memory_analysis()
+        memory = {k: getattr(analysis, f"{k}_size_in_bytes") for k in
+                  ("argument", "output", "temp", "alias")}  # fmt: skip
+        peak = getattr(analysis, "peak_memory_in_bytes", 0) or (
+            memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
+        )
+        # Pallas kernels compiled to Mosaic (splash attention), as calls in the program.
+        kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     tokens_per_step = c.train.batch_size * c.train.seq_len
     return {
         "topology": slice_name,
@@ -138,16 +153,18 @@ def check(
         "seq_len": c.train.seq_len,
         "attention": config.attention,
         "remat_policy": config.remat_policy,
-        "argument_bytes_per_chip": memory.argument_size_in_bytes,
-        "output_bytes_per_chip": memory.output_size_in_bytes,
-        "temp_bytes_per_chip": memory.temp_size_in_bytes,
-        "alias_bytes_per_chip": memory.alias_size_in_bytes,
+        # When XLA refused to compile (temporaries over the HBM), only the temporaries it
+        # asked for are known, and the peak is at least that.
+        "compiled": compiled is not None,
+        "argument_bytes_per_chip": memory["argument"],
+        "output_bytes_per_chip": memory["output"],
+        "temp_bytes_per_chip": memory["temp"],
+        "alias_bytes_per_chip": memory["alias"],
         "peak_bytes_per_chip": int(peak),
         "hbm_bytes_per_chip": tpu.hbm_bytes,
-        "fits": bool(peak <= tpu.hbm_bytes),
+        "fits": compiled is not None and peak <= tpu.hbm_bytes,
         "compile_seconds": round(seconds, 1),
-        # Pallas kernels compiled to Mosaic (splash attention), as calls in the program.
-        "mosaic_kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
+        "mosaic_kernel_calls": kernels,
         "model_flops_per_step": metrics.flops_per_token(config, c.train.seq_len) * tokens_per_step,
         "parameters": config.num_params(),
     }
@@ -155,6 +172,12 @@ def check(
 
 def format_report(r: dict) -> str:
     gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    if not r["compiled"]:
+        return (
+            f"{r['num_slices']} x {r['topology']} ({r['chips']} chips), mesh {r['mesh']}: "
+            f"DOES NOT FIT: XLA asks for {gib(r['temp_bytes_per_chip'])} of temporaries per chip "
+            f"alone ({gib(r['hbm_bytes_per_chip'])} HBM)"
+        )
     lines = [
         f"{r['num_slices']} x {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, "
         f"{r['per_device_batch']:g} x {r['seq_len']} tokens per device, "

@@ -66,3 +66,13 @@ def test_cli_writes_json(tmp_path):
     bad = subprocess.run([*cmd[:6], "v5e-5"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "No v5e slice of 5" in bad.stderr
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_a_step_that_cannot_fit_is_reported():
+    """XLA refuses to compile when the temporaries alone exceed the HBM: reported, not raised."""
+    c = load_config("tiny")
+    c.train.seq_len, c.train.batch_size = 8192, 64  # xla attention scores: ~17 GB per layer
+    r = aot.check(c, "v5e-4")
+    assert not r["compiled"] and not r["fits"]
+    assert r["temp_bytes_per_chip"] > r["hbm_bytes_per_chip"]
+    assert "DOES NOT FIT" in aot.format_report(r)
