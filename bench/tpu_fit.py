@@ -32,16 +32,19 @@ CASES = [
     ("llama2_7b", "v5e-16", 4, "splash"),
     ("llama2_7b", "v5e-256", 4, "splash"),
     ("llama2_7b", "v4-8", 1, "splash"),
-    ("llama2_13b", "v5p-64", 2, "splash"),
+    ("llama2_13b", "v4-64", 1, "splash"),
+    ("llama2_13b", "v4-64", 2, "splash"),
+    ("llama2_70b", "v4-256", 1, "xla"),
+    ("llama2_70b", "v4-256", 1, "splash"),
+    ("llama2_7b_extend_16k", "v4-64", 1, "chunked"),
+    ("llama2_7b_extend_16k", "v4-64", 1, "splash"),
+    ("llama2_7b_extend_32k", "v4-128", 1, "splash"),
+    # v5p: with libtpu 0.0.52 these compile on some runs and fail on others (see the docs).
     ("llama2_70b", "v5p-64", 1, "xla"),
-    ("llama2_70b", "v5p-128", 2, "splash"),
-    ("llama2_7b_extend_16k", "v5p-64", 2, "chunked"),
-    ("llama2_7b_extend_16k", "v5p-64", 2, "splash"),
-    ("llama2_7b_extend_32k", "v5p-128", 1, "splash"),
 ]
-# The memory side of the remat trade-off: 7B on v5p-32 (16 chips of 95 GiB), 1 sequence each.
+# The memory side of the remat trade-off: 7B on v4-32 (16 chips of 32 GiB), 1 sequence each.
 REMAT_CASES = [
-    ("llama2_7b", "v5p-32", 1, "splash", policy)
+    ("llama2_7b", "v4-32", 1, "splash", policy)
     for policy in ("full", "save_qkv_proj", "dots_no_batch", "dots", "none")
 ]
 
@@ -153,11 +156,19 @@ what the donated state aliases.
 
 {table}
 
+v5p slices: with libtpu 0.0.52 and jax 0.10.2, compiling these steps for v5p topologies
+failed on this machine with `RET_CHECK failure ... async-update instruction should have 1
+operands but sees 3` (inside libtpu) in every run but one, which gave, per chip: 13B v5p-64
+2 x 4,096 splash 12.72 GiB, 70B v5p-64 1 x 4,096 xla 48.14 GiB (MaxText: 47.9), 70B v5p-128
+2 x 4,096 splash 32.90 GiB, the 16k recipe on v5p-64 (2 per chip) 19.50 GiB chunked and
+19.48 GiB splash, the 32k recipe on v5p-128 17.75 GiB. Those figures could not be
+reproduced since, so the table uses v4 slices; the v5p row above shows the current outcome.
+
 {maxtext}
 
 ## Remat policies
 
-The memory side of the trade-off, 7B on v5p-32 with 1 sequence per chip: `full` saves only
+The memory side of the trade-off, 7B on v4-32 with 1 sequence per chip: `full` saves only
 each layer's input and recomputes the whole layer in the backward pass (one extra forward,
 about a third more FLOPs per step); the others keep more activations to recompute less
 (`save_qkv_proj`: the q, k, v projections; `dots_no_batch`: weight matmul outputs; `dots`:
