@@ -10,9 +10,9 @@ any platform (it does the full T x S work).
 
 `splash` is Pallas' TPU splash attention (flash attention that skips the blocks the causal
 and segment masks hide), run per device under `shard_map` with the model's batch and head
-shardings, grouped-query heads by mapping its multi-query kernel over the kv heads. Off TPU it
-runs in Pallas' interpret mode (slow; for tests). Self-attention of 128 tokens or more only
-(the KV-cache path and shorter inputs use `xla`).
+shardings; its multi-head kernel groups the query heads over the kv heads itself (k and v are
+never repeated). Off TPU it runs in Pallas' interpret mode (slow; for tests). Self-attention
+of 128 tokens or more only (the KV-cache path and shorter inputs use `xla`).
 
 `cudnn` is `jax.nn.dot_product_attention`: cuDNN's fused attention on GPU, the same function's
 XLA implementation elsewhere.
@@ -142,8 +142,8 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale
 
     def local(q, k, v, q_segment_ids, kv_segment_ids):  # this device's share
-        b, t, n, h = q.shape
-        s, kv = k.shape[1], k.shape[2]
+        t, n = q.shape[1], q.shape[2]
+        s = k.shape[1]
         if block_kv % 128:
             raise ValueError(f"splash attention: block_kv {block_kv} must be a multiple of 128")
         bq, bkv = _block(block_q, t, "block_q"), _block(block_kv, s, "block_kv")
@@ -151,17 +151,16 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
             block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
             block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv,
         )  # fmt: skip
-        mask = sm.MultiHeadMask([sm.CausalMask((t, s)) for _ in range(n // kv)])
-        kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
-        q = jnp.moveaxis(q.reshape(b, t, kv, n // kv, h), 1, 3)  # [B, K, G, T, H]
-        k, v = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [B, K, S, H]
+        mask = sm.MultiHeadMask([sm.CausalMask((t, s)) for _ in range(n)])
+        # The multi-head kernel groups query heads over fewer kv heads itself.
+        kernel = sk.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+        q, k, v = (jnp.moveaxis(x, 1, 2) for x in (q, k, v))  # [B, heads, T or S, H]
 
-        def one_row(q, k, v, q_seg, kv_seg):  # over kv heads: each a multi-query kernel call
-            segments = sk.SegmentIds(q=q_seg, kv=kv_seg)
-            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(q, k, v)
+        def one_row(q, k, v, q_seg, kv_seg):
+            return kernel(q, k, v, segment_ids=sk.SegmentIds(q=q_seg, kv=kv_seg))
 
-        out = jax.vmap(one_row)(q, k, v, q_segment_ids, kv_segment_ids)  # [B, K, G, T, H]
-        return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h)
+        out = jax.vmap(one_row)(q, k, v, q_segment_ids, kv_segment_ids)  # [B, N, T, H]
+        return jnp.moveaxis(out, 1, 2)
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
