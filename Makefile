@@ -9,7 +9,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 # would otherwise look for a TPU first).
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: everything but the tests marked slow (about 2.5 minutes on 2 cores).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 STDLIB = $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
 

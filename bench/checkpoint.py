@@ -21,16 +21,17 @@ import time
 import jax
 import numpy as np
 
-from llamax import Llama, LlamaConfig, checkpoint, optim, sharding, train
+from llamax import checkpoint, experiment, setup
 
 ROUNDS = 3
 
 
 def main() -> None:
-    config = LlamaConfig(dim=768, n_layers=6, n_heads=12, vocab_size=32000)
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx = optim.make_optimizer(optim.default_config(), 1000)
-    state, _ = train.init_state(Llama(config), tx, jax.random.key(0), mesh)
+    c = experiment.default_config()
+    c.model.update(preset="llama2-7b", dim=768, n_layers=6, n_heads=12)
+    c.train.steps = 1000
+    s = setup.build(c, setup.make_mesh(c, devices=jax.devices()[:1]))
+    state = s.init_state(jax.random.key(0))
     nbytes = checkpoint.state_bytes(state)
     work = tempfile.mkdtemp(prefix="llamax-ckpt-")
     results = {}

@@ -33,7 +33,7 @@ import time
 import jax
 
 import llamax
-from llamax import evaluate, train
+from llamax import evaluate, experiment, train
 from llamax.data import corpus
 from llamax.data.tokenizer import Tokenizer
 
@@ -53,7 +53,7 @@ VARIANTS = {  # name: (rope_scaling, fine-tuned)
 
 
 def base_config(work: str, tokenizer: str):
-    c = train.default_config()
+    c = experiment.default_config()
     c.model.preset = "tiny"
     c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 256, 4, 8, 4
     c.model.multiple_of, c.model.vocab_size, c.model.max_seq_len = 64, 2048, SHORT
@@ -127,7 +127,7 @@ def main() -> None:
     c = base_config(args.work, tokenizer_path)
     builder = corpus.build_corpus(c.data.files, c.data.tfds_data_dir, "text", 0.05)
     source = corpus.data_source(builder, "validation")
-    texts = (source[i]["text"].decode("utf-8") for i in range(len(source)))
+    texts = (corpus.record_text(source[i], "text") for i in range(len(source)))
     stream = evaluate.token_stream(texts, tokenizer)
 
     results, curves = {}, {}
@@ -135,7 +135,7 @@ def main() -> None:
         model, params = llamax.load_pretrained(
             workdirs.get(name, os.path.join(args.work, "pretrain"))
         )
-        model = llamax.Llama(model.config.replace(rope_scaling=scaling))
+        model = llamax.Llama(model.config.replace(rope_scaling=scaling), model.execution)
         ppl = {n: evaluate.perplexity(model, params, stream, n, batch_size=8)["perplexity"]
                for n in PPL_LENGTHS}  # fmt: skip
         key = evaluate.passkey(model, params, tokenizer, PASSKEY_LENGTHS, trials=args.trials)

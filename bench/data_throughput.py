@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from llamax import sharding, train
+from llamax import experiment, setup
 from llamax.cli.tokenizer import _lines
 from llamax.data import corpus, pipeline
 from llamax.data.tokenizer import train_tokenizer
@@ -37,14 +37,15 @@ def main() -> None:
     tokenizer = os.path.join(work, "tokenizer.model")
     train_tokenizer(_lines(pattern, "text", 300_000), tokenizer, 8000)
 
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    batch_sharded = train.batch_sharding(mesh, BATCH, SEQ)
+    c = experiment.default_config()
+    c.train.batch_size, c.train.seq_len = BATCH, SEQ
+    s = setup.build(c, setup.make_mesh(c, devices=jax.devices()[:1]))
     dataset = pipeline.make_dataset(source, tokenizer, SEQ, BATCH, seed=0)
     it = iter(dataset)
     next(it)  # first batch: opens files, loads the tokenizer
     tokens, start = 0, time.perf_counter()
     while time.perf_counter() - start < SECONDS:
-        batch = train.global_batch(next(it), batch_sharded, BATCH, SEQ)
+        batch = s.global_batch(next(it))
         tokens += BATCH * SEQ
     jax.block_until_ready(batch)
     elapsed = time.perf_counter() - start

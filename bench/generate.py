@@ -23,7 +23,7 @@ from transformers import LlamaConfig as HFConfig
 from transformers import LlamaForCausalLM
 
 import llamax
-from llamax.convert.hf import params_from_hf
+from llamax.convert.hf import hf_config, params_from_hf
 
 PROMPT, NEW = 32, 128
 
@@ -33,7 +33,7 @@ def main() -> None:
         dim=512, n_layers=8, n_heads=8, n_kv_heads=4, vocab_size=8192, multiple_of=32
     )
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(HFConfig(**config.to_hf_config())).eval()
+    hf = LlamaForCausalLM(HFConfig(**hf_config(config))).eval()
     params = jax.tree.map(jax.numpy.asarray, params_from_hf(hf.state_dict(), config))
     model = llamax.Llama(config)
     rng = np.random.default_rng(0)

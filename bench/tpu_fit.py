@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/tpu_fit.py [--only 7b] [--out docs/tpu_fit.md]
 
-Each row compiles `llamax.train.jitted_train_step` of a config for a TPU slice with
+Each row compiles the train step of `llamax.setup.build` for a config for a TPU slice with
 `llamax.aot.check` (libtpu from PyPI; no TPU needed), one micro-batch per step
 (`grad_accum_steps=1`), fsdp over every chip, and prints one JSON line. The table goes to
 docs/tpu_fit.md with the `llamax-aot` command that reproduces each row. Several minutes per

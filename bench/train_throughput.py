@@ -53,14 +53,15 @@ def matmul_peak_flops() -> float:
 
 
 def _time_steps(step, state, batch, steps: int) -> float:
+    """Tokens per second of `steps` calls of `step(state, batch) -> (state, outputs)`."""
     import jax
 
-    state, loss = step(state, batch)  # compile
-    jax.block_until_ready(loss)
+    state, out = step(state, batch)  # compile
+    jax.block_until_ready(out)
     start = time.perf_counter()
     for _ in range(steps):
-        state, loss = step(state, batch)
-    jax.block_until_ready(loss)
+        state, out = step(state, batch)
+    jax.block_until_ready(out)
     return steps * BATCH * SEQ / (time.perf_counter() - start)
 
 
@@ -74,43 +75,38 @@ def _optimizer():
 
 
 def run_llamax(steps: int) -> float:
-    from functools import partial
-
     import jax
     import numpy as np
 
-    from llamax import Llama, LlamaConfig, sharding, train
+    from llamax import experiment, setup, sharding
 
-    config = LlamaConfig(
-        dim=DIM, n_layers=LAYERS, n_heads=HEADS, vocab_size=VOCAB, multiple_of=32, max_seq_len=SEQ,
-        dtype="bfloat16", scan_unroll=LAYERS,  # the peer runs its layers unrolled too
-    )  # fmt: skip
-    assert config.hidden_dim == FFN
-    model, tx = Llama(config), _optimizer()
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    state, shardings = train.init_state(model, tx, jax.random.key(0), mesh)
+    c = experiment.default_config()
+    c.model.update(
+        preset="llama2-7b",
+        dim=DIM,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        vocab_size=VOCAB,
+        multiple_of=32,
+        max_seq_len=SEQ,
+        dtype="bfloat16",
+        scan_unroll=LAYERS,
+    )  # the peer runs its layers unrolled too; fmt: skip
+    # The peer's optimizer: AdamW at a constant 1e-4 with weight decay on every parameter.
+    c.optimizer.update(learning_rate=1e-4, warmup_steps=0, end_learning_rate_ratio=1.0,
+                       weight_decay_exclude="")  # fmt: skip
+    c.train.update(batch_size=BATCH, seq_len=SEQ, steps=1000)
+    s = setup.build(c, setup.make_mesh(c, devices=jax.devices()[:1]))
+    assert s.model.config.hidden_dim == FFN
+    state = s.init_state(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ), dtype=np.int32)
     batch = {
         "tokens": tokens,
         "segment_ids": np.ones_like(tokens),
         "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), tokens.shape).copy(),
     }
-    step = partial(
-        train.train_step,
-        model=model,
-        tx=tx,
-        schedule=lambda _: 1e-4,
-        grad_accum_steps=1,
-        z_loss=0.0,
-    )
-
-    @partial(jax.jit, donate_argnums=0)
-    def step_fn(state, batch):
-        state, metrics = step(state, batch)
-        return state, metrics["loss"]
-
-    with sharding.use_mesh(mesh):
-        return _time_steps(step_fn, state, batch, steps)
+    with sharding.use_mesh(s.mesh):
+        return _time_steps(s.train_step, state, s.global_batch(batch), steps)
 
 
 def run_peer(steps: int) -> float:

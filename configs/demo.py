@@ -18,7 +18,7 @@ Hardware: 2 CPU cores simulating 8 devices on a data=2 x fsdp=2 x tensor=2 mesh.
 import os
 import sysconfig
 
-from llamax.train import default_config
+from llamax.experiment import default_config
 
 
 def get_config():

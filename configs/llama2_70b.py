@@ -5,17 +5,21 @@
         --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets \
         --config.data.tokenizer=$HOME/llama/tokenizer.model
 
-Recipe: `llamax.train.llama2_recipe` (4k context, 4M-token batches, 2T tokens), peak
+Recipe: `llamax.experiment.llama2_recipe` (4k context, 4M-token batches, 2T tokens), peak
 learning rate 1.5e-4.
 
-Hardware: a v5p-512 slice (256 chips), fsdp over all chips. Expected result: the paper's
-training curve (its Figure 5). Neither the TPU throughput nor the per-chip memory of this
-config has been measured yet (the ahead-of-time fit check, llamax-aot, is a later issue).
+Hardware: a v4-512 slice (256 chips, 32 GiB each), fsdp over all chips: each of the 4
+micro-batches of 256 sequences puts one on every chip. Ahead-of-time check (llamax-aot,
+docs/tpu_fit.md): 1 sequence per chip takes 17.86 GiB per chip on v4-256 with splash
+attention (`--config.model.attention=splash`); more chips hold less of the state each. v5p
+slices, on which 70B is usually trained, do not compile with libtpu 0.0.52
+(docs/tpu_fit.md). Expected result: the paper's training curve (its Figure 5); the TPU
+throughput has not been measured.
 Data: `c4/en:3.1.0` from tfds, prepared once as ArrayRecord in the data dir
 (`tfds build c4/en --file_format=array_record`), and Meta's Llama 2 `tokenizer.model`.
 """
 
-from llamax.train import llama2_recipe
+from llamax.experiment import llama2_recipe
 
 
 def get_config():

@@ -12,7 +12,7 @@
     llamax-eval passkey --checkpoint $HOME/runs/llama2-7b-32k --lengths 4096,8192,16384,32768 \
         --tokenizer $HOME/ckpt/llama2-7b/tokenizer.model --output eval/32k
 
-Recipe (`llamax.train.context_extension_recipe`, Chen et al. 2023, arXiv:2306.15595): linear
+Recipe (`llamax.experiment.context_extension_recipe`, Chen et al. 2023, arXiv:2306.15595): linear
 rotary scaling x8, 1,000 steps of 64 x 32,768 tokens (2M tokens per step) at
 learning rate 2e-5 after 20 warmup steps, on C4 English (the paper used the Pile; a corpus of
 long documents, such as pg19 in `--config.data.tfds_name`, teaches more of the long range);
@@ -26,7 +26,7 @@ falling as the context grows to 32,768 tokens, within a few percent of the 4k mo
 2,048, and passkey retrieval near 100% at every length up to 32,768.
 """
 
-from llamax.train import context_extension_recipe
+from llamax.experiment import context_extension_recipe
 
 
 def get_config():

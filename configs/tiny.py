@@ -7,7 +7,7 @@ a minute; the loss falls from about 5.5 (log 256, the model's vocabulary) toward
 chain's entropy rate (2.45 nats).
 """
 
-from llamax.train import default_config
+from llamax.experiment import default_config
 
 
 def get_config():

@@ -2,9 +2,9 @@
 
 With `libtpu` installed (`pip install 'llamax[tpu]'`), JAX describes any TPU topology without
 the hardware (`jax.experimental.topologies`) and XLA compiles for it; the compiled program's
-`memory_analysis()` gives what each chip would hold. `check(c, "v5e-16")` compiles
-`llamax.train.jitted_train_step` for the experiment config `c` on that slice, with the
-config's mesh over the slice's chips, and reports per-chip memory against the chip's HBM,
+`memory_analysis()` gives what each chip would hold. `check(c, "v5e-16")` compiles the train
+step of `llamax.setup.build` for the experiment config `c` on that slice, with the config's
+mesh over the slice's chips, and reports per-chip memory against the chip's HBM,
 whether it fits, the compile time and the model FLOPs per step.
 
 Slice names are Google Cloud's: `v4-N` and `v5p-N` count TensorCores (two per chip, one JAX
@@ -20,6 +20,8 @@ import time
 
 import jax
 import ml_collections
+
+from llamax import attention, metrics, setup, sharding
 
 GiB = 2**30
 # Per chip: HBM bytes, JAX topology generation name, chip config, chips per host.
@@ -93,37 +95,21 @@ def check(
 ) -> dict[str, float | int | bool | str | dict]:
     """Compiles the train step of config `c` for `num_slices` slices of `slice_name`; the
     per-chip memory report (bytes), whether it fits, compile seconds, model FLOPs per step."""
-    from llamax import attention, metrics, optim, sharding, train
-    from llamax.model import Llama
-
     tpu = parse_slice(slice_name)
     devices = topology_devices(tpu, num_slices)
-    mesh_shape = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     try:
-        mesh = sharding.make_mesh(*mesh_shape, devices=devices)
+        mesh = setup.make_mesh(c, devices)
     except ValueError as e:
         raise ValueError(
             f"The config's mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tensor={c.mesh.tensor} "
             f"does not fit {num_slices} x {slice_name} ({len(devices)} chips): {e}"
         ) from e
-    train.check_batch_layout(c, mesh)
-    config = train.model_config(c)
-    model = Llama(config)
-    tx = optim.make_optimizer(c.optimizer, c.train.steps)
-    schedule = optim.learning_rate_schedule(c.optimizer, c.train.steps)
-    abstract, shardings = train.state_shardings(model, tx, mesh)
-    batch_sharded = train.batch_sharding(mesh, c.train.batch_size, c.train.seq_len)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    tokens = jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len), "int32",
-                                  sharding=batch_sharded)  # fmt: skip
-    batch = dict.fromkeys(("tokens", "segment_ids", "positions"), tokens)
-    step = train.jitted_train_step(c, model, tx, schedule, shardings, batch_sharded)
+    s = setup.build(c, mesh)
+    config, run = s.model.config, s.model.execution
     start = time.perf_counter()
     try:
         with sharding.use_mesh(mesh), attention.compiling_for("tpu"):
-            compiled = step.lower(state, batch).compile()
+            compiled = s.train_step.lower(s.abstract_state(), s.abstract_batch()).compile()
     except jax.errors.JaxRuntimeError as e:
         # XLA refuses to compile a program whose temporaries alone exceed the HBM.
         needed = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
@@ -151,8 +137,8 @@ def check(
         "mesh": dict(mesh.shape),
         "per_device_batch": c.train.batch_size / (mesh.shape["data"] * mesh.shape["fsdp"]),
         "seq_len": c.train.seq_len,
-        "attention": config.attention,
-        "remat_policy": config.remat_policy,
+        "attention": run.attention,
+        "remat_policy": run.remat_policy,
         # When XLA refused to compile (temporaries over the HBM), only the temporaries it
         # asked for are known, and the peak is at least that.
         "compiled": compiled is not None,

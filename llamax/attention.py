@@ -17,6 +17,12 @@ of 128 tokens or more only (the KV-cache path and shorter inputs use `xla`).
 `cudnn` is `jax.nn.dot_product_attention`: cuDNN's fused attention on GPU, the same function's
 XLA implementation elsewhere.
 
+`auto` picks per call, for the platform the program is traced for: splash on TPU and cudnn on
+GPU where their shape and dtype rules allow (splash: self-attention of a multiple of 128
+tokens that its blocks divide; cudnn: self-attention in bfloat16 or float16 with a head dim
+of at most 128, a multiple of 8), else `xla`. It is what a loaded checkpoint runs with unless
+told otherwise, so that one checkpoint runs well on every platform. Training names its backend.
+
 Masking is by slot, not by position: the query at row t sits at key slot `q_offset + t` and sees
 the key slots up to and including its own whose segment id equals its own. Positions restart at
 each packed document, slots never do, so causality and packing stay independent.
@@ -33,7 +39,9 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("xla", "chunked", "splash", "cudnn")
+from llamax import sharding
+
+BACKENDS = ("auto", "xla", "chunked", "splash", "cudnn")
 # The platform the kernels are traced for: the default backend's, unless a program is being
 # compiled ahead of time for another (`compiling_for`).
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
@@ -54,6 +62,37 @@ def _platform() -> str:
     return _PLATFORM.get() or jax.default_backend()
 
 
+def check_backend(backend: str, block_q: int = 512, block_kv: int = 512) -> list[str]:
+    """What is wrong with these attention settings (empty: nothing)."""
+    if backend not in BACKENDS:
+        return [f"attention must be one of {BACKENDS}, got {backend!r}"]
+    if backend in ("splash", "auto") and block_kv % 128:
+        return [f"splash attention needs block_kv a multiple of 128 (TPU lanes), got {block_kv}"]
+    return []
+
+
+def _fits_splash(t: int, s: int, block_q: int, block_kv: int) -> bool:
+    return t % 128 == 0 and s % 128 == 0 and t % min(block_q, t) == 0 and s % min(block_kv, s) == 0
+
+
+def _fits_cudnn(q: jnp.ndarray) -> bool:
+    h = q.shape[-1]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and h <= 128 and h % 8 == 0
+
+
+def resolve_backend(backend: str, q, k, self_attention: bool, block_q: int, block_kv: int) -> str:
+    """The backend `auto` stands for with these inputs (any other backend: itself)."""
+    if backend != "auto":
+        return backend
+    platform = _platform()
+    t, s = q.shape[1], k.shape[1]
+    if platform == "tpu" and self_attention and _fits_splash(t, s, block_q, block_kv):
+        return "splash"
+    if platform == "gpu" and self_attention and _fits_cudnn(q):
+        return "cudnn"
+    return "xla"
+
+
 def attend(
     q: jnp.ndarray,
     k: jnp.ndarray,
@@ -66,7 +105,11 @@ def attend(
     block_kv: int = 512,
 ) -> jnp.ndarray:
     """Causal, segment-masked attention: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]."""
+    errors = check_backend(backend, block_q, block_kv)
+    if errors:
+        raise ValueError(errors[0])
     self_attention = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
+    backend = resolve_backend(backend, q, k, self_attention, block_q, block_kv)
     # Below 128 tokens (one TPU lane width; e.g. the 1-token dummy input of initialization)
     # splash has no block to work with: those use the reference.
     if backend == "splash" and self_attention and q.shape[1] >= 128:
@@ -75,8 +118,6 @@ def attend(
         return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if backend == "chunked" and q.shape[1] > block_q:
         return _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q)
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {backend!r}; available: {BACKENDS}")
     return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
 
 
@@ -136,16 +177,12 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    from llamax import sharding
-
     interpret = _platform() != "tpu"
     q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale
 
     def local(q, k, v, q_segment_ids, kv_segment_ids):  # this device's share
         t, n = q.shape[1], q.shape[2]
         s = k.shape[1]
-        if block_kv % 128:
-            raise ValueError(f"splash attention: block_kv {block_kv} must be a multiple of 128")
         bq, bkv = _block(block_q, t, "block_q"), _block(block_kv, s, "block_kv")
         sizes = sk.BlockSizes(
             block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,

@@ -32,6 +32,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from llamax import pretrained
+from llamax.pretrained import with_shardings
+
 log = logging.getLogger("llamax")
 
 
@@ -94,12 +97,6 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ----- the manager -----
 
 
-def checkpoint_dir(path: str) -> str:
-    """`path/checkpoints` when `path` is a run's workdir, else `path` itself."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
-
-
 def make_manager(
     directory: str, c: ml_collections.ConfigDict | None = None
 ) -> ocp.CheckpointManager:
@@ -145,44 +142,16 @@ def save(
     )
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_params) -> None:
-    """Names the first parameter whose shape differs between the checkpoint and the model."""
-    saved = manager.item_metadata(step)["params"]
-    saved_flat = {
-        _path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
-    }
-    want_flat = {
-        _path_name(p): tuple(x.shape)
-        for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    }
-    for name in sorted(set(saved_flat) | set(want_flat)):
-        if saved_flat.get(name) != want_flat.get(name):
-            raise ValueError(
-                f"Checkpoint {manager.directory}/{step} does not fit the model: parameter "
-                f"{name!r} has shape {saved_flat.get(name, 'missing')} in the checkpoint but "
-                f"{want_flat.get(name, 'missing')} in the model (check the model config)"
-            )
-
-
 def restore(manager: ocp.CheckpointManager, step: int, state, shardings):
     """The train state and data-iterator state of `step`, onto the given shardings."""
-    check_shapes(manager, step, state.params)
+    saved = manager.item_metadata(step)["params"]
+    pretrained.check_shapes(saved, state.params, f"{manager.directory}/{step}")
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(state.params, shardings.params)),
+            params=ocp.args.StandardRestore(with_shardings(state.params, shardings.params)),
             opt_state=ocp.args.StandardRestore(
-                _abstract(
+                with_shardings(
                     {"step": state.step, "opt_state": state.opt_state},
                     {"step": shardings.step, "opt_state": shardings.opt_state},
                 )
@@ -197,27 +166,6 @@ def restore(manager: ocp.CheckpointManager, step: int, state, shardings):
         opt_state=restored.opt_state["opt_state"],
     )
     return new_state, restored.data, restored.meta
-
-
-def restore_params(path: str, abstract_params, param_shardings):
-    """The parameters of the latest checkpoint under `path` (a workdir or checkpoint dir), for
-    `init_from`: continued training or fine-tuning without the optimizer state."""
-    directory = checkpoint_dir(path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"init_from: no checkpoint directory at {path}")
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_handlers=_handlers())
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"init_from: no complete checkpoint in {directory}")
-    check_shapes(manager, step, abstract_params)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings))
-        ),
-    )
-    manager.close()
-    return restored.params, step
 
 
 # ----- preemption -----
@@ -253,20 +201,3 @@ class PreemptionWatcher:
 
 def state_bytes(state) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
-
-
-def load_pretrained(path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None):
-    """`(model, params)` from a converted checkpoint or a training run's workdir: the latest
-    checkpoint's parameters (in their stored dtype) on `mesh` (default: one device), and the
-    model with compute dtype `dtype`."""
-    import flax.linen as nn
-
-    from llamax import sharding
-    from llamax.convert import read_model_config
-    from llamax.model import Llama, abstract_params
-
-    model = Llama(read_model_config(path).replace(dtype=dtype))
-    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    boxed = abstract_params(model)
-    params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
-    return model, params

@@ -1,23 +1,26 @@
-"""LlamaConfig: the model's shape and numerics, with Meta's `ModelArgs` field names.
+"""LlamaConfig: the model's architecture, with Meta's `ModelArgs` field names.
+
+What a checkpoint must record to be read back: the shapes, the rotary embedding, the norm and
+the vocabulary. How a run computes with it (dtypes, attention backend, remat, layer loop) is
+`llamax.execution.Execution`, and the mappings from Meta's `params.json` and Hugging Face's
+`config.json` live with the converters (`llamax.convert.meta`, `llamax.convert.hf`).
 
 The config is a frozen dataclass so that it is hashable and can be a static argument under
-`jax.jit`. It maps to and from Meta's `params.json` and Hugging Face's `config.json`; those two
-mappings are the only places that know the foreign field names.
+`jax.jit`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 from flax.core import FrozenDict
 
-DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
-ATTENTION_BACKENDS = ("xla", "chunked", "splash", "cudnn")
+from llamax import execution
+
 # rope_scaling keys by type (Hugging Face's names; `ntk` is llamax's, see llamax/rope.py):
 # required, then optional. "type"/"rope_type" name the type itself.
 ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
@@ -36,14 +39,6 @@ ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
     ),
 }  # fmt: skip
 ROPE_TYPES = tuple(ROPE_KEYS)
-# What `use_scaled_rope: true` means in Meta's Llama 3.1 params.json (its `apply_scaling`).
-META_LLAMA3_SCALING = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +58,6 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     # Hugging Face's dict form, e.g. {"rope_type": "linear", "factor": 4.0}; None: no scaling.
     rope_scaling: Mapping[str, Any] | None = None
-    dtype: str = "float32"  # compute dtype of activations and matmuls
-    param_dtype: str = "float32"  # storage dtype of parameters (the master weights)
-    remat_policy: str = "none"
-    # Layers per iteration of the scan over layers. Unrolling lets XLA fuse across layers
-    # (20% faster train steps on CPU, measured in docs/performance.md) and costs compile time;
-    # 1 keeps TPU compiles fast. The parameter layout is the same for every value.
-    scan_unroll: int = 1
-    attention: str = "xla"  # "chunked" (memory-lean), "splash" (TPU), "cudnn" (GPU)
-    # Queries and keys per block of the chunked and splash attention (llamax/attention.py).
-    attention_block_q: int = 512
-    attention_block_kv: int = 512
 
     def __post_init__(self):
         if self.rope_scaling is not None:
@@ -83,21 +67,17 @@ class LlamaConfig:
             # One spelling per model, so that equal models have equal (and equally hashed) configs.
             object.__setattr__(self, "n_kv_heads", None)
         errors = []
-        for name in (
-            "dim",
-            "n_layers",
-            "n_heads",
-            "vocab_size",
-            "multiple_of",
-            "max_seq_len",
-            "scan_unroll",
-            "attention_block_q",
-            "attention_block_kv",
-        ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            if not _positive_int(getattr(self, name)):
                 errors.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_kv_heads is not None and self.n_kv_heads <= 0:
-            errors.append(f"n_kv_heads must be positive, got {self.n_kv_heads}")
+        for name in ("n_kv_heads", "ffn_dim"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                errors.append(f"{name} must be a positive integer or None, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if not _positive_number(value) and (value is not None or name != "ffn_dim_multiplier"):
+                errors.append(f"{name} must be a finite positive number, got {value!r}")
         if not errors:
             if self.n_heads % self.kv_heads:
                 errors.append(
@@ -107,21 +87,8 @@ class LlamaConfig:
                 errors.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
             elif self.head_dim % 2:
                 errors.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
-        for name, allowed in (
-            ("dtype", DTYPES),
-            ("param_dtype", DTYPES),
-            ("remat_policy", REMAT_POLICIES),
-            ("attention", ATTENTION_BACKENDS),
-        ):
-            if getattr(self, name) not in allowed:
-                errors.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.rope_scaling is not None:
             errors += self._rope_scaling_errors()
-        if self.attention == "splash" and self.attention_block_kv % 128:
-            errors.append(
-                f"splash attention needs attention_block_kv a multiple of 128 (TPU lanes), "
-                f"got {self.attention_block_kv}"
-            )
         if errors:
             raise ValueError("Invalid LlamaConfig: " + "; ".join(errors))
 
@@ -140,10 +107,11 @@ class LlamaConfig:
                 f" (allowed: {sorted(required | optional)})"
             )
         factor = scaling.get("factor")
-        if "factor" in required and not (isinstance(factor, int | float) and factor > 0):
+        if "factor" in required and not _positive_number(factor):
             errors.append(f"rope_scaling {kind!r} needs a positive factor: {scaling}")
         if kind == "llama3" and not errors:
-            if not scaling["high_freq_factor"] > scaling["low_freq_factor"] > 0:
+            low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+            if not (_positive_number(low) and _positive_number(high) and high > low):
                 errors.append(f"llama3 needs high_freq_factor > low_freq_factor > 0: {scaling}")
         return errors
 
@@ -175,24 +143,20 @@ class LlamaConfig:
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
     @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
+    def layer_matmul_params(self) -> int:
+        """Weights of one layer's matmuls: wq, wk, wv, wo and the three feed-forward ones."""
+        d, h = self.dim, self.head_dim
+        return d * h * (2 * self.n_heads + 2 * self.kv_heads) + 3 * d * self.hidden_dim
 
     def num_params(self) -> int:
         """Parameter count from the shapes alone (equals `jax.eval_shape` of `init`)."""
-        d, f, h = self.dim, self.hidden_dim, self.head_dim
-        attention = d * h * (2 * self.n_heads + 2 * self.kv_heads)
-        layer = attention + 3 * d * f + 2 * d
-        return self.n_layers * layer + 2 * self.vocab_size * d + d
+        layer = self.layer_matmul_params + 2 * self.dim  # and the two norms
+        return self.n_layers * layer + 2 * self.vocab_size * self.dim + self.dim
 
     def replace(self, **changes) -> LlamaConfig:
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        unknown = sorted(set(changes) - set(FIELDS))
         if unknown:
-            raise ValueError(f"Unknown LlamaConfig field(s): {unknown}")
+            raise ValueError(f"Unknown LlamaConfig field(s): {unknown}; known: {sorted(FIELDS)}")
         return dataclasses.replace(self, **changes)
 
     # ----- presets -----
@@ -203,7 +167,7 @@ class LlamaConfig:
             raise ValueError(f"Unknown preset {name!r}; known presets: {sorted(PRESETS)}")
         return PRESETS[name].replace(**overrides)
 
-    # ----- serialization -----
+    # ----- serialization (a checkpoint's config.json) -----
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -213,10 +177,14 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        """From `to_dict`'s form. The execution settings that checkpoints written before
+        llamax 0.2 recorded beside the architecture (`dtype`, `attention`, ...) are ignored."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"A LlamaConfig must be a JSON object, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k not in execution.FIELDS}
+        unknown = sorted(set(d) - set(FIELDS))
         if unknown:
-            raise ValueError(f"Unknown LlamaConfig key(s): {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"Unknown LlamaConfig key(s): {unknown}; known keys: {sorted(FIELDS)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -226,142 +194,17 @@ class LlamaConfig:
     def from_json(cls, text: str) -> LlamaConfig:
         return cls.from_dict(json.loads(text))
 
-    @classmethod
-    def from_meta_params(
-        cls, params: Mapping[str, Any], vocab_size: int | None = None, **overrides
-    ):
-        """From Meta's `params.json`. Its `vocab_size` is -1 in the Llama 2 release: the
-        vocabulary then comes from the tokenizer or the embedding, passed as `vocab_size`."""
-        ignored = {"max_batch_size"}  # generation-time settings of Meta's ModelArgs
-        if params.get("use_scaled_rope"):  # Llama 3.1's params.json: its fixed llama3 scaling
-            params = {k: v for k, v in params.items() if k != "use_scaled_rope"}
-            params["rope_scaling"] = META_LLAMA3_SCALING
-        elif "use_scaled_rope" in params:
-            params = {k: v for k, v in params.items() if k != "use_scaled_rope"}
-        fields = {
-            "dim",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "vocab_size",
-            "multiple_of",
-            "ffn_dim_multiplier",
-            "norm_eps",
-            "max_seq_len",
-            "rope_theta",
-            "rope_scaling",
-        }
-        unknown = sorted(set(params) - fields - ignored)
-        if unknown:
-            raise ValueError(f"Unknown key(s) in Meta params.json: {unknown}")
-        kwargs = {k: v for k, v in params.items() if k in fields}
-        if kwargs.get("vocab_size", -1) <= 0:
-            if vocab_size is None:
-                raise ValueError(
-                    "params.json has vocab_size -1: pass the vocabulary size of the tokenizer"
-                )
-            kwargs["vocab_size"] = vocab_size
-        elif vocab_size is not None and vocab_size != kwargs["vocab_size"]:
-            raise ValueError(
-                f"params.json says vocab_size {kwargs['vocab_size']}, but got {vocab_size}"
-            )
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
-    def to_meta_params(self) -> dict[str, Any]:
-        out = {
-            "dim": self.dim,
-            "multiple_of": self.multiple_of,
-            "n_heads": self.n_heads,
-            "n_layers": self.n_layers,
-            "norm_eps": self.norm_eps,
-            "vocab_size": -1,
-        }
-        if self.n_kv_heads is not None:
-            out["n_kv_heads"] = self.n_kv_heads
-        if self.ffn_dim_multiplier is not None:
-            out["ffn_dim_multiplier"] = self.ffn_dim_multiplier
-        if self.rope_theta != 10000.0:
-            out["rope_theta"] = self.rope_theta
-        if self.rope_scaling is not None:
-            # Not a field of Meta's Llama 2 ModelArgs (its loader refuses unknown keys), but
-            # the only way to keep a context-extended model's rotary scaling in this format.
-            out["rope_scaling"] = dict(self.rope_scaling)
-        if self.ffn_dim is not None:
-            raise ValueError(
-                "Meta's params.json cannot express an explicit ffn_dim; use multiple_of and "
-                "ffn_dim_multiplier instead"
-            )
-        return out
+FIELDS = tuple(f.name for f in dataclasses.fields(LlamaConfig))
 
-    @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> LlamaConfig:
-        """From a Hugging Face `LlamaConfig` dict (`config.json`)."""
-        if hf.get("model_type", "llama") != "llama":
-            raise ValueError(f"Not a Llama config: model_type is {hf.get('model_type')!r}")
-        if hf.get("tie_word_embeddings", False):
-            raise ValueError("Tied input/output embeddings are not Llama 2's layout")
-        if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
-            raise ValueError("Llama 2 has no biases; attention_bias/mlp_bias must be false")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"Llama 2 uses silu, not {hf['hidden_act']!r}")
-        n_heads = hf["num_attention_heads"]
-        n_kv = hf.get("num_key_value_heads") or n_heads
-        head_dim = hf.get("head_dim")
-        if head_dim is not None and head_dim != hf["hidden_size"] // n_heads:
-            raise ValueError(f"head_dim {head_dim} != hidden_size / num_attention_heads")
-        rope_theta = hf.get("rope_theta", 10000.0)
-        rope_scaling = hf.get("rope_scaling")
-        if hf.get("rope_parameters"):  # transformers 5 folds both into one dict
-            rope_scaling = dict(hf["rope_parameters"])
-            rope_theta = rope_scaling.pop("rope_theta", rope_theta)
-            if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
-                rope_scaling = None
-        base = cls(
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=None if n_kv == n_heads else n_kv,
-            vocab_size=hf["vocab_size"],
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_seq_len=hf.get("max_position_embeddings", 4096),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-        )
-        if base.hidden_dim != hf["intermediate_size"]:
-            base = base.replace(ffn_dim=hf["intermediate_size"])
-        return base.replace(**overrides)
 
-    def to_hf_config(self) -> dict[str, Any]:
-        out = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.dim,
-            "intermediate_size": self.hidden_dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "rms_norm_eps": self.norm_eps,
-            "max_position_embeddings": self.max_seq_len,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None if self.rope_scaling is None else dict(self.rope_scaling),
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-            "attention_bias": False,
-            "mlp_bias": False,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "torch_dtype": self.param_dtype,
-        }
-        if self.rope_type == "ntk":
-            # transformers has no static NTK type: it is the default rotary embedding with the
-            # scaled base, which gives the same frequencies (llamax.rope.ntk_theta).
-            h = self.head_dim
-            out["rope_theta"] = self.rope_theta * self.rope_scaling["factor"] ** (h / (h - 2))
-            out["rope_scaling"] = None
-        return out
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and math.isfinite(value) and value > 0
 
 
 # Llama 2 as released (Meta's params.json; 4096 context and the 32000-token tokenizer).

@@ -16,16 +16,17 @@ while the answer is right, so one forward pass decides it).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from llamax import fs
+from llamax.losses import token_nll
 
 log = logging.getLogger("llamax")
 
@@ -39,32 +40,6 @@ QUESTION = "What is the pass key? The pass key is"
 
 
 # ----- text -----
-
-
-def read_texts(
-    files: str = "",
-    tfds_name: str = "",
-    tfds_data_dir: str = "",
-    split: str = "validation",
-    text_field: str = "text",
-) -> Iterable[str]:
-    """Documents from text files (comma-separated globs of .txt/.jsonl(.gz)) or from a
-    prepared tfds dataset's split."""
-    from llamax.data import corpus
-
-    if bool(files) == bool(tfds_name):
-        raise ValueError("Give the evaluation text as files or as a tfds dataset name (one)")
-    if files:
-        for path in corpus.expand_patterns(files):
-            for _, text, _ in corpus.read_documents(path, text_field):
-                if text:
-                    yield text
-        return
-    builder = corpus.catalog_builder(tfds_name, os.path.expanduser(tfds_data_dir) or None)
-    source = corpus.data_source(builder, split)
-    for i in range(len(source)):
-        text = source[i][text_field]
-        yield text.decode("utf-8") if isinstance(text, bytes) else str(text)
 
 
 def token_stream(texts: Iterable[str], tokenizer, max_tokens: int | None = None) -> np.ndarray:
@@ -102,9 +77,7 @@ def windows(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
 
 @partial(jax.jit, static_argnames="model")
 def _window_nll(params, tokens, weights, *, model):
-    logits = model.apply({"params": params}, tokens)[:, :-1].astype(jnp.float32)
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target
+    nll, _ = token_nll(model.apply({"params": params}, tokens)[:, :-1], tokens[:, 1:])
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
@@ -218,17 +191,12 @@ def passkey(
 
 
 def write_json(path: str, data) -> None:
-    """Written to a temporary file, then renamed."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    fs.write_json(path, data, indent=1)
 
 
 def _save(fig, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with fs.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
 
 
 def plot_perplexity(curves: dict[str, dict[int, float]], path: str, title: str = "") -> None:

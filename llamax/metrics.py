@@ -1,4 +1,5 @@
-"""Model FLOPs, MFU, and the writers for `metrics.jsonl` and TensorBoard.
+"""Model FLOPs, MFU, the writers for `metrics.jsonl` and TensorBoard, and `TrainLog`: a
+training loop's bookkeeping (step metrics fetched in bulk, throughput, progress, log lines).
 
 FLOPs per token are MaxText's accounting for training (forward and backward, 3 x 2 FLOPs per
 multiply-accumulate): `6 * (matmul parameters outside the embedding lookup + vocab * dim)`
@@ -10,12 +11,18 @@ model FLOPs per second by the devices' dense bfloat16 peak.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
+from llamax import fs
 from llamax.config import LlamaConfig
+
+log = logging.getLogger("llamax")
 
 # Dense bfloat16 peak FLOP/s per device (one chip; one GPU), by a prefix of `device_kind`.
 # TPU v4 and v5p devices are one chip each (two TensorCores in megacore mode).
@@ -28,16 +35,15 @@ PEAK_FLOPS: dict[str, float] = {
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "TPU v6e": 918e12,
     "NVIDIA H100": 989e12,  # SXM; dense, without sparsity
+    "NVIDIA H200": 989e12,  # the H100's compute with more and faster memory
     "NVIDIA A100": 312e12,
 }
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the model at this sequence length."""
-    d, f, h = config.dim, config.hidden_dim, config.head_dim
-    attention_proj = d * h * (2 * config.n_heads + 2 * config.kv_heads)
-    matmul_params = config.n_layers * (attention_proj + 3 * d * f) + config.vocab_size * d
-    causal_attention = 6 * config.n_layers * seq_len * d  # 12 * L * T * D, halved
+    matmul_params = config.n_layers * config.layer_matmul_params + config.vocab_size * config.dim
+    causal_attention = 6 * config.n_layers * seq_len * config.dim  # 12 * L * T * D, halved
     return 6 * matmul_params + causal_attention
 
 
@@ -66,10 +72,7 @@ class MetricsWriter:
             os.makedirs(workdir, exist_ok=True)
             if os.path.exists(self.path):
                 kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
-                tmp = self.path + ".tmp"
-                with open(tmp, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in kept)
-                os.replace(tmp, self.path)
+                fs.write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
@@ -100,3 +103,127 @@ def read_metrics(workdir: str) -> list[dict]:
     """The records of `metrics.jsonl`, in order."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class TrainLog:
+    """A training loop's metrics: each step's device values are queued without waiting for
+    them and fetched together at a log or save step; tokens/s, TFLOP/s and MFU are measured
+    between logged steps (from the end of the first step, which compiles); records go to
+    `metrics.jsonl`, TensorBoard and a line on the console (a tqdm bar on process 0)."""
+
+    def __init__(self, workdir: str, setup, start_step: int):
+        c, t = setup.c, setup.c.train
+        config, mesh = setup.model.config, setup.mesh
+        self.tokens_per_step = t.batch_size * t.seq_len
+        self.num_devices = mesh.devices.size
+        self.flops_token = flops_per_token(config, t.seq_len)
+        self.peak = peak_flops_per_device(mesh.devices.flat[0], t.peak_flops_per_device)
+        self.writer = MetricsWriter(workdir, start_step=start_step)
+        self.is_main = jax.process_index() == 0
+        self.pending: list[tuple[int, dict]] = []
+        self.timer_start, self.timer_step = None, start_step
+        self.progress = None
+        if self.is_main:
+            log.info(
+                "model (%s preset%s): %s parameters; mesh %s over %d devices (%d processes); "
+                "%.3f GFLOP per token",
+                c.model.preset,
+                " with overrides" if config != LlamaConfig.preset(c.model.preset) else "",
+                f"{config.num_params():,}",
+                dict(mesh.shape),
+                self.num_devices,
+                jax.process_count(),
+                self.flops_token / 1e9,
+            )
+            if t.progress_bar:
+                from tqdm import tqdm
+
+                self.progress = tqdm(
+                    total=t.steps, initial=start_step, desc="train", unit="step",
+                    dynamic_ncols=True,
+                )  # fmt: skip
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Queues the metrics of a finished step (device arrays; not waited for)."""
+        self.pending.append((step, metrics))
+        if self.timer_start is None:  # the first step compiles: time from its end
+            jax.block_until_ready(metrics)
+            self.timer_start, self.timer_step = time.perf_counter(), step
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def fetch(self) -> dict:
+        """The queued steps' values, checked: a non-finite loss raises (before the caller can
+        save a checkpoint). Returns the last step's."""
+        fetched = jax.device_get(self.pending)
+        self.pending.clear()
+        for at, m in fetched:
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(
+                    f"Loss is {m['loss']} at step {at} (grad norm {m['grad_norm']}): "
+                    "stopping. Lower optimizer.learning_rate, raise warmup_steps, or "
+                    "use float32 compute to find the cause."
+                )
+        return fetched[-1][1]
+
+    def write(self, step: int, m: dict, eval_loss: float | None = None) -> dict:
+        """The record of a logged step: its values, the throughput since the last record."""
+        elapsed = time.perf_counter() - self.timer_start
+        steps = step - self.timer_step
+        tokens_per_second = steps * self.tokens_per_step / elapsed if steps else None
+        record = {
+            "loss": float(m["loss"]),
+            "learning_rate": float(m["learning_rate"]),
+            "grad_norm": float(m["grad_norm"]),
+            "tokens_per_second": tokens_per_second,
+            "tflops_per_device": None,
+            "mfu": None,
+        }
+        if tokens_per_second:
+            flops = tokens_per_second * self.flops_token / self.num_devices
+            record["tflops_per_device"] = flops / 1e12
+            record["mfu"] = flops / self.peak if self.peak else None
+        if eval_loss is not None:
+            record["eval_loss"] = eval_loss
+        self.writer.write(step, record)
+        if self.is_main:
+            line = format_record(step, record)
+            self.progress.write(line) if self.progress is not None else log.info("%s", line)
+        self.timer_start, self.timer_step = time.perf_counter(), step
+        return record
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        self.writer.close()
+
+    def summarize(self) -> None:
+        """Logs how far the loss fell over the whole run (`metrics.jsonl`)."""
+        if self.is_main and self.writer.enabled and os.path.exists(self.writer.path):
+            records = read_metrics(os.path.dirname(self.writer.path))
+            if records:
+                log.info("%s", summarize(records))
+
+
+def format_record(step: int, r: dict) -> str:
+    line = f"step {step}: loss {r['loss']:.4f}  lr {r['learning_rate']:.2e}"
+    line += f"  grad_norm {r['grad_norm']:.3f}"
+    if r["tokens_per_second"]:
+        line += f"  {r['tokens_per_second']:,.0f} tokens/s"
+    if r["mfu"] is not None:
+        line += f"  MFU {100 * r['mfu']:.1f}%"
+    if "eval_loss" in r:
+        line += f"  eval_loss {r['eval_loss']:.4f}"
+    return line
+
+
+def summarize(records: list[dict]) -> str:
+    """One line for the end of a run: how far the loss fell."""
+    first, last = records[0], records[-1]
+    line = f"trained to step {last['step']}: loss {first['loss']:.4f} (step {first['step']})"
+    line += f" -> {last['loss']:.4f}"
+    evals = [r for r in records if "eval_loss" in r]
+    if evals:
+        line += f"; eval loss {evals[0]['eval_loss']:.4f} (step {evals[0]['step']})"
+        line += f" -> {evals[-1]['eval_loss']:.4f}"
+    return line

@@ -1,8 +1,11 @@
 """Llama 2 (Touvron et al. 2023, arXiv:2307.09288) in Flax Linen.
 
-Parameter names follow Meta's reference (`tok_embeddings`, `layers.attention.wq`, ...); the
-layers are stacked on a leading axis and run with `nn.scan`, optionally under `nn.remat`.
-Every parameter carries logical axis names; `llamax.sharding` maps them to the mesh.
+`Llama(config, execution)`: the architecture (`LlamaConfig`, what a checkpoint records) and
+how to compute it (`Execution`: dtypes, attention backend, remat, layer loop; by default
+float32 and the `xla` attention). Parameter names follow Meta's reference (`tok_embeddings`,
+`layers.attention.wq`, ...); the layers are stacked on a leading axis and run with `nn.scan`,
+optionally under `nn.remat`. Every parameter carries logical axis names; `llamax.sharding`
+maps them to the mesh.
 
 Shapes: B batch, T query length, S key length (cache slots), D model dim, N query heads,
 K kv heads, H head dim, F feed-forward dim, V vocab, L layers.
@@ -28,6 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llamax import rope, sharding
 from llamax.attention import attend
 from llamax.config import LlamaConfig
+from llamax.execution import REMAT_POLICIES, Execution
 
 Cache = dict[str, Any]
 
@@ -35,8 +39,8 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], init=_init):
-    cfg = module.config
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+    dtype = module.execution.weight_dtype
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 def _constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
@@ -47,6 +51,7 @@ class RMSNorm(nn.Module):
     """Root-mean-square norm (Zhang and Sennrich 2019); statistics in float32."""
 
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -56,7 +61,7 @@ class RMSNorm(nn.Module):
             jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps
         )
         # Cast back before the scale, as Meta's `_norm(x.float()).type_as(x) * weight`.
-        dtype = self.config.compute_dtype
+        dtype = self.execution.compute_dtype
         return normed.astype(dtype) * scale.astype(dtype)
 
 
@@ -64,12 +69,13 @@ class Attention(nn.Module):
     """Grouped-query attention: K kv heads, each shared by N // K query heads."""
 
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer, kv):
-        c = self.config
+        c, e = self.config, self.execution
         d, n, k, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
-        dt = c.compute_dtype
+        dt = e.compute_dtype
         wq = _param(self, "wq", ("embed", "heads", "head_dim"), (d, n, h)).astype(dt)
         wk = _param(self, "wk", ("embed", "kv_heads", "head_dim"), (d, k, h)).astype(dt)
         wv = _param(self, "wv", ("embed", "kv_heads", "head_dim"), (d, k, h)).astype(dt)
@@ -104,8 +110,8 @@ class Attention(nn.Module):
         # kernels, which handle only that case, are chosen).
         offset = 0 if kv is None else cache_index
         out = attend(
-            q, key, value, q_segment_ids, kv_segment_ids, offset, c.attention,
-            c.attention_block_q, c.attention_block_kv,
+            q, key, value, q_segment_ids, kv_segment_ids, offset, e.attention,
+            e.attention_block_q, e.attention_block_kv,
         )  # fmt: skip
         # As one [N*H, D] matmul: XLA's CPU layout pass otherwise transposes wo on every call.
         out = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))
@@ -117,11 +123,12 @@ class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
 
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         c = self.config
-        d, f, dt = c.dim, c.hidden_dim, c.compute_dtype
+        d, f, dt = c.dim, c.hidden_dim, self.execution.compute_dtype
         w1 = _param(self, "w1", ("embed", "mlp"), (d, f)).astype(dt)
         w3 = _param(self, "w3", ("embed", "mlp"), (d, f)).astype(dt)
         w2 = _param(self, "w2", ("mlp", "embed"), (f, d)).astype(dt)
@@ -136,12 +143,14 @@ class Block(nn.Module):
     carry is (activations, KV cache or None), `layer` is this layer's index."""
 
     config: LlamaConfig
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(self, carry, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer):
         x, kv = carry
-        h, kv = Attention(self.config, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x),
+        c, e = self.config, self.execution
+        h, kv = Attention(c, e, name="attention")(
+            RMSNorm(c, e, name="attention_norm")(x),
             cos,
             sin,
             q_segment_ids,
@@ -151,33 +160,21 @@ class Block(nn.Module):
             kv,
         )
         x = x + h
-        x = x + FeedForward(self.config, name="feed_forward")(
-            RMSNorm(self.config, name="ffn_norm")(x)
-        )
+        x = x + FeedForward(c, e, name="feed_forward")(RMSNorm(c, e, name="ffn_norm")(x))
         return (_constrain(x, ("batch", "length", "embed")), kv), None
-
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing inside a layer: recompute it all in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj"
-    ),
-}
 
 
 class Llama(nn.Module):
     """tokens int32 [B, T] -> float32 logits [B, T, V] (and the updated cache, if one is given).
 
-    `scan_layers=False` runs the layers as a Python loop over separate parameters
+    `execution.scan_layers=False` runs the layers as a Python loop over separate parameters
     `layers_0`, `layers_1`, ... (see `unstack_layers`) and a per-layer cache
     (`init_cache(..., stacked=False)`): generation uses it, because slicing a layer out of
     stacked weights and caches copies it, on every decode step.
     """
 
     config: LlamaConfig
-    scan_layers: bool = True
+    execution: Execution = Execution()
 
     @nn.compact
     def __call__(
@@ -187,7 +184,7 @@ class Llama(nn.Module):
         segment_ids: jnp.ndarray | None = None,
         cache: Cache | None = None,
     ):
-        c = self.config
+        c, e = self.config, self.execution
         b, t = tokens.shape
         index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
         if positions is None:
@@ -201,7 +198,7 @@ class Llama(nn.Module):
         # cannot otherwise turn the gather's embed-sharded output into a batch-sharded one
         # without replicating it.
         embedding = _constrain(embedding, ("vocab", None))
-        x = jnp.take(embedding, tokens, axis=0).astype(c.compute_dtype)
+        x = jnp.take(embedding, tokens, axis=0).astype(e.compute_dtype)
         x = _constrain(x, ("batch", "length", "embed"))
         cos, sin = rope.rotary_angles(positions, c)
 
@@ -214,36 +211,36 @@ class Llama(nn.Module):
             kv = {"k": cache["k"], "v": cache["v"]}
 
         block = Block
-        if c.remat_policy != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
-        if self.scan_layers:
+        if e.remat_policy != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[e.remat_policy], prevent_cse=False)
+        if e.scan_layers:
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * 5 + (0,),
                 length=c.n_layers,
-                unroll=c.scan_unroll,
+                unroll=e.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, name="layers")
+            )(c, e, name="layers")
             layer_ids = jnp.arange(c.n_layers, dtype=jnp.int32)
             (x, kv), _ = layers((x, kv), cos, sin, segment_ids, kv_segment_ids, index, layer_ids)
         else:
             per_layer = []
             for i in range(c.n_layers):
                 layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
-                (x, layer_kv), _ = block(c, name=f"layers_{i}")(
+                (x, layer_kv), _ = block(c, e, name=f"layers_{i}")(
                     (x, layer_kv), cos, sin, segment_ids, kv_segment_ids, index, None
                 )
                 per_layer.append(layer_kv)
             if kv is not None:
                 kv = {name: tuple(layer_kv[name] for layer_kv in per_layer) for name in ("k", "v")}
 
-        x = RMSNorm(c, name="norm")(x)
+        x = RMSNorm(c, e, name="norm")(x)
         output = _param(self, "output", ("embed", "vocab"), (c.dim, c.vocab_size))
         # In the compute dtype, then float32 for the softmax (MaxText's default): float32
         # output from the matmul would double the largest activation, [B, T, V].
-        logits = jnp.einsum("BTD,DV->BTV", x, output.astype(c.compute_dtype)).astype(jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", x, output.astype(e.compute_dtype)).astype(jnp.float32)
         logits = _constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
@@ -251,7 +248,7 @@ class Llama(nn.Module):
 
 
 def unstack_layers(params):
-    """Parameters of `Llama(config)` -> those of `Llama(config, scan_layers=False)`."""
+    """Parameters of a scanned `Llama` -> those of one with `execution.scan_layers=False`."""
     params = dict(params)
     stacked = params.pop("layers")
     n_layers = jax.tree.leaves(stacked)[0].shape[0]
@@ -261,15 +258,15 @@ def unstack_layers(params):
 
 
 def init_cache(
-    config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = None, stacked: bool = True
+    config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = "float32", stacked=True
 ) -> Cache:
-    """An empty KV cache of `max_len` slots; keys and values in the compute dtype by default.
+    """An empty KV cache of `max_len` slots, keys and values in `dtype` (the model's compute
+    dtype, `model.execution.dtype`, saves a cast on every step).
 
-    `stacked`: keys and values as one [L, B, S, K, H] array each, for `Llama(config)`; else as
-    a tuple of L arrays [B, S, K, H], for `Llama(config, scan_layers=False)`.
+    `stacked`: keys and values as one [L, B, S, K, H] array each, for a scanned `Llama`; else
+    as a tuple of L arrays [B, S, K, H], for one with `execution.scan_layers=False`.
     """
     shape = (batch_size, max_len, config.kv_heads, config.head_dim)
-    dtype = config.compute_dtype if dtype is None else dtype
 
     def zeros():  # a new buffer each call: k and v must not alias (donation needs it)
         if stacked:

@@ -22,8 +22,10 @@ def hf_model(config, seed=0, weight_std=0.15):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    hf_config = HFConfig(**config.to_hf_config(), attn_implementation="eager")
-    model = LlamaForCausalLM(hf_config).eval().float()
+    from llamax.convert.hf import hf_config
+
+    hf = HFConfig(**hf_config(config), attn_implementation="eager")
+    model = LlamaForCausalLM(hf).eval().float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
-from llamax import aot, train
+from llamax import aot, experiment
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,7 @@ def test_unknown_slices_are_refused(name):
         aot.parse_slice(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["xla", "splash"])
 def test_tiny_train_step_compiles_for_v5e(attention):
     c = load_config("tiny")  # with TPU-sized widths, so that tile padding is negligible
@@ -36,7 +37,7 @@ def test_tiny_train_step_compiles_for_v5e(attention):
     c.model.multiple_of = 128
     c.train.seq_len, c.model.attention = 128, attention
     r = aot.check(c, "v5e-4")
-    model = train.model_config(c)
+    model = experiment.model_config(c)
     state_bytes = 3 * 4 * model.num_params()  # float32 parameters and two AdamW moments
     # fsdp over 4 chips: each holds a quarter, and the batch.
     assert state_bytes / 4 <= r["argument_bytes_per_chip"] <= state_bytes / 4 * 1.05 + 2**16
@@ -54,6 +55,7 @@ def test_a_mesh_that_does_not_fit_is_refused():
         aot.check(c, "v5e-4")
 
 
+@pytest.mark.slow
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "fit.json"
     cmd = [sys.executable, "-m", "llamax.cli.aot", "--config", "configs/tiny.py",

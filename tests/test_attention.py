@@ -7,6 +7,7 @@ import pytest
 from conftest import random_params
 
 import llamax
+from llamax import attention
 from llamax.attention import attend
 
 
@@ -36,18 +37,19 @@ def test_chunked_equals_xla(t, chunk, rng):
         np.testing.assert_allclose(g, r, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_with_chunked_attention_and_cache(rng):
     config = llamax.LlamaConfig.preset("tiny")
     params = random_params(config)
     tokens = rng.integers(0, config.vocab_size, (2, 40), dtype=np.int32)
     ref = llamax.Llama(config).apply({"params": params}, tokens)
-    chunked = config.replace(attention="chunked", attention_block_q=16)
-    got = llamax.Llama(chunked).apply({"params": params}, tokens)
+    chunked = llamax.Llama(config, llamax.Execution(attention="chunked", attention_block_q=16))
+    got = chunked.apply({"params": params}, tokens)
     np.testing.assert_allclose(got, ref, atol=1e-5)
     # Prefill through a cache (queries offset into the cache's slots).
-    cache = llamax.model.init_cache(chunked, 2, 48)
-    _, cache = llamax.Llama(chunked).apply({"params": params}, tokens[:, :8], cache=cache)
-    rest, _ = llamax.Llama(chunked).apply({"params": params}, tokens[:, 8:], cache=cache)
+    cache = llamax.model.init_cache(config, 2, 48)
+    _, cache = chunked.apply({"params": params}, tokens[:, :8], cache=cache)
+    rest, _ = chunked.apply({"params": params}, tokens[:, 8:], cache=cache)
     np.testing.assert_allclose(rest, ref[:, 8:], atol=1e-5)
 
 
@@ -77,14 +79,15 @@ def test_fused_backends_equal_xla(backend, packed, rng):
         np.testing.assert_allclose(g, r, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_splash_sharded_model_equals_xla(rng):
     """Under a data x fsdp x tensor mesh the splash kernel runs per device (shard_map)."""
     config = llamax.LlamaConfig.preset("tiny", n_layers=1)
     params = random_params(config)
     tokens = rng.integers(0, config.vocab_size, (4, 256), dtype=np.int32)
     ref = llamax.Llama(config).apply({"params": params}, tokens)
-    splash = llamax.Llama(config.replace(attention="splash", attention_block_q=128,
-                                         attention_block_kv=128))  # fmt: skip
+    run = llamax.Execution(attention="splash", attention_block_q=128, attention_block_kv=128)
+    splash = llamax.Llama(config, run)
     mesh = llamax.sharding.make_mesh(data=2, fsdp=2, tensor=2)
     forward = jax.jit(lambda p, t: splash.apply({"params": p}, t))
     with llamax.sharding.use_mesh(mesh):
@@ -99,5 +102,31 @@ def test_splash_needs_whole_blocks():
     segments = jnp.ones((1, 192), jnp.int32)
     with pytest.raises(ValueError, match="192 is not a multiple of block_q 128"):
         attend(q, q, q, segments, segments, 0, "splash", 128, 128)
-    with pytest.raises(ValueError, match="block_kv 64 must be a multiple of 128"):
+    with pytest.raises(ValueError, match="block_kv a multiple of 128"):
         attend(q, q, q, segments, segments, 0, "splash", 64, 64)
+    with pytest.raises(ValueError, match="block_kv a multiple of 128"):
+        llamax.Execution(attention="splash", attention_block_kv=64)
+
+
+@pytest.mark.parametrize(
+    "platform, t, dtype, expected",
+    [("tpu", 256, jnp.float32, "splash"), ("tpu", 200, jnp.float32, "xla"),
+     ("gpu", 256, jnp.bfloat16, "cudnn"), ("gpu", 256, jnp.float32, "xla"),
+     ("cpu", 256, jnp.bfloat16, "xla")],
+)  # fmt: skip
+def test_auto_picks_the_platforms_kernel_where_it_applies(platform, t, dtype, expected):
+    q = jnp.zeros((1, t, 4, 64), dtype)
+    with attention.compiling_for(platform):
+        assert attention.resolve_backend("auto", q, q, True, 512, 512) == expected
+        # A cached decode step (queries offset into the cache) always takes the reference.
+        assert attention.resolve_backend("auto", q, q, False, 512, 512) == "xla"
+    assert attention.resolve_backend("chunked", q, q, True, 512, 512) == "chunked"
+
+
+def test_auto_runs_the_reference_on_cpu(rng):
+    config = llamax.LlamaConfig.preset("tiny", n_layers=1)
+    params = random_params(config)
+    tokens = rng.integers(0, config.vocab_size, (2, 16), dtype=np.int32)
+    ref = llamax.Llama(config).apply({"params": params}, tokens)
+    auto = llamax.Llama(config, llamax.Execution(attention="auto"))
+    np.testing.assert_array_equal(auto.apply({"params": params}, tokens), ref)

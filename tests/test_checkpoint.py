@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config
 
-from llamax import checkpoint, sharding, train
+from llamax import checkpoint, experiment, pretrained, sharding, train
 from llamax.metrics import read_metrics
 from llamax.model import Llama, abstract_params
 
 # Slow enough (about 0.3 s a step) that a signal lands mid-run.
 RUN = {"train.steps": 12, "train.log_every": 1, "train.eval_every": 0, "train.seq_len": 256,
        "checkpoint.every": 6}  # fmt: skip
+
+pytestmark = pytest.mark.slow  # subprocesses that train, get killed and resume
 
 
 def _flags(overrides):
@@ -53,10 +55,10 @@ def _wait_for_step(workdir, step, proc, timeout=120):
 
 def _params(workdir):
     """The final parameters a run saved, as numpy arrays."""
-    model = Llama(train.model_config(load_config("tiny", **RUN)))
+    model = Llama(experiment.model_config(load_config("tiny", **RUN)))
     boxed = abstract_params(model)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    params, _ = checkpoint.restore_params(
+    params, _ = pretrained.restore_params(
         workdir, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
     )
     return jax.tree.map(np.asarray, params)
@@ -110,16 +112,25 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
     _assert_same_run(workdir, reference)
 
 
+def _kill_during_a_save(workdir, proc, timeout=120) -> bool:
+    """SIGKILL as soon as a save is in progress (orbax's temporary directory of a step is on
+    disk); True when the partial save was still there after the kill."""
+    directory = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(directory) and any(not d.isdigit() for d in os.listdir(directory)):
+            proc.kill()
+            proc.wait()
+            return any(not d.isdigit() for d in os.listdir(directory))
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    raise AssertionError(f"no save started within {timeout}s")
+
+
 def test_kills_during_async_saves_never_break_restart(tmp_path, reference):
     workdir = str(tmp_path)
     overrides = {**RUN, "checkpoint.every": 1, "checkpoint.keep": 2}
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        proc = _start(workdir, overrides)
-        _wait_for_step(workdir, 1, proc)
-        time.sleep(rng.uniform(0.0, 1.5))  # saves happen every step: most kills hit one
-        proc.kill()
-        proc.wait()
+    partial = [_kill_during_a_save(workdir, _start(workdir, overrides)) for _ in range(3)]
+    assert any(partial), "no kill landed during a save"
     proc = _start(workdir, overrides)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
@@ -130,13 +141,13 @@ def test_kills_during_async_saves_never_break_restart(tmp_path, reference):
 
 def test_restore_onto_other_meshes_and_device_counts(reference):
     workdir, _, params = reference  # written with fsdp=8
-    config = train.model_config(load_config("tiny", **RUN))
+    config = experiment.model_config(load_config("tiny", **RUN))
     boxed = abstract_params(Llama(config))
     for mesh in [
         sharding.make_mesh(data=2, fsdp=2, tensor=2),
         sharding.make_mesh(fsdp=4, devices=jax.devices()[:4]),
     ]:
-        restored, step = checkpoint.restore_params(
+        restored, step = pretrained.restore_params(
             workdir, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
         )
         assert step == 12

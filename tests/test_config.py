@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import llamax
+from llamax.convert import meta
 from llamax.model import abstract_params
 
 # Exact parameter counts of Meta's released checkpoints.
@@ -39,18 +40,18 @@ def test_meta_params_json():
         "norm_eps": 1e-05,
         "vocab_size": -1,
     }
-    config = llamax.LlamaConfig.from_meta_params(meta_70b, vocab_size=32000)
+    config = meta.config_from_params(meta_70b, vocab_size=32000)
     assert config == llamax.LlamaConfig.preset("llama2-70b")
-    assert config.to_meta_params() == meta_70b
+    assert meta.params_json(config) == meta_70b
     with pytest.raises(ValueError, match="vocab_size -1"):
-        llamax.LlamaConfig.from_meta_params(meta_70b)
+        meta.config_from_params(meta_70b)
     with pytest.raises(ValueError, match="Unknown key.*'n_expert'"):
-        llamax.LlamaConfig.from_meta_params({**meta_70b, "n_expert": 8}, vocab_size=32000)
+        meta.config_from_params({**meta_70b, "n_expert": 8}, vocab_size=32000)
 
 
 def test_json_round_trip_and_hashable():
     config = llamax.LlamaConfig.preset(
-        "tiny", rope_scaling={"rope_type": "linear", "factor": 2.0}, dtype="bfloat16"
+        "tiny", rope_scaling={"rope_type": "linear", "factor": 2.0}, norm_eps=1e-6
     )
     assert llamax.LlamaConfig.from_json(config.to_json()) == config
     assert hash(config) == hash(llamax.LlamaConfig.from_json(config.to_json()))
@@ -62,17 +63,49 @@ def test_json_round_trip_and_hashable():
     [
         ({"n_heads": 4, "n_kv_heads": 3}, r"n_heads \(4\) must be divisible by n_kv_heads \(3\)"),
         ({"dim": 60, "n_heads": 8}, r"dim \(60\) must be divisible by n_heads \(8\)"),
-        ({"dtype": "float8"}, "dtype must be one of"),
-        ({"remat_policy": "everything"}, "remat_policy must be one of"),
-        ({"attention": "flash"}, "attention must be one of"),
         ({"rope_scaling": {"rope_type": "magic"}}, "rope_scaling type must be one of"),
         ({"rope_scaling": {"rope_type": "linear"}}, "needs a positive factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, "positive factor"),
         ({"n_layers": 0}, "n_layers must be a positive integer"),
+        ({"n_layers": True}, "n_layers must be a positive integer"),
+        ({"norm_eps": float("nan")}, "norm_eps must be a finite positive number"),
+        ({"norm_eps": -1.0}, "norm_eps must be a finite positive number"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite positive number"),
+        ({"ffn_dim_multiplier": 0.0}, "ffn_dim_multiplier must be a finite positive number"),
     ],
 )
 def test_invalid_configs_name_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         llamax.LlamaConfig.preset("tiny", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"param_dtype": "int8"}, "param_dtype must be one of"),
+        ({"remat_policy": "everything"}, "remat_policy must be one of"),
+        ({"attention": "flash"}, "attention must be one of"),
+        ({"scan_unroll": 0}, "scan_unroll must be a positive integer"),
+    ],
+)
+def test_invalid_execution_names_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llamax.Execution(**kwargs)
+    with pytest.raises(ValueError, match=r"Unknown Execution field\(s\): \['remat'\]"):
+        llamax.Execution().replace(remat="full")
+
+
+def test_the_architecture_holds_no_execution_settings():
+    """What a checkpoint records is the architecture only; the settings of how a model runs
+    are not LlamaConfig fields, and old config.json files that recorded them still load."""
+    config = llamax.LlamaConfig.preset("tiny")
+    assert not set(config.to_dict()) & set(llamax.execution.FIELDS)
+    with pytest.raises(ValueError, match="Unknown LlamaConfig field"):
+        config.replace(attention="splash")
+    old = {**config.to_dict(), "dtype": "bfloat16", "attention": "splash", "remat_policy": "full",
+           "scan_unroll": 2, "param_dtype": "float32", "attention_block_q": 256}  # fmt: skip
+    assert llamax.LlamaConfig.from_dict(old) == config
 
 
 def test_unknown_names_are_errors():

@@ -10,7 +10,8 @@ import sys
 import pytest
 from conftest import REPO, load_config
 
-from llamax import metrics, train
+import llamax
+from llamax import experiment, metrics
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
 DOCS = [os.path.join(REPO, "README.md"), *glob.glob(os.path.join(REPO, "docs", "*.md"))]
@@ -25,7 +26,8 @@ def test_expected_configs_exist():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_resolves(name):
     c = load_config(name)
-    model = train.model_config(c)
+    model = experiment.model_config(c)
+    experiment.execution_config(c)  # valid execution settings
     assert c.train.batch_size % c.train.grad_accum_steps == 0
     assert metrics.flops_per_token(model, c.train.seq_len) > 0
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
@@ -37,14 +39,14 @@ def test_config_loads_and_resolves(name):
 def test_full_size_configs_use_the_presets():
     for size in ("7b", "13b", "70b"):
         c = load_config(f"llama2_{size}")
-        assert train.model_config(c) == train.model_config(c).preset(f"llama2-{size}").replace(
-            dtype="bfloat16", remat_policy="full"
-        )
+        assert experiment.model_config(c) == llamax.LlamaConfig.preset(f"llama2-{size}")
+        run = experiment.execution_config(c)
+        assert (run.dtype, run.param_dtype, run.remat_policy) == ("bfloat16", "float32", "full")
         assert c.train.seq_len == 4096 and c.train.batch_size * c.train.seq_len == 4 * 2**20
 
 
 def test_every_documented_override_exists():
-    defaults = train.default_config()
+    defaults = experiment.default_config()
     found = set()
     for path in DOCS:
         with open(path) as f:
@@ -72,15 +74,13 @@ def test_cli_rejects_misspelt_key(tmp_path):
 def test_context_extension_configs_follow_the_paper(length, factor):
     """Chen et al. 2023: linear interpolation by L / 4096, 1,000 steps at 2e-5, no decay."""
     c = load_config(f"llama2_7b_extend_{length // 1024}k")
-    model = train.model_config(c)
+    model, run = experiment.model_config(c), experiment.execution_config(c)
     assert model.rope_scaling == {"rope_type": "linear", "factor": factor}
     assert model.max_seq_len == c.train.seq_len == length
-    assert model.attention == "chunked" and model.remat_policy == "full"
+    assert run.attention == "chunked" and run.remat_policy == "full" and run.dtype == "bfloat16"
     assert c.optimizer.learning_rate == 2e-5 and c.optimizer.end_learning_rate_ratio == 1.0
     assert c.optimizer.weight_decay == 0.0 and c.train.steps == 1000
-    assert model.replace(rope_scaling=None, max_seq_len=4096, attention="xla") == (
-        model.preset("llama2-7b").replace(dtype="bfloat16", remat_policy="full")
-    )
+    assert model.replace(rope_scaling=None, max_seq_len=4096) == model.preset("llama2-7b")
 
 
 def _keys(node, prefix=""):
@@ -94,10 +94,11 @@ def _keys(node, prefix=""):
 def test_config_reference_lists_every_key():
     with open(os.path.join(REPO, "docs", "config.md")) as f:
         reference = f.read()
-    missing = [k for k in _keys(train.default_config()) if f"| `{k}` |" not in reference]
+    missing = [k for k in _keys(experiment.default_config()) if f"| `{k}` |" not in reference]
     assert not missing, f"docs/config.md does not describe {missing}"
 
 
+@pytest.mark.slow
 def test_every_command_named_in_the_docs_exists():
     import configparser
 

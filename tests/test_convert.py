@@ -15,7 +15,7 @@ from llamax.cli import convert as convert_cli
 from llamax.cli import generate as generate_cli
 from llamax.convert import formats
 from llamax.data.tokenizer import Tokenizer
-from llamax.generate import chat_tokens
+from llamax.generation import chat_tokens
 
 TOL = 1e-4
 
@@ -57,7 +57,7 @@ def write_meta_checkpoint(model, config, directory, shards):
                 "self_attn.q_proj.weight": config.n_heads,
                 "self_attn.k_proj.weight": config.kv_heads,
             }.get(rest)
-            if n is not None:  # inverse of DESIGN.md's w.view(n, H/2, 2, D).transpose(1, 2)
+            if n is not None:  # inverse of Meta's permute: w.view(n, H/2, 2, D).transpose(1, 2)
                 w = w.view(n, 2, h // 2, config.dim).transpose(1, 2).reshape(n * h, config.dim)
                 back = w.view(n, h // 2, 2, config.dim).transpose(1, 2).reshape(n * h, config.dim)
                 assert torch.equal(back, model.state_dict()[name])
@@ -160,6 +160,7 @@ def test_greedy_generation_equals_transformers(tmp_path):
         assert new == (want[: want.index(2)] if 2 in want else want)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_respects_top_k(tmp_path):
     config = CONFIGS[1]
     model = llamax.Llama(config)

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from llamax import train
+from llamax import losses, train
 from llamax.data import corpus, pipeline
 from llamax.data.tokenizer import Tokenizer
 
@@ -93,7 +93,7 @@ def test_packing_loses_and_duplicates_nothing(built, tokenizer_path):
             for s in np.unique(seg[seg > 0]):
                 np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
             # The loss sees no prediction across a document boundary or into padding.
-            _, _, count = train.next_token_loss(
+            _, _, count = losses.next_token_loss(
                 np.zeros((1, len(seg), 4)), row_tokens[None] % 4, seg[None]
             )
             assert int(count) == sum((seg == s).sum() - 1 for s in np.unique(seg[seg > 0]))
@@ -138,6 +138,7 @@ def test_resume_from_state_gives_the_same_batches(built, tokenizer_path):
             np.testing.assert_array_equal(got[key], want[key])
 
 
+@pytest.mark.slow
 def test_training_on_tfds_corpus(text_corpus, tokenizer_path, tmp_path):
     from conftest import load_config
 

@@ -124,6 +124,7 @@ def test_passkey_scores_exactly_the_answer_tokens(tokenizer_path):
     assert not right([len(prompt) + len(answer) - 2])  # its last
 
 
+@pytest.mark.slow
 def test_llamax_eval_on_a_converted_checkpoint(tmp_path, text_corpus, tokenizer_path):
     config = llamax.LlamaConfig.preset("tiny", vocab_size=600, max_seq_len=64)
     model = hf_model(config, weight_std=0.05)
@@ -142,8 +143,10 @@ def test_llamax_eval_on_a_converted_checkpoint(tmp_path, text_corpus, tokenizer_
     dynamic = ["--rope-scaling", '{"rope_type": "dynamic", "factor": 2}', "--trials", "2"]
     assert eval_cli.main(["passkey", *args[:3], "400,600", *args[4:], *dynamic]) == 0
     result = json.loads(open(os.path.join(out, "passkey.json")).read())
-    assert set(result["accuracy"]) == {"400", "600"}
-    assert all(0 <= a <= 1 for row in result["accuracy"].values() for a in row.values())
+    assert set(result["accuracy"]) == {"400", "600"} and result["trials"] == 2
+    depths = {"0.0", "0.25", "0.5", "0.75", "1.0"}  # the default depths, each over 2 keys
+    assert all(set(row) == depths for row in result["accuracy"].values())
+    assert all(a in (0.0, 0.5, 1.0) for row in result["accuracy"].values() for a in row.values())
     assert os.path.getsize(os.path.join(out, "passkey.png")) > 1000
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
 

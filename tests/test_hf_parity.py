@@ -132,11 +132,13 @@ def test_hf_round_trip_and_bad_state_dict():
 def test_hf_config_round_trip():
     from transformers import LlamaConfig as HFConfig
 
+    from llamax.convert.hf import config_from_hf, hf_config
+
     for config in CONFIGS.values():
         if config.rope_type == "ntk":  # becomes the default type with its base (test_rope.py)
             continue
-        hf_dict = HFConfig(**config.to_hf_config()).to_dict()  # transformers' own serialization
-        back = llamax.LlamaConfig.from_hf_config(hf_dict)
+        hf_dict = HFConfig(**hf_config(config)).to_dict()  # transformers' own serialization
+        back = config_from_hf(hf_dict)
         # Hugging Face keeps only the resulting width, not Meta's recipe for it.
         assert back.hidden_dim == config.hidden_dim
         ffn = dict(multiple_of=1, ffn_dim_multiplier=None, ffn_dim=None)

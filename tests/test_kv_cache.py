@@ -21,7 +21,7 @@ def test_token_by_token_equals_full_forward(rng, scan_layers):
     tokens = rng.integers(0, config.vocab_size, (2, 12), dtype=np.int32)
     full = np.asarray(llamax.Llama(config).apply({"params": params}, tokens))
 
-    model = llamax.Llama(config, scan_layers=scan_layers)
+    model = llamax.Llama(config, llamax.Execution(scan_layers=scan_layers))
     if not scan_layers:
         params = unstack_layers(params)
         assert sorted(params) == ["layers_0", "layers_1", "norm", "output", "tok_embeddings"]
@@ -33,6 +33,7 @@ def test_token_by_token_equals_full_forward(rng, scan_layers):
     assert int(cache["index"]) == tokens.shape[1]
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_with_left_padding(rng):
     """A batch of prompts of different lengths, left-padded (segment 0), prefilled in one call
     and continued token by token, matches each sequence run alone without padding."""
@@ -73,9 +74,10 @@ def test_prefill_then_decode_with_left_padding(rng):
 
 
 def test_cache_dtype_and_shapes():
-    config = llamax.LlamaConfig.preset("tiny", dtype="bfloat16")
-    cache = init_cache(config, batch_size=3, max_len=7)
+    config = llamax.LlamaConfig.preset("tiny")
+    cache = init_cache(config, batch_size=3, max_len=7, dtype="bfloat16")
     assert cache["k"].shape == (2, 3, 7, 2, 16) and cache["k"].dtype == jnp.bfloat16
     assert cache["segment_ids"].shape == (3, 7) and int(cache["index"]) == 0
+    assert init_cache(config, batch_size=3, max_len=7)["v"].dtype == jnp.float32
     per_layer = init_cache(config, batch_size=3, max_len=7, stacked=False)
     assert len(per_layer["v"]) == 2 and per_layer["v"][1].shape == (3, 7, 2, 16)

@@ -11,6 +11,7 @@ from llamax import rope
 from llamax.model import Block, RMSNorm, unstack_layers
 
 
+@pytest.mark.slow
 def test_scan_equals_python_loop_over_layers(rng):
     config = llamax.LlamaConfig.preset("tiny", n_layers=3)
     params = random_params(config)
@@ -30,26 +31,28 @@ def test_scan_equals_python_loop_over_layers(rng):
 
     scanned = np.asarray(llamax.Llama(config).apply({"params": params}, tokens))
     np.testing.assert_allclose(scanned, looped, atol=1e-5, rtol=0)
-    unstacked = llamax.Llama(config, scan_layers=False).apply(
+    unstacked = llamax.Llama(config, llamax.Execution(scan_layers=False)).apply(
         {"params": unstack_layers(params)}, tokens
     )
     np.testing.assert_allclose(np.asarray(unstacked), looped, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_scan_unroll_changes_nothing_but_speed(rng):
     config = llamax.LlamaConfig.preset("tiny", n_layers=3)
     params = random_params(config)
     tokens = rng.integers(0, config.vocab_size, (2, 10), dtype=np.int32)
     rolled = llamax.Llama(config).apply({"params": params}, tokens)
     for unroll in (2, 3):
-        unrolled = llamax.Llama(config.replace(scan_unroll=unroll)).apply(
+        unrolled = llamax.Llama(config, llamax.Execution(scan_unroll=unroll)).apply(
             {"params": params}, tokens
         )
         np.testing.assert_allclose(np.asarray(unrolled), np.asarray(rolled), atol=1e-5, rtol=0)
 
 
 def _grad_and_temp_bytes(policy, params, tokens):
-    model = llamax.Llama(llamax.LlamaConfig.preset("tiny", n_layers=4, remat_policy=policy))
+    config = llamax.LlamaConfig.preset("tiny", n_layers=4)
+    model = llamax.Llama(config, llamax.Execution(remat_policy=policy))
 
     def loss(p):
         logits = model.apply({"params": p}, tokens)
@@ -59,10 +62,11 @@ def _grad_and_temp_bytes(policy, params, tokens):
     return compiled(params), compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_remat_policies_same_gradients_less_memory(rng):
     params = random_params(llamax.LlamaConfig.preset("tiny", n_layers=4))
     tokens = jnp.asarray(rng.integers(0, 256, (4, 256), dtype=np.int32))
-    results = {p: _grad_and_temp_bytes(p, params, tokens) for p in llamax.config.REMAT_POLICIES}
+    results = {p: _grad_and_temp_bytes(p, params, tokens) for p in llamax.execution.REMAT_POLICIES}
     (ref_loss, ref_grad), _ = results["none"]
     for policy, ((loss, grad), _) in results.items():
         assert abs(float(loss) - float(ref_loss)) <= 1e-6, policy
@@ -74,6 +78,7 @@ def test_remat_policies_same_gradients_less_memory(rng):
     assert temp["dots_no_batch"] < temp["dots"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [{}, {"n_layers": 4, "dim": 128, "n_heads": 8}])
 def test_bfloat16_compute_stays_close_to_float32(size, rng):
     """bfloat16 keeps 8 significant bits: each rounding errs by up to 2^-9 (0.2%) relative, and
@@ -85,7 +90,8 @@ def test_bfloat16_compute_stays_close_to_float32(size, rng):
     params = random_params(config, std=config.dim**-0.5)
     tokens = rng.integers(0, config.vocab_size, (4, 64), dtype=np.int32)
     f32 = np.asarray(llamax.Llama(config).apply({"params": params}, tokens))
-    bf16_out = llamax.Llama(config.replace(dtype="bfloat16")).apply({"params": params}, tokens)
+    bf16_model = llamax.Llama(config, llamax.Execution(dtype="bfloat16"))
+    bf16_out = bf16_model.apply({"params": params}, tokens)
     assert bf16_out.dtype == jnp.float32  # logits are float32 whatever the compute dtype
     bf16 = np.asarray(bf16_out)
     err = np.abs(bf16 - f32)
@@ -98,10 +104,11 @@ def test_bfloat16_compute_stays_close_to_float32(size, rng):
 
 
 def test_bfloat16_parameters():
-    config = llamax.LlamaConfig.preset("tiny", dtype="bfloat16", param_dtype="bfloat16")
-    params = llamax.model.init_params(llamax.Llama(config), jax.random.key(0))
+    config = llamax.LlamaConfig.preset("tiny")
+    model = llamax.Llama(config, llamax.Execution(dtype="bfloat16", param_dtype="bfloat16"))
+    params = llamax.model.init_params(model, jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
-    logits = llamax.Llama(config).apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
+    logits = model.apply({"params": params}, jnp.zeros((1, 4), jnp.int32))
     assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
 
 

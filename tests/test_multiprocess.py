@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO, load_config
 
 from llamax import train
@@ -15,6 +16,8 @@ from llamax.metrics import read_metrics
 OVERRIDES = {"train.steps": 4, "train.log_every": 1, "train.eval_every": 0,
              "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}  # fmt: skip
 FLAGS = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.train.progress_bar=false"]
+
+pytestmark = pytest.mark.slow  # a cluster of two training processes
 
 
 def _free_port():

@@ -12,6 +12,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import llamax
 from llamax import rope
+from llamax.convert import meta
+from llamax.convert.hf import config_from_hf, hf_config
 
 # Llama 2's head width (128) and context (4096).
 BASE = llamax.LlamaConfig(dim=512, n_layers=1, n_heads=4, vocab_size=64, max_seq_len=4096)
@@ -27,12 +29,12 @@ SCALINGS = {
         "mscale_all_dim": 1.0, "truncate": False, "original_max_position_embeddings": 2048,
     },
     "yarn_attention_factor": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.9},
-    "llama3": dict(llamax.config.META_LLAMA3_SCALING),
+    "llama3": dict(meta.LLAMA3_SCALING),
 }  # fmt: skip
 
 
 def hf_frequencies(config, seq_len=None):
-    hf = HFConfig(**config.to_hf_config())
+    hf = HFConfig(**hf_config(config))
     kind = hf.rope_parameters["rope_type"]
     if kind == "default":  # also what llamax's ntk becomes in a Hugging Face config
         inv, scale = LlamaRotaryEmbedding.compute_default_rope_parameters(hf)
@@ -78,14 +80,15 @@ def test_scalings_do_what_they_say():
 
 
 def test_angles_stay_float32_at_long_positions():
-    """Positions up to 64k in a bfloat16 model: cos and sin are float32, within float32
-    rounding of the exact (float64) angles, and no further from them than transformers' are."""
-    config = BASE.replace(dtype="bfloat16", max_seq_len=32768)
+    """Positions up to 64k: cos and sin are float32 (whatever the compute dtype, which
+    `rotary_angles` never sees), within float32 rounding of the exact (float64) angles, and no
+    further from them than transformers' are."""
+    config = BASE.replace(max_seq_len=32768)
     positions = np.arange(0, 65536, 7, dtype=np.int32)[None]
     cos, sin = rope.rotary_angles(jnp.asarray(positions), config)
     assert cos.dtype == jnp.float32
     exact = positions[0, :, None] * (1.0 / 10000.0 ** (np.arange(0, 128, 2) / 128))
-    hf = LlamaRotaryEmbedding(HFConfig(**config.replace(dtype="float32").to_hf_config()))
+    hf = LlamaRotaryEmbedding(HFConfig(**hf_config(config)))
     hf_cos, hf_sin = hf(torch.zeros(1, dtype=torch.float32), torch.as_tensor(positions))
     for ours, theirs, f in ((cos, hf_cos, np.cos), (sin, hf_sin, np.sin)):
         err = np.abs(np.asarray(ours[0]) - f(exact)).max()
@@ -112,16 +115,16 @@ def test_bad_scalings_are_refused(scaling, message):
 
 def test_meta_params_carry_the_scaling():
     config = BASE.replace(rope_scaling=SCALINGS["yarn"])
-    assert llamax.LlamaConfig.from_meta_params(config.to_meta_params(), vocab_size=64) == config
-    llama31 = {**BASE.to_meta_params(), "use_scaled_rope": True}
-    assert llamax.LlamaConfig.from_meta_params(llama31, vocab_size=64).rope_type == "llama3"
+    assert meta.config_from_params(meta.params_json(config), vocab_size=64) == config
+    llama31 = {**meta.params_json(BASE), "use_scaled_rope": True}
+    assert meta.config_from_params(llama31, vocab_size=64).rope_type == "llama3"
 
 
 @pytest.mark.parametrize("name", sorted(SCALINGS))
 def test_hugging_face_config_carries_the_scaling(name):
     """llamax -> transformers' own config.json (what the converter writes) -> llamax."""
     config = BASE.replace(rope_scaling=SCALINGS[name])
-    back = llamax.LlamaConfig.from_hf_config(HFConfig(**config.to_hf_config()).to_dict())
+    back = config_from_hf(HFConfig(**hf_config(config)).to_dict())
     if name == "ntk":  # written as the default rotary embedding with the NTK base
         assert back.rope_type == "default"
         np.testing.assert_allclose(rope.inv_frequencies(back)[0], rope.inv_frequencies(config)[0])

@@ -17,6 +17,7 @@ from llamax import sharding
 MODEL_AXES = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_forward_equals_single_device(shape, rng):
     config = llamax.LlamaConfig.preset("tiny", n_heads=8, n_kv_heads=4)

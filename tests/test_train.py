@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import load_config
 
-from llamax import data, train
+import llamax
+from llamax import data, losses, setup, train
 from llamax.metrics import read_metrics
 
 
@@ -25,6 +26,7 @@ def _run(tmp_path, name, devices=None, **overrides):
     return _losses(workdir), state
 
 
+@pytest.mark.slow
 def test_same_losses_on_any_mesh(tmp_path):
     """float32, 5 steps: 1 device and three 8-device meshes agree within 1e-5 relative."""
     steps = {"train.steps": 5}
@@ -36,6 +38,7 @@ def test_same_losses_on_any_mesh(tmp_path):
         np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=0, err_msg=str(shape))
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_big_batch(tmp_path):
     """4 micro-batches of 4 give the losses and parameters of one batch of 16."""
     common = {"train.steps": 3, "train.batch_size": 16, "mesh.fsdp": 4, "mesh.data": 1}
@@ -50,6 +53,7 @@ def test_grad_accumulation_equals_big_batch(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_learns_markov_chain_entropy_rate(tmp_path):
     """The held-out loss gets within 5% of the chain's entropy rate (and not below it: a loss
     under the entropy rate would mean the targets leak into the inputs)."""
@@ -70,7 +74,11 @@ def test_learns_markov_chain_entropy_rate(tmp_path):
 
 
 def test_outputs_metrics_config_and_tensorboard(tmp_path):
-    config = load_config("tiny", **{"train.steps": 6, "train.log_every": 3, "train.eval_every": 6})
+    config = load_config(
+        "tiny",
+        **{"train.steps": 6, "train.log_every": 3, "train.eval_every": 6,
+           "model.attention": "chunked", "model.remat_policy": "full"},
+    )  # fmt: skip
     train.run(config, str(tmp_path))
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [3, 6]
@@ -80,7 +88,14 @@ def test_outputs_metrics_config_and_tensorboard(tmp_path):
     assert "eval_loss" in records[-1]
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["train"]["steps"] == 6
-    assert resolved["model"]["resolved"]["dim"] == 64
+    assert resolved["model"]["resolved"] == llamax.LlamaConfig.preset("tiny").to_dict()
+
+    # The checkpoint records the architecture only: loading it picks how to run it.
+    model, params = llamax.load_pretrained(str(tmp_path))
+    assert model.config == llamax.LlamaConfig.preset("tiny")
+    assert (model.execution.attention, model.execution.remat_policy) == ("auto", "none")
+    model, _ = llamax.load_pretrained(str(tmp_path), dtype="bfloat16", attention="chunked")
+    assert (model.execution.dtype, model.execution.attention) == ("bfloat16", "chunked")
 
     # TensorBoard: TFRecord framing (length, crc, event, crc) of Event protos.
     from tensorboardX.proto import event_pb2
@@ -126,7 +141,7 @@ def test_loss_against_numpy_reference(rng):
     logits = rng.normal(size=(2, 7, 11)).astype(np.float32)
     tokens = rng.integers(0, 11, (2, 7))
     segment_ids = np.array([[1, 1, 1, 2, 2, 2, 0], [0, 0, 1, 1, 1, 1, 1]])
-    nll, z, count = train.next_token_loss(jnp.asarray(logits), tokens, segment_ids, z_loss=1e-2)
+    nll, z, count = losses.next_token_loss(jnp.asarray(logits), tokens, segment_ids, z_loss=1e-2)
 
     want_nll = want_z = want_count = 0.0
     for b in range(2):
@@ -151,9 +166,31 @@ def test_data_rows_independent_of_how_they_are_split():
     assert not np.array_equal(source.rows(4, np.arange(8), 16)["tokens"], whole)
 
 
+@pytest.mark.slow
 def test_rerun_from_scratch_replaces_metrics(tmp_path):
     """Without a checkpoint a rerun starts at step 0, and metrics.jsonl holds each step once."""
     config = load_config("tiny", **{"train.steps": 4, "train.log_every": 2, "train.eval_every": 0})
     train.run(config, str(tmp_path))
     train.run(config, str(tmp_path))
     assert [r["step"] for r in read_metrics(str(tmp_path))] == [2, 4]
+
+
+def test_held_out_batches_come_from_one_iterator_rewound(tmp_path, monkeypatch):
+    """Each evaluation reads the same validation batches, from an iterator built once."""
+    made = []
+    make_iterator = data.make_iterator
+
+    def counting(c, split, *args):
+        made.append(split)
+        return make_iterator(c, split, *args)
+
+    monkeypatch.setattr(data, "make_iterator", counting)
+    config = load_config("tiny", **{"train.steps": 6, "train.log_every": 2, "train.eval_every": 2})
+    state = train.run(config, str(tmp_path))
+    assert made == ["train", "validation"]
+
+    s = setup.build(config, setup.make_mesh(config))
+    held_out = train.HeldOutLoss(s, s.local_rows())
+    with llamax.sharding.use_mesh(s.mesh):
+        first, second = held_out(state.params), held_out(state.params)
+    assert first == second == read_metrics(str(tmp_path))[-1]["eval_loss"]

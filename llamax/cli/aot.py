@@ -9,14 +9,12 @@ step does not fit, 2 on bad input (an unknown slice, a mesh that does not fit it
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from llamax.cli import setup_logging
+from llamax.cli import error, setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -32,19 +30,15 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or _TOPOLOGY.value is None:
         raise app.UsageError("--config and --topology are required")
     setup_logging()
-    from llamax import aot
+    from llamax import aot, fs
 
     try:
         report = aot.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)
     except (ValueError, RuntimeError) as e:
-        print(f"llamax-aot: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error("llamax-aot", e))
     print(aot.format_report(report))
     if _JSON.value:
-        tmp = f"{_JSON.value}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, _JSON.value)
+        fs.write_json(_JSON.value, report, indent=1)
     sys.exit(0 if report["fits"] else 1)
 
 

@@ -15,19 +15,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llamax.cli import setup_logging
+from llamax.cli import error, setup_logging
+from llamax.convert import FORMATS
+from llamax.execution import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="src", choices=["meta", "hf", "llamax"])
-    parser.add_argument("--to", dest="dst", choices=["llamax", "hf", "meta"])
+    parser.add_argument("--from", dest="src", choices=FORMATS)
+    parser.add_argument("--to", dest="dst", choices=FORMATS)
     parser.add_argument("--input")
     parser.add_argument("--output")
     parser.add_argument("--shards", type=int, default=1, help="model-parallel shards (--to meta)")
-    parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: the input's"
-    )
+    parser.add_argument("--dtype", choices=DTYPES, help="default: the input's")
     parser.add_argument(
         "--tokenizer", help="tokenizer.model to copy (default: found next to the input)"
     )
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             args.src, args.dst, args.input, args.output, args.shards, args.dtype, args.tokenizer
         )
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"llamax-convert: error: {e}", file=sys.stderr)
-        return 2
+        return error("llamax-convert", e)
     return 0
 
 

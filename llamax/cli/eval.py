@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from llamax.cli import setup_logging
+from llamax.cli import add_execution_flags, error, setup_logging
 
 
 def _ints(text: str) -> list[int]:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--lengths", type=_ints, required=True, help="e.g. 2048,4096,8192")
     common.add_argument("--output", required=True, help="directory for the JSON and PNG")
     common.add_argument("--tokenizer", help="default: CHECKPOINT/tokenizer.model")
-    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_execution_flags(common)
     common.add_argument("--batch-size", type=int, default=1)
     common.add_argument(
         "--rope-scaling", type=json.loads, default=argparse.SUPPRESS,
@@ -75,20 +75,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be positive")
 
     import llamax
-    from llamax import evaluate
+    from llamax import data, evaluate
     from llamax.data.tokenizer import Tokenizer
 
     try:
         tokenizer = Tokenizer(args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model"))
-        model, params = llamax.load_pretrained(args.checkpoint, dtype=args.dtype)
+        model, params = llamax.load_pretrained(
+            args.checkpoint, dtype=args.dtype, attention=args.attention
+        )
         if "rope_scaling" in vars(args):  # given, possibly as null
-            model = llamax.Llama(model.config.replace(rope_scaling=args.rope_scaling))
+            config = model.config.replace(rope_scaling=args.rope_scaling)
+            model = llamax.Llama(config, model.execution)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"{tokenizer.path} has more pieces than the model's vocabulary")
         os.makedirs(args.output, exist_ok=True)
         label = args.label or os.path.basename(os.path.normpath(args.checkpoint))
         if args.command == "perplexity":
-            texts = evaluate.read_texts(
+            texts = data.documents(
                 args.text, args.tfds, args.tfds_data_dir, args.split, args.text_field
             )
             stream = evaluate.token_stream(texts, tokenizer, args.max_tokens)
@@ -115,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate.write_json(os.path.join(args.output, "passkey.json"), result)
             evaluate.plot_passkey(result, os.path.join(args.output, "passkey.png"), label)
     except (ValueError, FileNotFoundError) as e:
-        print(f"llamax-eval: error: {e}", file=sys.stderr)
-        return 2
+        return error("llamax-eval", e)
     return 0
 
 

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from llamax.cli import add_execution_flags
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-generate", description=__doc__.splitlines()[0])
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_execution_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.system and not args.chat:
@@ -33,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import llamax
     from llamax.data.tokenizer import Tokenizer
-    from llamax.generate import chat_tokens
+    from llamax.generation import chat_tokens
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    model, params = llamax.load_pretrained(args.checkpoint, dtype=args.dtype)
+    model, params = llamax.load_pretrained(
+        args.checkpoint, dtype=args.dtype, attention=args.attention
+    )
     if tokenizer.vocab_size > model.config.vocab_size:
         parser.error(f"{tokenizer_path} has more pieces than the model's vocabulary")
     if args.chat:

@@ -1,21 +1,26 @@
-"""Hugging Face `LlamaForCausalLM` state dicts <-> llamax parameters.
+"""Hugging Face `LlamaForCausalLM`: `config.json` <-> `LlamaConfig`, state dicts <-> llamax
+parameters, and model directories (config.json + safetensors) read lazily and written.
 
 Hugging Face stores linear weights as torch `[out, in]` matrices and already uses the
 half-split rotary layout, so the mapping is a transpose and a reshape per tensor, with no
-permutation. Layers are stacked on llamax's leading `layers` axis.
+permutation. Layers are stacked on llamax's leading `layers` axis. Hugging Face's names and
+layout are also the converter's common currency (`llamax.convert.core`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from llamax.config import LlamaConfig
+from llamax.convert.formats import FormatError, SafetensorsWriter, load_safetensors
 
 # llamax layer path -> (Hugging Face name inside `model.layers.{i}.`, kind)
-_LAYER_MAP = {
+LAYER_MAP = {
     ("attention", "wq"): ("self_attn.q_proj.weight", "q"),
     ("attention", "wk"): ("self_attn.k_proj.weight", "kv"),
     ("attention", "wv"): ("self_attn.v_proj.weight", "kv"),
@@ -27,7 +32,92 @@ _LAYER_MAP = {
     ("ffn_norm", "scale"): ("post_attention_layernorm.weight", "norm"),
 }
 # Buffers that older checkpoints saved and that carry no learned state.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ----- config.json -----
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
+    """The LlamaConfig of a Hugging Face `LlamaConfig` dict (`config.json`)."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"config.json must be a JSON object, got {type(hf).__name__}")
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"Not a Llama config: model_type is {hf.get('model_type')!r}")
+    if hf.get("tie_word_embeddings", False):
+        raise ValueError("Tied input/output embeddings are not Llama 2's layout")
+    if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
+        raise ValueError("Llama 2 has no biases; attention_bias/mlp_bias must be false")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"Llama 2 uses silu, not {hf['hidden_act']!r}")
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "intermediate_size")  # fmt: skip
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}")
+    n_heads = hf["num_attention_heads"]
+    n_kv = hf.get("num_key_value_heads") or n_heads
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and n_heads and head_dim != hf["hidden_size"] // n_heads:
+        raise ValueError(f"head_dim {head_dim} != hidden_size / num_attention_heads")
+    rope_theta = hf.get("rope_theta", 10000.0)
+    rope_scaling = hf.get("rope_scaling")
+    if hf.get("rope_parameters"):  # transformers 5 folds both into one dict
+        rope_scaling = dict(hf["rope_parameters"])
+        rope_theta = rope_scaling.pop("rope_theta", rope_theta)
+        if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
+            rope_scaling = None
+    base = LlamaConfig(
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=None if n_kv == n_heads else n_kv,
+        vocab_size=hf["vocab_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+    )
+    if base.hidden_dim != hf["intermediate_size"]:
+        base = base.replace(ffn_dim=hf["intermediate_size"])
+    return base.replace(**overrides)
+
+
+def hf_config(config: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
+    """A Hugging Face `config.json` dict for a model whose weights are stored in `dtype`."""
+    c = config
+    out = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": c.dim,
+        "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rms_norm_eps": c.norm_eps,
+        "max_position_embeddings": c.max_seq_len,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": None if c.rope_scaling is None else dict(c.rope_scaling),
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": dtype,
+    }
+    if c.rope_type == "ntk":
+        # transformers has no static NTK type: it is the default rotary embedding with the
+        # scaled base, which gives the same frequencies (llamax.rope.ntk_theta).
+        h = c.head_dim
+        out["rope_theta"] = c.rope_theta * c.rope_scaling["factor"] ** (h / (h - 2))
+        out["rope_scaling"] = None
+    return out
+
+
+# ----- tensors -----
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -55,7 +145,7 @@ def transpose(w: np.ndarray, tile: int = 64) -> np.ndarray:
     return out.view(w.dtype)
 
 
-def _layer_to_llamax(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
+def layer_to_llamax(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
     d, h = c.dim, c.head_dim
     if kind == "q":
         return transpose(w).reshape(d, c.n_heads, h)
@@ -68,7 +158,7 @@ def _layer_to_llamax(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
     return w
 
 
-def _layer_to_hf(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
+def layer_to_hf(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
     if kind in ("q", "kv"):
         return transpose(w.reshape(c.dim, -1))
     if kind == "o":
@@ -79,7 +169,7 @@ def _layer_to_hf(w: np.ndarray, kind: str, c: LlamaConfig) -> np.ndarray:
 
 
 def llamax_layer_shape(kind: str, c: LlamaConfig) -> tuple[int, ...]:
-    """The shape of one layer's slice of a llamax parameter, by `_LAYER_MAP` kind."""
+    """The shape of one layer's slice of a llamax parameter, by `LAYER_MAP` kind."""
     d, f, h = c.dim, c.hidden_dim, c.head_dim
     return {
         "q": (d, c.n_heads, h),
@@ -107,7 +197,7 @@ def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "lm_head.weight": (c.vocab_size, d),
     }
     for i in range(c.n_layers):
-        for hf_name, kind in _LAYER_MAP.values():
+        for hf_name, kind in LAYER_MAP.values():
             shapes[f"model.layers.{i}.{hf_name}"] = per_layer[kind]
     return shapes
 
@@ -115,7 +205,7 @@ def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, dtype=np.float32) -> dict:
     """llamax parameters (numpy) from a Hugging Face Llama state dict (numpy or torch)."""
     expected = expected_hf_shapes(config)
-    names = {k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
+    names = {k for k in state_dict if not k.endswith(IGNORED_SUFFIXES)}
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     if missing or unexpected:
@@ -132,9 +222,9 @@ def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, dtype=np.
         return w.astype(dtype)
 
     layers: dict[str, dict[str, np.ndarray]] = {}
-    for (module, leaf), (hf_name, kind) in _LAYER_MAP.items():
+    for (module, leaf), (hf_name, kind) in LAYER_MAP.items():
         stacked = [
-            _layer_to_llamax(get(f"model.layers.{i}.{hf_name}"), kind, config)
+            layer_to_llamax(get(f"model.layers.{i}.{hf_name}"), kind, config)
             for i in range(config.n_layers)
         ]
         layers.setdefault(module, {})[leaf] = np.stack(stacked)
@@ -153,10 +243,10 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
         "model.norm.weight": np.asarray(params["norm"]["scale"]),
         "lm_head.weight": np.asarray(params["output"]).T,
     }
-    for (module, leaf), (hf_name, kind) in _LAYER_MAP.items():
+    for (module, leaf), (hf_name, kind) in LAYER_MAP.items():
         stacked = np.asarray(params["layers"][module][leaf])
         for i in range(config.n_layers):
-            out[f"model.layers.{i}.{hf_name}"] = _layer_to_hf(stacked[i], kind, config)
+            out[f"model.layers.{i}.{hf_name}"] = layer_to_hf(stacked[i], kind, config)
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
@@ -166,11 +256,6 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
 def read(directory: str):
     """The config and, per tensor name, a function that loads it, from a Hugging Face model
     directory (`config.json` and `model.safetensors` or `model.safetensors.index.json`)."""
-    import json
-    import os
-
-    from llamax.convert.formats import FormatError, load_safetensors
-
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Input directory not found: {directory}")
     config_path = os.path.join(directory, "config.json")
@@ -183,8 +268,11 @@ def read(directory: str):
             f"{directory} is not a Hugging Face Llama checkpoint: expected config.json and "
             f"model.safetensors (or an index), found {sorted(os.listdir(directory))[:10]}"
         )
-    with open(config_path) as f:
-        config = LlamaConfig.from_hf_config(json.load(f))
+    try:
+        with open(config_path) as f:
+            config = config_from_hf(json.load(f))
+    except (ValueError, TypeError, KeyError) as e:
+        raise FormatError(f"{config_path}: {e}") from e
     if os.path.exists(index_path):
         with open(index_path) as f:
             weight_map = json.load(f)["weight_map"]
@@ -198,7 +286,7 @@ def read(directory: str):
     else:
         lazy = load_safetensors(single)
     expected = expected_hf_shapes(config)
-    names = {k for k in lazy if not k.endswith(_IGNORED_SUFFIXES)}
+    names = {k for k in lazy if not k.endswith(IGNORED_SUFFIXES)}
     missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
     if missing or extra:
         raise FormatError(
@@ -211,20 +299,16 @@ def read(directory: str):
     return config, {name: lazy[name].load for name in expected}
 
 
-def write(config: LlamaConfig, tensors, directory: str) -> None:
-    """`config.json` and one `model.safetensors`, loadable by `LlamaForCausalLM.from_pretrained`."""
-    import json
-    import os
-
-    from llamax.convert.formats import SafetensorsWriter
-
+def write(config: LlamaConfig, tensors, directory: str, dtype: str) -> None:
+    """`config.json` and one `model.safetensors` of `dtype` weights, loadable by
+    `LlamaForCausalLM.from_pretrained`."""
     shapes = expected_hf_shapes(config)
-    dtype = np.dtype(config.weight_dtype)
     writer = SafetensorsWriter(
-        os.path.join(directory, "model.safetensors"), {k: (v, dtype) for k, v in shapes.items()}
+        os.path.join(directory, "model.safetensors"),
+        {k: (v, np.dtype(dtype)) for k, v in shapes.items()},
     )
     for name in shapes:
         writer.write(name, tensors[name]())
     writer.close()
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config.to_hf_config(), f, indent=2)
+        json.dump(hf_config(config, dtype), f, indent=2)

@@ -1,4 +1,5 @@
-"""Meta's Llama 2 release layout: `params.json` and `consolidated.NN.pth` model-parallel shards.
+"""Meta's Llama 2 release layout: `params.json` (<-> `LlamaConfig`) and `consolidated.NN.pth`
+model-parallel shards.
 
 Shards follow fairscale's layers in Meta's `llama/model.py`: `wq, wk, wv, w1, w3, output` are
 ColumnParallelLinear (torch `[out, in]`, split on dim 0), `wo, w2` RowParallelLinear (split on
@@ -16,12 +17,14 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from llamax.config import LlamaConfig
 from llamax.convert.formats import FormatError, load_pth
+from llamax.convert.hf import expected_hf_shapes
 
 # Meta name (inside `layers.{i}.` for layer tensors) -> (HF name, split dim or None, permute)
 _TOP = {
@@ -43,6 +46,84 @@ _LAYER = {
 IGNORED = ("rope.freqs",)  # a buffer of Meta's, recomputed from rope_theta
 
 log = logging.getLogger("llamax")
+
+# The fields of Meta's `ModelArgs` that are LlamaConfig fields of the same name.
+PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                 "ffn_dim_multiplier", "norm_eps", "max_seq_len", "rope_theta",
+                 "rope_scaling")  # fmt: skip
+# Generation-time settings of Meta's ModelArgs, not part of the architecture.
+IGNORED_PARAMS = ("max_batch_size",)
+# What `use_scaled_rope: true` means in Meta's Llama 3.1 params.json (its `apply_scaling`).
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+# ----- params.json -----
+
+
+def config_from_params(
+    params: Mapping[str, Any], vocab_size: int | None = None, **overrides
+) -> LlamaConfig:
+    """The LlamaConfig of Meta's `params.json`. Its `vocab_size` is -1 in the Llama 2 release:
+    the vocabulary then comes from the tokenizer or the embedding, passed as `vocab_size`."""
+    if not isinstance(params, Mapping):
+        raise ValueError(f"params.json must be a JSON object, got {type(params).__name__}")
+    params = dict(params)
+    if params.pop("use_scaled_rope", False):  # Llama 3.1's params.json: its fixed llama3 scaling
+        params["rope_scaling"] = LLAMA3_SCALING
+    unknown = sorted(set(params) - set(PARAMS_FIELDS) - set(IGNORED_PARAMS))
+    if unknown:
+        raise ValueError(f"Unknown key(s) in Meta params.json: {unknown}")
+    kwargs = {k: v for k, v in params.items() if k in PARAMS_FIELDS}
+    given_vocab = kwargs.get("vocab_size", -1)
+    if isinstance(given_vocab, bool) or not isinstance(given_vocab, int):
+        raise ValueError(f"vocab_size must be an integer, got {given_vocab!r}")
+    if given_vocab <= 0:
+        if vocab_size is None:
+            raise ValueError(
+                "params.json has vocab_size -1: pass the vocabulary size of the tokenizer"
+            )
+        kwargs["vocab_size"] = vocab_size
+    elif vocab_size is not None and vocab_size != given_vocab:
+        raise ValueError(f"params.json says vocab_size {given_vocab}, but got {vocab_size}")
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def params_json(config: LlamaConfig) -> dict[str, Any]:
+    """Meta's `params.json` of a config."""
+    if config.ffn_dim is not None:
+        raise ValueError(
+            "Meta's params.json cannot express an explicit ffn_dim; use multiple_of and "
+            "ffn_dim_multiplier instead"
+        )
+    out = {
+        "dim": config.dim,
+        "multiple_of": config.multiple_of,
+        "n_heads": config.n_heads,
+        "n_layers": config.n_layers,
+        "norm_eps": config.norm_eps,
+        "vocab_size": -1,
+    }
+    if config.n_kv_heads is not None:
+        out["n_kv_heads"] = config.n_kv_heads
+    if config.ffn_dim_multiplier is not None:
+        out["ffn_dim_multiplier"] = config.ffn_dim_multiplier
+    if config.rope_theta != 10000.0:
+        out["rope_theta"] = config.rope_theta
+    if config.rope_scaling is not None:
+        # Not a field of Meta's Llama 2 ModelArgs (its loader refuses unknown keys), but
+        # the only way to keep a context-extended model's rotary scaling in this format.
+        out["rope_scaling"] = dict(config.rope_scaling)
+    return out
+
+
+# ----- tensors and shards -----
 
 
 def to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -102,18 +183,16 @@ def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray
     """The config and, per Hugging Face tensor name, a function that loads that tensor (merged
     across shards, rotary rows permuted)."""
     files = shard_files(directory)
-    with open(os.path.join(directory, "params.json")) as f:
-        params = json.load(f)
     shards = [load_pth(path) for path in files]
     if "tok_embeddings.weight" not in shards[0]:
         raise FormatError(f"{files[0]} has no tok_embeddings.weight")
     vocab = shards[0]["tok_embeddings.weight"].shape[0]
+    params_path = os.path.join(directory, "params.json")
     try:
-        config = LlamaConfig.from_meta_params(
-            params, vocab_size=vocab if params.get("vocab_size", -1) <= 0 else None
-        )
-    except ValueError as e:
-        raise FormatError(f"{directory}/params.json: {e}") from e
+        with open(params_path) as f:
+            config = config_from_params(json.load(f), vocab_size=vocab)
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{params_path}: {e}") from e
     check_shard_count(config, len(files))
 
     expected = {meta: (hf, dim, perm) for meta, hf, dim, perm in _names(config)}
@@ -125,7 +204,7 @@ def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray
                 f"{path} does not match params.json: missing {missing[:5]}, unexpected {extra[:5]}"
             )
     # Every shape is checked before anything is loaded or written.
-    hf_shapes = _hf_shapes(config)
+    hf_shapes = expected_hf_shapes(config)
     n = len(files)
     for meta, (hf, dim, _) in expected.items():
         want = hf_shapes[hf]
@@ -156,12 +235,6 @@ def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray
     return config, {hf: loader(meta, hf, dim, perm) for meta, (hf, dim, perm) in expected.items()}
 
 
-def _hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    from llamax.convert.hf import expected_hf_shapes
-
-    return expected_hf_shapes(c)
-
-
 def write(
     config: LlamaConfig, tensors: dict[str, Callable[[], np.ndarray]], directory: str, shards: int
 ) -> None:
@@ -189,7 +262,7 @@ def write(
         log.info("wrote consolidated.%02d.pth (%d of %d shards)", k, k + 1, shards)
         del out
     with open(os.path.join(directory, "params.json"), "w") as f:
-        json.dump(config.to_meta_params(), f, indent=2)
+        json.dump(params_json(config), f, indent=2)
 
 
 def _to_torch(torch, a: np.ndarray):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import ml_collections
@@ -79,11 +79,20 @@ class _StatelessIterator:
         self.step = int(state["step"])
 
 
+def _one_text_source(files: str, tfds_name: str) -> None:
+    if bool(files) == bool(tfds_name):
+        raise ValueError(
+            "Give the text as local files or as a prepared tfds dataset, one of the two: got "
+            f"files {files!r} and tfds dataset {tfds_name!r} (set the other to '')"
+        )
+
+
 def tfds_builder(c: ml_collections.ConfigDict):
     """The tfds builder of the configured dataset; a local corpus is built on first use (by
     process 0 first, so that processes sharing a data dir do not build it twice)."""
     from llamax.data import corpus
 
+    _one_text_source(c.files, c.tfds_name)
     data_dir = os.path.expanduser(c.tfds_data_dir)
     if c.tfds_name:
         return corpus.catalog_builder(c.tfds_name, data_dir)
@@ -122,3 +131,28 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         add_eos=c.add_eos,
     )
     return iter(dataset)
+
+
+def documents(
+    files: str = "",
+    tfds_name: str = "",
+    tfds_data_dir: str = "",
+    split: str = "validation",
+    text_field: str = "text",
+) -> Iterator[str]:
+    """Documents to evaluate on: every good document of text files (comma-separated globs of
+    .txt/.jsonl(.gz); bad ones are skipped as in a corpus), or a split of a prepared tfds
+    dataset."""
+    from llamax.data import corpus
+
+    _one_text_source(files, tfds_name)
+    if files:
+        for path in corpus.expand_patterns(files):
+            for _, text, problem in corpus.read_documents(path, text_field):
+                if problem is None:
+                    yield text
+        return
+    builder = corpus.catalog_builder(tfds_name, os.path.expanduser(tfds_data_dir) or None)
+    source = corpus.data_source(builder, split)
+    for i in range(len(source)):
+        yield corpus.record_text(source[i], text_field)

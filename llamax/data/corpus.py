@@ -166,6 +166,12 @@ def build_corpus(
     return builder
 
 
+def record_text(record: dict, text_field: str) -> str:
+    """The document of a tfds record (stored as UTF-8 bytes)."""
+    text = record[text_field]
+    return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+
+
 def data_source(builder: tfds.core.DatasetBuilder, split: str):
     """Random-access ArrayRecord source of one split; records are {"text": bytes}."""
     try:

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
+from llamax.data.corpus import record_text
 from llamax.data.tokenizer import Tokenizer
 
 
@@ -35,9 +36,7 @@ class _Tokenize(grain.transforms.Map):
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         if self._tokenizer is None:  # loaded lazily: the transform may be copied to workers
             self._tokenizer = Tokenizer(self.tokenizer_path)
-        text = record[self.text_field]
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
+        text = record_text(record, self.text_field)
         return {"tokens": self._tokenizer.encode_array(text, self.add_bos, self.add_eos)}
 
 

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from llamax import fs
+
 UNK, BOS, EOS = 0, 1, 2
 
 
@@ -72,9 +74,5 @@ def train_tokenizer(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    tmp = output_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, output_path)
+    fs.write_bytes(output_path, model.getvalue())
     return Tokenizer(output_path)

@@ -63,9 +63,9 @@ def _generate(
     b, p = tokens.shape
     # Separate per-layer weights and caches: slicing a layer out of stacked arrays copies it,
     # on every step (measured in docs/performance.md); unstacking copies the weights once.
-    model = Llama(model.config, scan_layers=False)
+    model = Llama(model.config, model.execution.replace(scan_layers=False))
     params = unstack_layers(params)
-    cache = init_cache(model.config, b, p + max_new_tokens, stacked=False)
+    cache = init_cache(model.config, b, p + max_new_tokens, model.execution.dtype, stacked=False)
     logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache)
     rng, key = jax.random.split(rng)
     first = sample_logits(logits[:, -1], key, temperature, top_p, top_k)

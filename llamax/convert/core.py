@@ -1,0 +1,97 @@
+"""`convert`: read one format, write another, atomically.
+
+Every conversion passes tensors one at a time in Hugging Face's names and layout (the common
+currency of `meta`, `hf` and `native`): inputs are read lazily, tensor by tensor, and outputs
+written as they come. The output goes to a temporary directory beside the output path that is
+renamed to it only when complete, with a `manifest.json` (`llamax.convert.manifest`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+
+from llamax import fs
+from llamax.config import LlamaConfig
+from llamax.convert import hf, manifest, meta, native
+from llamax.convert.formats import FormatError
+from llamax.execution import DTYPES
+
+log = logging.getLogger("llamax")
+FORMATS = ("meta", "hf", "llamax")
+_READERS = {"meta": meta.read, "hf": hf.read, "llamax": native.read}
+
+
+def read(fmt: str, directory: str) -> tuple[LlamaConfig, native.Tensors]:
+    """The config and lazy tensors (Hugging Face names) of a checkpoint in format `fmt`."""
+    if fmt not in _READERS:
+        raise ValueError(f"Unknown format {fmt!r}; expected one of {FORMATS}")
+    return _READERS[fmt](directory)
+
+
+def _find_tokenizer(input_dir: str, explicit: str | None) -> str | None:
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise FileNotFoundError(f"Tokenizer not found: {explicit}")
+        return explicit
+    for candidate in (input_dir, os.path.dirname(os.path.abspath(input_dir))):
+        path = os.path.join(candidate, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def convert(
+    src: str,
+    dst: str,
+    input_dir: str,
+    output_dir: str,
+    shards: int = 1,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+) -> LlamaConfig:
+    """Converts `input_dir` (format `src`) to `output_dir` (format `dst`) with parameters in
+    `dtype` (default: the input's, or float32 when it is not a float type), atomically."""
+    if dst not in FORMATS or src not in FORMATS:
+        raise ValueError(f"Formats must be among {FORMATS}; got --from {src} --to {dst}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if os.path.exists(output_dir):
+        raise FileExistsError(f"Output {output_dir} exists; remove it or choose another path")
+    start = time.perf_counter()
+    config, tensors = read(src, input_dir)
+    source_dtype = tensors["model.norm.weight"]().dtype.name
+    dtype = dtype or (source_dtype if source_dtype in DTYPES else "float32")
+    tensors = {k: (lambda f=f: np.asarray(f(), dtype=dtype)) for k, f in tensors.items()}
+    tokenizer_path = _find_tokenizer(input_dir, tokenizer)
+    if tokenizer_path:
+        from llamax.data.tokenizer import Tokenizer
+
+        vocab = Tokenizer(tokenizer_path).vocab_size
+        if vocab != config.vocab_size:
+            raise FormatError(
+                f"{tokenizer_path} has {vocab} pieces but the weights have a "
+                f"{config.vocab_size}-row embedding"
+            )
+
+    with fs.atomic_path(output_dir) as tmp:
+        os.makedirs(tmp)
+        if dst == "llamax":
+            native.write(config, tensors, tmp, dtype)
+        elif dst == "hf":
+            hf.write(config, tensors, tmp, dtype)
+        else:
+            meta.write(config, tensors, tmp, shards)
+        if tokenizer_path:
+            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+        manifest.write(tmp, config, dst, dtype)
+    log.info(
+        "converted %s (%s) to %s (%s): %s parameters, %s, in %.1fs",
+        input_dir, src, output_dir, dst, f"{config.num_params():,}", dtype,
+        time.perf_counter() - start,
+    )  # fmt: skip
+    return config

@@ -1,0 +1,194 @@
+"""llamax's own checkpoint format, as the converter reads and writes it.
+
+A converted llamax checkpoint is a directory with `config.json` (the `LlamaConfig`),
+`checkpoints/0/` (orbax: `params` and `meta`), `tokenizer.model` when one was found, and
+`manifest.json` (`llamax.convert.manifest`). It is what `llamax.load_pretrained` and a
+training config's `init_from` read.
+
+Reading is lazy (one layer's slice of one parameter at a time, through tensorstore), and so
+is writing: orbax's numpy handler is made to write one leaf at a time, each stacked parameter
+layer by layer from lazily built slices into one storage chunk per layer, with the next slices
+prefetched on threads. Host memory stays near the size of the largest of one layer's matrices
+and the embedding (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from llamax import fs, pretrained
+from llamax.config import LlamaConfig
+from llamax.convert import hf
+from llamax.convert.formats import FormatError
+
+log = logging.getLogger("llamax")
+# Tensors by Hugging Face name, each loaded when called: the converter's common currency.
+Tensors = dict[str, Callable[[], np.ndarray]]
+# Parts being built (read, converted) on threads while an earlier one is written.
+PREFETCH = 2
+
+
+def read(path: str) -> tuple[LlamaConfig, Tensors]:
+    """The config and lazy tensors of a llamax checkpoint or training workdir: each load reads
+    one layer's slice."""
+    config = pretrained.read_model_config(path)
+    open_leaf = pretrained.open_param_leaves(path)
+    expected = {
+        "tok_embeddings": (config.vocab_size, config.dim),
+        "norm.scale": (config.dim,),
+        "output": (config.dim, config.vocab_size),
+    }
+    for (module, leaf), (_, kind) in hf.LAYER_MAP.items():
+        expected[f"layers.{module}.{leaf}"] = (
+            config.n_layers,
+            *hf.llamax_layer_shape(kind, config),
+        )
+    leaves = {}
+    for name, shape in expected.items():
+        try:
+            leaves[name] = open_leaf(name)
+        except ValueError as e:
+            raise FormatError(str(e)) from e
+        if tuple(leaves[name].shape) != shape:
+            raise FormatError(
+                f"{path}: parameter {name} has shape {tuple(leaves[name].shape)}, "
+                f"config.json implies {shape}"
+            )
+
+    def load(name, index=()):
+        return np.asarray(leaves[name][index].read().result())
+
+    tensors: Tensors = {
+        "model.embed_tokens.weight": lambda: load("tok_embeddings"),
+        "model.norm.weight": lambda: load("norm.scale"),
+        "lm_head.weight": lambda: hf.transpose(load("output")),
+    }
+    for (module, leaf), (hf_name, kind) in hf.LAYER_MAP.items():
+        for i in range(config.n_layers):
+            tensors[f"model.layers.{i}.{hf_name}"] = lambda m=module, lf=leaf, k=kind, i=i: (
+                hf.layer_to_hf(load(f"layers.{m}.{lf}", i), k, config)
+            )
+    return config, tensors
+
+
+class LazyArray:
+    """An array made only when it is written, in `parts` equal slices along its first axis:
+    `part(i)` builds slice i from the input (a stacked parameter: one layer per part)."""
+
+    def __init__(self, shape, dtype, part: Callable[[int], np.ndarray], parts: int = 1):
+        self.shape, self.dtype, self.part, self.parts = tuple(shape), np.dtype(dtype), part, parts
+        self.ndim, self.size = len(self.shape), math.prod(self.shape)
+        self.nbytes = self.size * self.dtype.itemsize
+
+
+class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
+    """orbax's numpy handler, made to write one leaf at a time, each `LazyArray` part by part
+    (building the next `PREFETCH` parts on threads while one is written), and without its
+    defensive copy of every array. What it writes are ordinary numpy leaves to any reader."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+        self._lock, self._failed = None, False
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._failed:  # nothing more is written once a leaf has failed (its
+                return  # error is the one the save raises)
+            try:
+                await self._write(value, tspec, ts_context)
+            except BaseException:
+                self._failed = True
+                raise
+
+    async def _write(self, value, tspec, ts_context):
+        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        if not isinstance(value, LazyArray):
+            await t.write(value)
+            return
+        rows = value.shape[0] // value.parts
+        with ThreadPoolExecutor(PREFETCH) as pool:
+            pending = [pool.submit(value.part, i) for i in range(min(PREFETCH, value.parts))]
+            for i in range(value.parts):
+                part = await asyncio.wrap_future(pending.pop(0))
+                if part.shape != (rows, *value.shape[1:]) or part.dtype != value.dtype:
+                    raise FormatError(
+                        f"part {i} of a {value.shape} array: {part.shape} {part.dtype}"
+                    )
+                if i + PREFETCH < value.parts:
+                    pending.append(pool.submit(value.part, i + PREFETCH))
+                await t[i * rows : (i + 1) * rows].write(part)
+
+
+def _streaming_handler() -> ocp.PyTreeCheckpointHandler:
+    handler = StreamingNumpyHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, handler), (LazyArray, handler), (jax.Array, ocp.type_handlers.ArrayHandler())
+    )
+    return ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+
+
+def write(config: LlamaConfig, tensors: Tensors, directory: str, dtype: str) -> None:
+    """Writes `tensors` (Hugging Face names) as a llamax checkpoint of `dtype` parameters into
+    `directory`, holding one layer of one parameter at a time, or the embedding or output
+    matrix."""
+    np_dtype = np.dtype(dtype)
+    params: dict = {"layers": {}}
+    save_args: dict = {"layers": {}}
+    count, written = len(hf.LAYER_MAP) + 3, []
+
+    def lazy(name, shape, make, parts=1):
+        def part(i):
+            out = np.ascontiguousarray(make(i), np_dtype)
+            if i == parts - 1:
+                written.append(name)
+                log.info("converted %s (%d of %d parameters)", name, len(written), count)
+            return out
+
+        return LazyArray(shape, np_dtype, part, parts)
+
+    for (module, leaf), (hf_name, kind) in hf.LAYER_MAP.items():
+        shape = (config.n_layers, *hf.llamax_layer_shape(kind, config))
+
+        def layer(i, hf_name=hf_name, kind=kind):
+            return hf.layer_to_llamax(tensors[f"model.layers.{i}.{hf_name}"](), kind, config)[None]
+
+        stack = lazy(f"layers/{module}/{leaf}", shape, layer, config.n_layers)
+        params["layers"].setdefault(module, {})[leaf] = stack
+        # One storage chunk per layer, so that each layer is written once, whole.
+        save_args["layers"].setdefault(module, {})[leaf] = ocp.SaveArgs(shard_axes=(0,))
+    d, v = config.dim, config.vocab_size
+    params["tok_embeddings"] = lazy(
+        "tok_embeddings", (v, d), lambda _: tensors["model.embed_tokens.weight"]()
+    )
+    params["norm"] = {"scale": lazy("norm/scale", (d,), lambda _: tensors["model.norm.weight"]())}
+    params["output"] = lazy("output", (d, v), lambda _: hf.transpose(tensors["lm_head.weight"]()))
+    save_args.update(tok_embeddings=ocp.SaveArgs(), output=ocp.SaveArgs())
+    save_args["norm"] = {"scale": ocp.SaveArgs()}
+
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(directory, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
+        item_handlers={"params": _streaming_handler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+    manager.save(
+        0,
+        args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(params, save_args=save_args),
+            meta=ocp.args.JsonSave({"step": 0, "converted": True, "config": config.to_dict()}),
+        ),
+    )
+    manager.wait_until_finished()
+    manager.close()
+    fs.write_text(os.path.join(directory, "config.json"), config.to_json())

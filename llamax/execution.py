@@ -1,0 +1,94 @@
+"""How a model computes, apart from what it is: compute and storage dtypes, the attention
+backend and its blocks, rematerialization, and how the layers are looped.
+
+A checkpoint records the architecture only (`LlamaConfig`); these settings belong to the run
+that uses it. A model trained on TPU with splash attention loads on a GPU or CPU with that
+platform's kernel, and two checkpoints of the same weights do not differ by how they were
+trained. Training takes them from the experiment config's `model` section; `load_pretrained`,
+`llamax-generate` and `llamax-eval` default to `attention="auto"` (the platform's fused kernel
+where the shapes allow it) and take overrides.
+
+Each setting's allowed values are registered once, here or next to the code that uses them
+(`llamax.attention.BACKENDS`), and checked when an `Execution` is made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llamax import attention
+
+# Floating-point dtypes for computation and parameter storage.
+DTYPES = ("float32", "bfloat16", "float16")
+# What `nn.remat` saves inside a layer for the backward pass ("none": no remat at all).
+# "none" runs the layers without remat; "full" saves only each layer's input (jax's default).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj"
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    dtype: str = "float32"  # activations and matmuls
+    param_dtype: str = "float32"  # parameters as initialized and stored (the master weights)
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    # Layers stacked on a leading axis and run by `nn.scan` (training, one compiled layer), or
+    # separate per-layer parameters run by a Python loop (generation: slicing a layer out of
+    # stacked weights and caches copies it on every decode step).
+    scan_layers: bool = True
+    # Layers per iteration of the layer scan. Unrolling lets XLA fuse across layers (faster
+    # steps on CPU, docs/performance.md) and costs compile time; the parameters are the same.
+    scan_unroll: int = 1
+    attention: str = "xla"  # one of llamax.attention.BACKENDS
+    # Queries and keys per block of the chunked and splash attention.
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+
+    def __post_init__(self):
+        errors = []
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                errors.append(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            errors.append(
+                f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}"
+            )
+        for name in ("scan_unroll", "attention_block_q", "attention_block_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                errors.append(f"{name} must be a positive integer, got {value!r}")
+        if not errors:
+            errors += attention.check_backend(
+                self.attention, self.attention_block_q, self.attention_block_kv
+            )
+        if errors:
+            raise ValueError("Invalid Execution: " + "; ".join(errors))
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> Execution:
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown Execution field(s): {unknown}; known: {sorted(FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Execution))

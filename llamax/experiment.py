@@ -1,0 +1,138 @@
+"""The experiment config: its schema (every key and its default) and the recipes built on it.
+
+An experiment config is an ml-collections `ConfigDict` with the sections `model`, `mesh`,
+`data`, `optimizer`, `train`, `checkpoint` and the key `init_from`; `configs/*.py` return one
+from `get_config()`, starting from `default_config()` or a recipe here. The `model` section
+holds both kinds of model settings, split when a run is set up: the architecture
+(`model_config`: a preset and `LlamaConfig` overrides, recorded in checkpoints) and the
+execution (`execution_config`: dtypes, attention backend, remat; not recorded).
+
+Every key is documented in docs/config.md (tests/test_configs.py keeps the two in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from llamax import checkpoint, optim
+from llamax import data as data_lib
+from llamax.config import LlamaConfig
+from llamax.execution import Execution
+
+# Execution settings a training run may set; `scan_layers` is not one of them, since every
+# training checkpoint has its layers stacked.
+TRAIN_EXECUTION_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat_policy",
+    "scan_unroll",
+    "attention",
+    "attention_block_q",
+    "attention_block_kv",
+)
+# Types of the LlamaConfig fields whose default is None, for their placeholders.
+_OPTIONAL_TYPES = {"rope_scaling": dict, "n_kv_heads": int, "ffn_dim_multiplier": float,
+                   "ffn_dim": int}  # fmt: skip
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key of an experiment config with its default."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"
+    # Any LlamaConfig field overrides the preset; None keeps the preset's value.
+    for field in dataclasses.fields(LlamaConfig):
+        kind = _OPTIONAL_TYPES.get(field.name, type(getattr(LlamaConfig(), field.name)))
+        c.model[field.name] = ml_collections.config_dict.placeholder(kind)
+    defaults = Execution()
+    for name in TRAIN_EXECUTION_FIELDS:
+        c.model[name] = getattr(defaults, name)
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.data = data_lib.default_config()
+    c.optimizer = optim.default_config()
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.batch_size = 8  # global, in sequences, summed over gradient-accumulation steps
+    c.train.seq_len = 128
+    c.train.grad_accum_steps = 1
+    c.train.z_loss = 0.0  # weight of the log(Z)^2 auxiliary loss (PaLM); 0 disables it
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0: no periodic eval
+    c.train.eval_batches = 4
+    c.train.seed = 0  # parameter initialization
+    c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device up in metrics.PEAK_FLOPS
+    c.train.progress_bar = True
+    c.checkpoint = checkpoint.default_config()
+    # A checkpoint (a run's workdir or a converted one) whose parameters start a new run:
+    # continued training and fine-tuning. Ignored when the workdir has a checkpoint to resume.
+    c.init_from = ""
+    return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
+    """The architecture: the preset with the `model` section's non-None overrides."""
+    overrides = {
+        name: c.model[name]
+        for name in dataclasses.asdict(LlamaConfig())
+        if c.model.get(name) is not None
+    }
+    if "rope_scaling" in overrides:
+        overrides["rope_scaling"] = dict(overrides["rope_scaling"])
+    return LlamaConfig.preset(c.model.preset, **overrides)
+
+
+def execution_config(c: ml_collections.ConfigDict) -> Execution:
+    """How the run computes: the `model` section's execution keys."""
+    return Execution(**{name: c.model[name] for name in TRAIN_EXECUTION_FIELDS})
+
+
+# ----- recipes -----
+
+
+def llama2_recipe(preset: str, learning_rate: float) -> ml_collections.ConfigDict:
+    """Llama 2's pretraining recipe (Touvron et al. 2023, section 2.2) for a preset: 4,096-token
+    context, 4M-token global batches (1,024 sequences as 4 accumulated micro-batches), the
+    paper's AdamW and schedule, 2T tokens; bfloat16 compute with full remat, fsdp over every
+    chip, C4 English through tfds. `configs/llama2_*.py` set the hardware."""
+    c = default_config()
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "full"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.data.source = "tfds"
+    c.data.tfds_name = "c4/en:3.1.0"
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.warmup_steps = 2000
+    c.train.steps = 500_000
+    c.train.batch_size = 1024
+    c.train.seq_len = 4096
+    c.train.grad_accum_steps = 4
+    c.train.log_every = 10
+    c.train.eval_every = 1000
+    c.train.eval_batches = 8
+    return c
+
+
+def context_extension_recipe(preset: str, seq_len: int) -> ml_collections.ConfigDict:
+    """Position interpolation (Chen et al. 2023, arXiv:2306.15595, section 3) for a Llama 2
+    preset trained at 4,096 tokens: continued training from converted weights (`init_from`)
+    with `linear` rotary scaling by seq_len / 4096, 1,000 steps of 64 sequences of `seq_len`,
+    AdamW at 2e-5 (beta2 0.95) after 20 warmup steps, no decay, no weight decay, on the
+    pretraining data. Chunked attention and full remat keep the long sequences in memory."""
+    c = llama2_recipe(preset, learning_rate=2e-5)
+    factor = seq_len / c.train.seq_len
+    c.model.rope_scaling = {"rope_type": "linear", "factor": factor}
+    c.model.max_seq_len = seq_len
+    c.model.attention = "chunked"
+    c.optimizer.warmup_steps = 20
+    c.optimizer.end_learning_rate_ratio = 1.0  # constant after the warmup
+    c.optimizer.weight_decay = 0.0
+    c.train.steps = 1000
+    c.train.batch_size = 64
+    c.train.seq_len = seq_len
+    c.train.grad_accum_steps = 1
+    c.train.eval_every = 200
+    c.checkpoint.every = 200
+    return c

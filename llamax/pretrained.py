@@ -1,0 +1,161 @@
+"""Reading llamax checkpoints: a converted one, or a training run's workdir.
+
+Both hold `config.json` (a converted checkpoint: the `LlamaConfig`; a workdir: the resolved
+experiment config, whose `model.resolved` is the `LlamaConfig`) and orbax checkpoints, each
+with a `params` item: directly under `checkpoints/`. The latest complete step is the one read.
+
+This module is what `llamax.checkpoint` (the training manager, `init_from`) and
+`llamax.convert` (the llamax format) share: the checkpoint directory, its latest step, the
+model config, shape checks, restoring the parameters onto shardings, lazy per-slice reads of
+them, and `load_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from llamax import sharding
+from llamax.config import LlamaConfig
+from llamax.execution import Execution
+from llamax.model import Llama, abstract_params
+
+
+def checkpoint_dir(path: str) -> str:
+    """`path/checkpoints` when `path` is a run's workdir or a converted checkpoint, else `path`."""
+    nested = os.path.join(path, "checkpoints")
+    return nested if os.path.isdir(nested) else path
+
+
+def latest(path: str, what: str = "checkpoint") -> tuple[str, int]:
+    """(checkpoint directory, latest complete step) under `path`; a clear error when there is
+    none. `what` names the caller's input in the error ("init_from", ...)."""
+    directory = os.path.abspath(checkpoint_dir(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{what}: no checkpoint directory at {path}")
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    manager.close()
+    if step is None:
+        raise FileNotFoundError(f"{what}: no complete checkpoint in {directory}")
+    return directory, step
+
+
+def _params_item(path: str, what: str) -> tuple[epath.Path, int]:
+    """The `params` item of the latest checkpoint under `path`, read on its own (the other
+    items of a training checkpoint need handlers this module does not know)."""
+    directory, step = latest(path, what)
+    return epath.Path(directory) / str(step) / "params", step
+
+
+def saved_params(path: str, what: str = "checkpoint"):
+    """The tree of the latest checkpoint's parameter metadata (shape, dtype per leaf)."""
+    item, _ = _params_item(path, what)
+    return ocp.StandardCheckpointHandler().metadata(item)
+
+
+def read_model_config(path: str) -> LlamaConfig:
+    """The LlamaConfig of a converted checkpoint or of a training run's workdir."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"No config.json in {path}: not a llamax checkpoint or workdir")
+    try:
+        with open(config_path) as f:
+            d = json.load(f)
+        if isinstance(d, dict) and isinstance(d.get("model"), dict) and "resolved" in d["model"]:
+            d = d["model"]["resolved"]
+        return LlamaConfig.from_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_path}: not a llamax model config: {e}") from e
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def check_shapes(saved, abstract_params, where: str) -> None:
+    """Names the first parameter whose shape differs between a checkpoint's metadata (`saved`)
+    and the model's abstract parameters."""
+    saved_flat = {
+        _path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
+    }
+    want_flat = {
+        _path_name(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    }
+    for name in sorted(set(saved_flat) | set(want_flat)):
+        if saved_flat.get(name) != want_flat.get(name):
+            raise ValueError(
+                f"Checkpoint {where} does not fit the model: parameter {name!r} has shape "
+                f"{saved_flat.get(name, 'missing')} in the checkpoint but "
+                f"{want_flat.get(name, 'missing')} in the model (check the model config)"
+            )
+
+
+def with_shardings(tree, shardings):
+    """Abstract arrays (shape, dtype) placed on `shardings`: orbax's restore targets."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def restore_params(path: str, abstract, shardings, what: str = "checkpoint"):
+    """(parameters, step) of the latest checkpoint under `path` (a workdir or a converted
+    checkpoint), cast to `abstract`'s dtypes and placed on `shardings`: `init_from` and
+    `load_pretrained`."""
+    item, step = _params_item(path, what)
+    handler = ocp.StandardCheckpointHandler()
+    check_shapes(handler.metadata(item), abstract, str(item.parent))
+    with ocp.Checkpointer(handler) as checkpointer:
+        target = ocp.args.StandardRestore(with_shardings(abstract, shardings))
+        return checkpointer.restore(item, args=target), step
+
+
+def load_pretrained(
+    path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None, **execution
+):
+    """`(model, params)` from a converted checkpoint or a training run's workdir: the latest
+    checkpoint's parameters, in their stored dtype, on `mesh` (default: one device), and the
+    model computing in `dtype`. The attention backend is `auto` (the platform's fused kernel
+    where it applies); `execution` overrides any `Execution` field (`attention="xla"`, ...)."""
+    config = read_model_config(path)
+    stored = np.dtype(jax.tree.leaves(saved_params(path))[0].dtype).name
+    run = Execution(dtype=dtype, param_dtype=stored, attention="auto")
+    model = Llama(config, run.replace(**execution))
+    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    boxed = abstract_params(model)
+    params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
+    return model, params
+
+
+def open_param_leaves(path: str) -> Callable[[str], Any]:
+    """`open(leaf_name)` -> a tensorstore array of one parameter of the latest checkpoint
+    under `path` ("layers.attention.wq", ...): it reads only the slices asked for."""
+    import tensorstore as ts
+
+    directory, step = latest(path)
+    params = os.path.join(os.path.abspath(directory), str(step), "params")
+    ocdbt = os.path.exists(os.path.join(params, "manifest.ocdbt"))
+
+    def open_leaf(name: str):
+        if ocdbt:
+            kvstore = {"driver": "ocdbt", "base": f"file://{params}", "path": name}
+        else:
+            kvstore = {"driver": "file", "path": os.path.join(params, name)}
+        errors = []
+        for driver in ("zarr", "zarr3"):  # orbax writes zarr v2 by default, v3 on request
+            try:
+                return ts.open({"driver": driver, "kvstore": kvstore}, open=True).result()
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{params}: cannot read parameter {name}: {errors[-1]}")
+
+    return open_leaf

@@ -1,0 +1,80 @@
+"""What one training step computes: `TrainState`, `train_step` and `eval_step`.
+
+Both are plain functions of a task's loss (`llamax.losses`); `llamax.setup` puts them under
+`jax.jit` with the state's and the batch's shardings.
+
+Shapes: B global batch, A gradient-accumulation steps, T sequence length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+# (params, model, batch) -> (summed loss to differentiate, (summed nll, target count))
+LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_fn: LossFn,
+    grad_accum_steps: int = 1,
+    grad_shardings=None,
+):
+    """One optimizer step on the global batch, accumulated over `grad_accum_steps` micro-batches.
+
+    The loss is the mean over every valid target token of the whole global batch, so
+    accumulation gives the gradient of one big batch.
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        grads, (nll, count) = grad_fn(state.params, model, batch)
+    else:
+        a = grad_accum_steps
+
+        def split(x):  # micro-batch i takes rows i, i + A, ...: every device keeps its rows
+            return x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)  # [A, B/A, T]
+
+        def accumulate(carry, micro):
+            g, (nll, count) = grad_fn(state.params, model, micro)
+            return jax.tree.map(jnp.add, carry, (g, nll, count)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        if grad_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, nll, count), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": nll / denom,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        "target_tokens": count,
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: dict, *, model, loss_fn: LossFn):
+    """(summed nll, target count) of a batch."""
+    _, (nll, count) = loss_fn(params, model, batch)
+    return nll, count
