@@ -38,15 +38,15 @@ def main() -> None:
     for mode in ("async", "sync"):
         c = checkpoint.default_config()
         c.async_save, c.keep = mode == "async", 1
-        manager = checkpoint.make_manager(os.path.join(work, mode), c)
+        saves = checkpoint.Checkpoints(os.path.join(work, mode), c)
         blocked, total = [], []
         for step in range(1, ROUNDS + 1):
             start = time.perf_counter()
-            checkpoint.save(manager, step, state, {"step": step}, {"step": step})
+            saves.save(step, state, {"step": step}, {"step": step})
             blocked.append(time.perf_counter() - start)
-            manager.wait_until_finished()
+            saves.finish_saving()
             total.append(time.perf_counter() - start)
-        manager.close()
+        saves.close()
         results[mode] = (float(np.median(blocked)), float(np.median(total)))
     shutil.rmtree(work)
     blocked, written = results["async"]

@@ -9,10 +9,14 @@ A checkpoint at step N is one directory `DIR/checkpoints/N/` with four items:
   the batches an uninterrupted one would have.
 - `meta`: the resolved config and run facts (tokens seen).
 
+and, once the save is complete, `checksums.json` (the sha256 of every file, computed on a
+thread of its own), checked before a resume.
+
 orbax writes a step into a temporary directory and renames it when complete, so a process
 killed mid-save (even `kill -9`) leaves only complete checkpoints; the partial one is removed
-on the next start. Restores read into the target shardings of the current mesh, whatever mesh
-or device count wrote the checkpoint.
+on the next start. A save that fails (a full disk) stops training with one `CheckpointError`
+naming the step and the earlier checkpoint, which is intact. Restores read into the target
+shardings of the current mesh, whatever mesh or device count wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import signal
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -32,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llamax import pretrained
+from llamax import fs, pretrained
 from llamax.pretrained import with_shardings
 
 log = logging.getLogger("llamax")
@@ -44,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep = 3  # the most recent checkpoints kept
     c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
     c.async_save = True  # write in the background while training continues
+    # A corrupt latest checkpoint (its files differ from the checksums recorded at save)
+    # stops the run; true: set it aside and resume from the previous good one.
+    c.fallback_on_corrupt = False
     return c
 
 
@@ -97,20 +105,204 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ----- the manager -----
 
 
-def make_manager(
-    directory: str, c: ml_collections.ConfigDict | None = None
-) -> ocp.CheckpointManager:
-    c = c or default_config()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=c.keep,
-        keep_period=c.keep_period or None,
-        enable_async_checkpointing=c.async_save,
-        create=True,
-        cleanup_tmp_directories=True,
-    )
-    return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_handlers=_handlers()
-    )
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or one on disk is corrupt."""
+
+
+CHECKSUMS = "checksums.json"
+
+
+def record_checksums(step_dir: str) -> None:
+    """`STEP/checksums.json`: the sha256 of every file of a finalized checkpoint."""
+    if not os.path.isdir(step_dir):
+        raise FileNotFoundError(f"no checkpoint at {step_dir}")
+    digests = fs.sha256_files(step_dir, fs.files_under(step_dir, CHECKSUMS))
+    fs.write_json(os.path.join(step_dir, CHECKSUMS), digests, indent=0, sort_keys=True)
+
+
+def _record_checksums_quietly(step_dir: str) -> None:
+    try:
+        record_checksums(step_dir)
+    except OSError as e:  # removed meanwhile (checkpoint.keep), or the disk is full
+        log.warning("no checksums for %s: %s", step_dir, e)
+
+
+def verify(step_dir: str) -> list[str]:
+    """What differs between a checkpoint's files and its recorded checksums (empty: nothing).
+    A checkpoint without checksums (written before llamax recorded them, or by a run killed
+    between finishing the save and hashing it) cannot be checked and passes."""
+    path = os.path.join(step_dir, CHECKSUMS)
+    if not os.path.exists(path):
+        log.warning("%s has no %s: its integrity cannot be checked", step_dir, CHECKSUMS)
+        return []
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except ValueError as e:
+        return [f"{CHECKSUMS} is not JSON ({e})"]
+    if not isinstance(recorded, dict):
+        return [f"{CHECKSUMS} is not a JSON object"]
+    present = set(fs.files_under(step_dir, CHECKSUMS))
+    problems = [f"{rel} is missing" for rel in sorted(set(recorded) - present)]
+    actual = fs.sha256_files(step_dir, sorted(set(recorded) & present))
+    changed = [rel for rel, digest in actual.items() if digest != recorded[rel]]
+    return problems + [f"{rel} differs from its checksum" for rel in changed]
+
+
+class Checkpoints:
+    """A run's checkpoints in `DIR/checkpoints`: orbax's `CheckpointManager` with llamax's
+    items, checksums recorded for each completed save (on a thread of their own, off the
+    training loop's path), saves that fail reported as one `CheckpointError` naming the step
+    and the checkpoint still intact, and corrupt checkpoints refused (or, when asked, set
+    aside) before anything is restored."""
+
+    def __init__(self, directory: str, c: ml_collections.ConfigDict | None = None):
+        c = c or default_config()
+        self.directory = os.path.abspath(directory)
+        self.blocking = not c.async_save
+        if os.path.isdir(self.directory):
+            self._set_aside_corrupt(c.fallback_on_corrupt)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=c.keep,
+            keep_period=c.keep_period or None,
+            enable_async_checkpointing=c.async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=_handlers()
+        )
+        self.good = self.manager.latest_step()  # the last step known written whole
+        self.saving: int | None = None  # the step whose save is in flight
+        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="llamax-checksums")
+        self._hashing: Future | None = None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def _completed(self) -> None:
+        """The save in flight is complete: it is the good one now; hash it in the background
+        (by process 0, which sees every file on shared storage)."""
+        self.good, self.saving = self.saving, None
+        if jax.process_index() == 0:
+            self._hashing = self._hasher.submit(
+                _record_checksums_quietly, os.path.join(self.directory, str(self.good))
+            )
+
+    def _set_aside_corrupt(self, fallback: bool) -> None:
+        """Verifies the latest checkpoint; a corrupt one stops the run, or with `fallback` is
+        renamed `STEP.corrupt` (by process 0) and the previous one is checked in turn."""
+        steps = sorted((int(d) for d in os.listdir(self.directory) if d.isdigit()), reverse=True)
+        for i, step in enumerate(steps):
+            step_dir = os.path.join(self.directory, str(step))
+            problems = verify(step_dir)
+            if not problems:
+                return
+            previous = steps[i + 1] if i + 1 < len(steps) else None
+            if not fallback:
+                then = f"the previous one (step {previous})" if previous else "a fresh start"
+                raise CheckpointError(
+                    f"The checkpoint of step {step} ({step_dir}) is corrupt: "
+                    f"{'; '.join(problems[:3])}. Nothing was changed. To resume from {then} "
+                    "instead, rerun with --config.checkpoint.fallback_on_corrupt=true (the "
+                    "corrupt one is then renamed, not deleted)."
+                )
+            log.warning("checkpoint of step %d is corrupt (%s): set aside as %d.corrupt",
+                        step, "; ".join(problems[:3]), step)  # fmt: skip
+            if jax.process_index() == 0:
+                os.rename(step_dir, f"{step_dir}.corrupt")
+            _sync("llamax: corrupt checkpoint set aside")
+
+    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+        self.finish_saving()  # the one before (orbax would wait for it anyway)
+        self.saving = step
+        try:  # a write can fail here, or later in the background (`raise_if_failed`)
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    opt_state=ocp.args.StandardSave(
+                        {"step": state.step, "opt_state": state.opt_state}
+                    ),
+                    data=DataStateSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+            )
+        except Exception as e:
+            raise self._failed(e) from None
+        if self.blocking:
+            self.finish_saving()
+
+    def _failed(self, e: Exception) -> CheckpointError:
+        """The error for the save in flight, which is then given up (never counted good)."""
+        step, self.saving = self.saving, None
+        intact = f"the checkpoint of step {self.good}" if self.good else "no earlier checkpoint"
+        return CheckpointError(
+            f"Writing the checkpoint of step {step} to {self.directory} failed: "
+            f"{type(e).__name__}: {str(e)[:1500]}. Training stopped there; {intact} is intact "
+            "and a rerun resumes from it once the cause (disk space, permissions) is fixed."
+        )
+
+    def raise_if_failed(self) -> None:
+        """Raises `CheckpointError` if a save in the background has failed."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(e) from None
+
+    def finish_saving(self) -> None:
+        """Waits for the save in flight, if any; `CheckpointError` if it failed."""
+        if self.saving is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._failed(e) from None
+        self._completed()
+
+    def close(self) -> None:
+        """Waits for the last save and its checksums, and closes."""
+        self.finish_saving()
+        if self._hashing is not None:
+            self._hashing.result()
+        self._hasher.shutdown()
+        self.manager.close()
+
+    def abandon(self) -> None:
+        """After another error: let a save in flight finish (it holds a good state) without
+        raising, and close. With several processes a peer may be gone, and orbax's barriers
+        would wait for it, so nothing is waited for."""
+        if jax.process_count() > 1:
+            return
+        try:
+            self.close()
+        except Exception as e:  # the error being raised already says what went wrong
+            log.warning("the checkpoint of step %s was not written either: %s", self.saving, e)
+
+    def restore(self, step: int, state, shardings):
+        """The train state and data-iterator state of `step`, onto the given shardings."""
+        saved = self.manager.item_metadata(step)["params"]
+        pretrained.check_shapes(saved, state.params, f"{self.directory}/{step}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(with_shardings(state.params, shardings.params)),
+                opt_state=ocp.args.StandardRestore(
+                    with_shardings(
+                        {"step": state.step, "opt_state": state.opt_state},
+                        {"step": shardings.step, "opt_state": shardings.opt_state},
+                    )
+                ),
+                data=DataStateRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        new_state = state.replace(
+            step=restored.opt_state["step"],
+            params=restored.params,
+            opt_state=restored.opt_state["opt_state"],
+        )
+        return new_state, restored.data, restored.meta
 
 
 def _handlers() -> dict:
@@ -122,50 +314,11 @@ def _handlers() -> dict:
     }
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    state,
-    data_state: dict,
-    meta: dict,
-    force: bool = False,
-) -> bool:
-    return manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
-            data=DataStateSave(data_state),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=force,
-    )
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-
-def restore(manager: ocp.CheckpointManager, step: int, state, shardings):
-    """The train state and data-iterator state of `step`, onto the given shardings."""
-    saved = manager.item_metadata(step)["params"]
-    pretrained.check_shapes(saved, state.params, f"{manager.directory}/{step}")
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(with_shardings(state.params, shardings.params)),
-            opt_state=ocp.args.StandardRestore(
-                with_shardings(
-                    {"step": state.step, "opt_state": state.opt_state},
-                    {"step": shardings.step, "opt_state": shardings.opt_state},
-                )
-            ),
-            data=DataStateRestore(),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    new_state = state.replace(
-        step=restored.opt_state["step"],
-        params=restored.params,
-        opt_state=restored.opt_state["opt_state"],
-    )
-    return new_state, restored.data, restored.meta
+        multihost_utils.sync_global_devices(name)
 
 
 # ----- preemption -----

@@ -65,10 +65,42 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device up in metrics.PEAK_FLOPS
     c.train.progress_bar = True
     c.checkpoint = checkpoint.default_config()
+    c.cluster = ml_collections.ConfigDict()
+    # Seconds without a heartbeat after which JAX's coordinator counts a process of a
+    # multi-process run as lost (JAX's default: 100).
+    c.cluster.heartbeat_timeout_seconds = 100
     # A checkpoint (a run's workdir or a converted one) whose parameters start a new run:
     # continued training and fine-tuning. Ignored when the workdir has a checkpoint to resume.
     c.init_from = ""
     return c
+
+
+# (section, key, smallest allowed value) for the integer keys of the loop's sections.
+_AT_LEAST = (
+    ("train", "steps", 1), ("train", "batch_size", 1), ("train", "seq_len", 2),
+    ("train", "grad_accum_steps", 1), ("train", "log_every", 1), ("train", "eval_every", 0),
+    ("train", "eval_batches", 1), ("checkpoint", "every", 0), ("checkpoint", "keep", 1),
+    ("checkpoint", "keep_period", 0),
+)  # fmt: skip
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    """Clear errors for values of the loop's sections no run could use (the model, optimizer
+    and data sections are checked where they are used)."""
+    errors = []
+    for section, key, least in _AT_LEAST:
+        value = c[section][key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            errors.append(f"{section}.{key} must be an integer >= {least}, got {value!r}")
+    for key in ("z_loss", "peak_flops_per_device"):
+        value = c.train[key]
+        if not (isinstance(value, int | float) and value >= 0 and value != float("inf")):
+            errors.append(f"train.{key} must be a finite number >= 0, got {value!r}")
+    timeout = c.cluster.heartbeat_timeout_seconds
+    if not (isinstance(timeout, int | float) and 0 < timeout < float("inf")):
+        errors.append(f"cluster.heartbeat_timeout_seconds must be positive, got {timeout!r}")
+    if errors:
+        raise ValueError("Invalid experiment config: " + "; ".join(errors))
 
 
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:

@@ -152,17 +152,25 @@ class TrainLog:
         if self.progress is not None:
             self.progress.update(1)
 
-    def fetch(self) -> dict:
-        """The queued steps' values, checked: a non-finite loss raises (before the caller can
-        save a checkpoint). Returns the last step's."""
+    def fetch(self, resume_from: int | None) -> dict:
+        """The queued steps' values, checked before the caller saves anything: a non-finite
+        loss, gradient norm or parameter norm (a NaN update) raises `FloatingPointError`,
+        naming the step a rerun resumes from (`resume_from`, the last checkpoint written or
+        being written). Returns the last step's values."""
         fetched = jax.device_get(self.pending)
         self.pending.clear()
         for at, m in fetched:
-            if not np.isfinite(m["loss"]):
+            values = (m["loss"], m["grad_norm"], m["param_norm"])
+            if not np.all(np.isfinite(values)):
+                then = (
+                    f"resumes from the checkpoint of step {resume_from}, the last good one"
+                    if resume_from else "starts afresh (no checkpoint was saved)"
+                )  # fmt: skip
                 raise FloatingPointError(
-                    f"Loss is {m['loss']} at step {at} (grad norm {m['grad_norm']}): "
-                    "stopping. Lower optimizer.learning_rate, raise warmup_steps, or "
-                    "use float32 compute to find the cause."
+                    f"Step {at} is not finite (loss {m['loss']:.4g}, grad norm "
+                    f"{m['grad_norm']:.4g}, parameter norm {m['param_norm']:.4g}): stopped "
+                    f"before saving it. A rerun {then}. Lower optimizer.learning_rate, raise "
+                    "optimizer.warmup_steps, or use float32 compute to find the cause."
                 )
         return fetched[-1][1]
 
@@ -175,6 +183,7 @@ class TrainLog:
             "loss": float(m["loss"]),
             "learning_rate": float(m["learning_rate"]),
             "grad_norm": float(m["grad_norm"]),
+            "param_norm": float(m["param_norm"]),
             "tokens_per_second": tokens_per_second,
             "tflops_per_device": None,
             "mfu": None,

@@ -7,6 +7,7 @@ norm of 1.0. Master weights stay in `param_dtype` (float32) whatever the compute
 
 from __future__ import annotations
 
+import math
 import re
 
 import jax
@@ -52,9 +53,30 @@ def weight_decay_mask(params, exclude: str):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def check(c: ml_collections.ConfigDict) -> None:
+    """Clear errors for optimizer settings no run could use."""
+    finite = lambda x: isinstance(x, int | float) and math.isfinite(x)  # noqa: E731
+    rules = {
+        "learning_rate": lambda x: finite(x) and x > 0,
+        "warmup_steps": lambda x: isinstance(x, int) and x >= 0,
+        "end_learning_rate_ratio": lambda x: finite(x) and x >= 0,
+        "b1": lambda x: finite(x) and 0 <= x < 1,
+        "b2": lambda x: finite(x) and 0 <= x < 1,
+        "eps": lambda x: finite(x) and x > 0,
+        "weight_decay": lambda x: finite(x) and x >= 0,
+        "grad_clip_norm": lambda x: finite(x) and x >= 0,
+    }
+    errors = [f"optimizer.{k} cannot be {c[k]!r}" for k, ok in rules.items() if not ok(c[k])]
+    try:
+        re.compile(c.weight_decay_exclude)
+    except re.error as e:
+        errors.append(f"optimizer.weight_decay_exclude is not a regular expression: {e}")
+    if errors:
+        raise ValueError("Invalid optimizer config: " + "; ".join(errors))
+
+
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    if not c.learning_rate > 0:
-        raise ValueError(f"optimizer.learning_rate must be positive, got {c.learning_rate}")
+    check(c)
     adamw = optax.adamw(
         learning_rate=learning_rate_schedule(c, total_steps),
         b1=c.b1,

@@ -121,17 +121,17 @@ class Setup:
         with sharding.use_mesh(self.mesh):
             return jax.jit(init, out_shardings=self.shardings)(rng, params)
 
-    def restore_or_init(self, manager, data_iter) -> tuple[TrainState, dict]:
+    def restore_or_init(
+        self, checkpoints: checkpoint.Checkpoints, data_iter
+    ) -> tuple[TrainState, dict]:
         """The state to train from, and the restored checkpoint's meta ({} when none): the
         workdir's latest checkpoint (with the data position), else `init_from`'s parameters,
         else a fresh initialization."""
-        latest = manager.latest_step()
+        latest = checkpoints.latest_step()
         if latest is not None:
-            state, data_state, meta = checkpoint.restore(
-                manager, latest, self.abstract, self.shardings
-            )
+            state, data_state, meta = checkpoints.restore(latest, self.abstract, self.shardings)
             data_iter.set_state(data_state)
-            log.info("resuming from the checkpoint of step %d in %s", latest, manager.directory)
+            log.info("resuming from the checkpoint of step %d in %s", latest, checkpoints.directory)
             return state, meta
         rng = jax.random.key(self.c.train.seed)
         if not self.c.init_from:
@@ -146,6 +146,7 @@ class Setup:
 def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     """Everything a training loop over config `c` needs on `mesh`; nothing is allocated."""
     t = c.train
+    experiment.check(c)
     check_batch_layout(c, mesh)
     model = Llama(experiment.model_config(c), experiment.execution_config(c))
     tx = optim.make_optimizer(c.optimizer, t.steps)

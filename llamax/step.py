@@ -68,6 +68,8 @@ def train_step(
     metrics = {
         "loss": nll / denom,
         "grad_norm": optax.tree.norm(grads),
+        # The loss is of the parameters before the update; this checks the ones after it.
+        "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
         "target_tokens": count,
     }

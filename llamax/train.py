@@ -25,14 +25,15 @@ log = logging.getLogger("llamax")
 def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains for `c.train.steps` steps; returns the final state."""
     t, every = c.train, c.checkpoint.every
+    check_workdir(workdir)  # before anything is written to it
     s = setup.build(c, setup.make_mesh(c, devices))
     check_vocab(c, s)
-    write_config(c, workdir)
     rows = s.local_rows()
     train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
     held_out = HeldOutLoss(s, rows) if t.eval_every > 0 else None
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), c.checkpoint)
-    state, meta = s.restore_or_init(manager, train_iter)
+    saves = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.checkpoint)
+    state, meta = s.restore_or_init(saves, train_iter)
+    write_config(c, workdir)
     tokens_seen, resolved = meta.get("tokens_seen", 0), json.loads(c.to_json_best_effort())
     train_log = metrics.TrainLog(workdir, s, start_step=int(state.step))
     preemption = checkpoint.PreemptionWatcher()
@@ -42,6 +43,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                 state, step_metrics = s.train_step(state, s.global_batch(next(train_iter)))
                 tokens_seen += t.batch_size * t.seq_len
                 train_log.add(done, step_metrics)
+                saves.raise_if_failed()  # a save in the background failed: stop now
                 preempted = preemption.reached(done)
                 last = done == t.steps or preempted
                 save_now = bool(every and done % every == 0) or last
@@ -49,23 +51,66 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                 log_now = done % t.log_every == 0 or last or eval_now
                 if not (save_now or log_now):
                     continue  # metrics stay on the device until a log or save step
-                latest = train_log.fetch()  # a non-finite loss raises here, before a save
+                # A NaN step raises here, before it can be saved.
+                latest = train_log.fetch(resume_from=saves.saving or saves.good)
                 if save_now:
                     meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
-                    checkpoint.save(manager, done, state, train_iter.get_state(), meta)
+                    saves.save(done, state, train_iter.get_state(), meta)
                 if log_now:
                     eval_loss = held_out(state.params) if eval_now else None
                     train_log.write(done, latest, eval_loss)
                 if preempted:
                     log.warning("preempted: saved the checkpoint of step %d; exiting", done)
                     break
+        saves.close()
+    except BaseException:
+        saves.abandon()
+        raise
     finally:
-        manager.wait_until_finished()
-        manager.close()
         preemption.close()
         train_log.close()
     train_log.summarize()
     return state
+
+
+# What a training run writes into its workdir (and nothing else may be there without a
+# run's config.json).
+RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
+
+
+def check_workdir(workdir: str) -> None:
+    """A workdir is new, empty, or a llamax training run's; anything else (a converted
+    checkpoint, a Hugging Face or Meta model, another program's files) is refused before a
+    file is written, so that mixing up `--workdir` and `--config.init_from` loses nothing."""
+    if not os.path.exists(workdir):
+        return
+    if not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
+    entries = set(os.listdir(workdir))
+    recorded = None
+    if "config.json" in entries:
+        try:
+            with open(os.path.join(workdir, "config.json")) as f:
+                recorded = json.load(f)
+        except (ValueError, OSError):
+            recorded = None
+    if isinstance(recorded, dict) and {"model", "train", "checkpoint"} <= set(recorded):
+        return  # an earlier run's: resumed, or refused later if it does not fit
+    if "config.json" not in entries and entries <= set(RUN_ENTRIES):
+        return  # empty, or a run stopped before it wrote its config.json
+    if "manifest.json" in entries or isinstance(recorded, dict) and "dim" in recorded:
+        what = "a converted llamax checkpoint"
+    elif isinstance(recorded, dict) and "model_type" in recorded:
+        what = "a Hugging Face model directory"
+    elif "params.json" in entries:
+        what = "a Meta checkpoint"
+    else:
+        what = f"not a llamax training run (it holds {sorted(entries)[:5]})"
+    raise ValueError(
+        f"--workdir {workdir} is {what}; nothing was written to it. A workdir is a new or "
+        "empty directory, or an earlier run's to resume. To train from these weights, pass "
+        f"--config.init_from={workdir} and a new --workdir."
+    )
 
 
 def check_vocab(c: ml_collections.ConfigDict, s: setup.Setup) -> None:

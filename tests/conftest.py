@@ -135,3 +135,38 @@ def tokenizer_path(text_corpus, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tokenizer") / "test.model")
     train_tokenizer(lines * 4, path, vocab_size=600)
     return path
+
+
+def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny"):
+    """`llamax-train` as `processes` processes of `devices_each` CPU devices forming one JAX
+    cluster on 127.0.0.1; output (stdout and stderr together) on each process's stdout."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}  # fmt: skip
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llamax.cli.train",
+                f"--config={REPO}/configs/{config}.py",
+                f"--workdir={workdir}",
+                "--config.train.progress_bar=false",
+                *flags,
+                f"--coordinator=127.0.0.1:{port}",
+                f"--num_processes={processes}",
+                f"--process_id={i}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(processes)
+    ]

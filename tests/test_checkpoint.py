@@ -3,7 +3,6 @@ onto other meshes and device counts, init_from, and shape mismatches."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, load_config, start_cluster
 
 from llamax import checkpoint, experiment, pretrained, sharding, train
 from llamax.metrics import read_metrics
@@ -31,11 +30,11 @@ def _flags(overrides):
     ]
 
 
-def _start(workdir, overrides, env=None, extra=()):
+def _start(workdir, overrides):
     return subprocess.Popen(
         [sys.executable, "-m", "llamax.cli.train", f"--config={REPO}/configs/tiny.py",
-         f"--workdir={workdir}", *_flags(overrides), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         f"--workdir={workdir}", *_flags(overrides)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
@@ -104,7 +103,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, reference):
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
-    saved = checkpoint.make_manager(os.path.join(workdir, "checkpoints")).latest_step()
+    saved = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints")).latest_step()
     assert 1 <= saved < 12 and f"saved the checkpoint of step {saved}" in out
     proc = _start(workdir, overrides)
     out = proc.communicate(timeout=300)[0]
@@ -188,26 +187,10 @@ def test_resuming_with_other_shapes_names_the_parameter(tmp_path, reference):
 
 def test_two_processes_resume_exactly(tmp_path, reference):
     overrides = {**RUN, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
     workdir = str(tmp_path)
 
     def start_both():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return [
-            _start(
-                workdir,
-                overrides,
-                env,
-                [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-            )
-            for i in range(2)
-        ]
+        return start_cluster(workdir, _flags(overrides))
 
     procs = start_both()
     step = _wait_for_step(workdir, 6, procs[0], timeout=240)

@@ -117,3 +117,30 @@ def test_every_command_named_in_the_docs_exists():
                                 capture_output=True, text=True)  # fmt: skip
         out = result.stdout + result.stderr
         assert "usage" in out.lower() and "Traceback" not in out, (name, out[-500:])
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("train.log_every", 0, "train.log_every must be an integer >= 1"),
+     ("train.batch_size", 0, "train.batch_size must be an integer >= 1"),
+     ("train.seq_len", 1, "train.seq_len must be an integer >= 2"),
+     ("train.steps", -5, "train.steps must be an integer >= 1"),
+     ("checkpoint.keep", 0, "checkpoint.keep must be an integer >= 1"),
+     ("train.z_loss", -1.0, "train.z_loss must be a finite number >= 0"),
+     ("cluster.heartbeat_timeout_seconds", 0, "heartbeat_timeout_seconds must be positive"),
+     ("optimizer.b2", 1.0, "optimizer.b2 cannot be 1.0"),
+     ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate cannot be nan"),
+     ("optimizer.weight_decay_exclude", "(", "not a regular expression"),
+     ("data.markov_states", 1, "data.markov_states must be an integer >= 2"),
+     ("data.validation_fraction", 1.0, "data.validation_fraction must be in"),
+     ("model.attention", "flash", "attention must be one of"),
+     ("model.norm_eps", float("nan"), "norm_eps must be a finite positive number")],
+)  # fmt: skip
+def test_values_no_run_could_use_are_named_before_anything_is_written(tmp_path, key, value,
+                                                                     message):  # fmt: skip
+    from llamax import train
+
+    c = load_config("tiny", **{key: value})
+    with pytest.raises(ValueError, match=message):
+        train.run(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

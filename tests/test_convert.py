@@ -257,7 +257,7 @@ def test_extra_shard(two_shards, tmp_path):
 def test_params_json_disagrees(two_shards, tmp_path):
     params = json.loads((two_shards / "params.json").read_text())
     (two_shards / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
-    _fails(tmp_path, r"does not match params.json: missing \['layers.2")
+    _fails(tmp_path, r"consolidated.00.pth: the config says 3 layers, but the weights hold 2")
 
 
 def test_truncated_shard(two_shards, tmp_path):

@@ -160,3 +160,80 @@ def test_training_on_tfds_corpus(text_corpus, tokenizer_path, tmp_path):
         ValueError, match=r"vocabulary \(600 ids\) does not fit .* vocab_size \(256\)"
     ):
         train.run(config, str(tmp_path / "bad"))
+
+
+def test_broken_files_and_invalid_text_are_skipped_with_their_names(tmp_path, caplog):
+    """A lone surrogate escaped in JSON, a truncated .jsonl.gz (the documents before the break
+    are kept), a .gz that is not gzip, a truncated .txt.gz: skipped, counted and logged."""
+    good = [json.dumps({"text": f"document {i} " * 20}) for i in range(200)]
+    (tmp_path / "surrogate.jsonl").write_text(
+        json.dumps({"text": "fine"}) + "\n" + '{"text": "bad \\ud800 here"}\n'
+    )
+    whole = gzip.compress(("\n".join(good) + "\n").encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "fake.jsonl.gz").write_bytes(b"not gzip at all")
+    letters = np.random.default_rng(0).choice(list(b"abcdefgh "), 10_000).astype(np.uint8)
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(letters.tobytes())[:500])
+    with caplog.at_level(logging.WARNING, logger="llamax"):
+        builder = corpus.build_corpus(str(tmp_path / "*"), str(tmp_path / "tfds"), "text", 0.0)
+    texts = _texts(corpus.data_source(builder, "train"))
+    assert "fine" in texts and not any("\ud800" in t for t in texts)
+    assert 0 < sum(t.startswith("document") for t in texts) < 200  # those before the cut
+    log = caplog.text
+    assert "records that are not valid Unicode" in log and "surrogate.jsonl:2" in log
+    assert "skipped 2 truncated or corrupt files" in log and "cut.jsonl.gz after" in log
+    assert "files named .gz that are not gzip" in log and "fake.jsonl.gz" in log
+
+
+def _documents(n, seed, max_words=400):
+    rng = np.random.default_rng(seed)
+    words = "the model trains on packed documents naïve 東京 12 3.5 x".split()
+    return [{"text": " ".join(rng.choice(words, rng.integers(1, max_words))).encode()}
+            for _ in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("seq_len, batch", [(16, 2), (7, 3), (128, 1)])
+def test_packing_equals_grains_concat_then_split(tokenizer_path, seq_len, batch):
+    """llamax's packer against grain's own ConcatThenSplit over the same tokenized stream."""
+    import grain
+    from grain.experimental import ConcatThenSplitIterDataset
+
+    docs = _documents(40, seed=seq_len)
+    tok = Tokenizer(tokenizer_path)
+    order = grain.MapDataset.source(docs).shuffle(seed=1).repeat(None)
+    tokenized = order.map(lambda r: {"tokens": tok.encode_array(r["text"].decode())})
+    reference = ConcatThenSplitIterDataset(
+        tokenized.to_iter_dataset(), length_struct={"tokens": seq_len}
+    ).batch(batch, drop_remainder=True)
+    ours = pipeline.make_dataset(docs, tokenizer_path, seq_len, batch, seed=1)
+    for want, got, _ in zip(reference, ours, range(60), strict=False):
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
+        np.testing.assert_array_equal(got["segment_ids"], want["tokens_segment_ids"])
+        np.testing.assert_array_equal(got["positions"], want["tokens_positions"])
+
+
+def test_long_documents_are_tokenized_in_pieces_and_resume_inside_one(tokenizer_path, monkeypatch):
+    """Documents far longer than a piece (made 64 characters here): the same batches as
+    whole-document tokenization, and a state saved in the middle of one resumes exactly."""
+    docs = _documents(6, seed=0, max_words=3000)
+    it = iter(pipeline.make_dataset(docs, tokenizer_path, 32, 2, seed=0))
+    whole = [next(it) for _ in range(40)]
+    monkeypatch.setattr(pipeline, "PIECE_CHARS", 64)
+    monkeypatch.setattr("llamax.data.tokenizer.PIECE_CHARS", 64)
+    assert len(list(Tokenizer(tokenizer_path).encode_pieces(docs[0]["text"].decode()))) > 20
+    it = iter(pipeline.make_dataset(docs, tokenizer_path, 32, 2, seed=0))
+    pieced = [next(it) for _ in range(40)]
+    for a, b in zip(whole, pieced, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    it = iter(pipeline.make_dataset(docs, tokenizer_path, 32, 2, seed=0))
+    for _ in range(13):
+        next(it)
+    state = it.get_state()
+    assert state["consumed"] > 0  # in the middle of a document
+    resumed = iter(pipeline.make_dataset(docs, tokenizer_path, 32, 2, seed=0))
+    resumed.set_state(state)
+    for want in pieced[13:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])

@@ -15,7 +15,8 @@ from conftest import REPO
 LAYERS = {
     "model": ["sharding", "attention", "execution", "config", "rope", "model"],
     "parts": [
-        "fs", "losses", "optim", "step", "metrics", "pretrained", "checkpoint", "generation",
+        "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
+        "generation",
         "evaluate", "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
         "convert.manifest", "convert.core",

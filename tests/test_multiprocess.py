@@ -1,14 +1,9 @@
 """Two processes x 4 CPU devices, one JAX cluster over 127.0.0.1 (gloo collectives), train
 exactly as one process x 8 devices."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import load_config, start_cluster
 
 from llamax import train
 from llamax.metrics import read_metrics
@@ -20,43 +15,13 @@ FLAGS = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.train.p
 pytestmark = pytest.mark.slow  # a cluster of two training processes
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path):
     reference = load_config("tiny", **OVERRIDES)
     train.run(reference, str(tmp_path / "one"))
     want = [r["loss"] for r in read_metrics(str(tmp_path / "one"))]
 
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    port, workdir = _free_port(), str(tmp_path / "two")
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llamax.cli.train",
-                f"--config={REPO}/configs/tiny.py",
-                f"--workdir={workdir}",
-                f"--coordinator=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                *FLAGS,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    workdir = str(tmp_path / "two")
+    procs = start_cluster(workdir, FLAGS)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]

@@ -81,3 +81,18 @@ def test_tokenizer_cli(text_corpus, tmp_path, capsys):
     cli.main(["encode", "--model", out, "the model"])
     ids = ast.literal_eval(capsys.readouterr().out.strip().splitlines()[-1])
     assert ids[0] == 1 and ids[-1] == 2 and Tokenizer(out).decode(ids) == "the model"
+
+
+@pytest.mark.parametrize("max_chars", [1, 3, 16])
+def test_pieces_concatenate_to_the_whole_texts_ids(tokenizer_path, max_chars):
+    """`encode_pieces` cuts only where sentencepiece's own whole-text encoding has a piece
+    boundary: across spaces, runs of spaces, tabs, newlines, digits and multi-byte text."""
+    tok = Tokenizer(tokenizer_path)
+    rng = np.random.default_rng(max_chars)
+    alphabet = ["a", "bc", "def", " ", "  ", "   ", "\t", "\n", "é", "東京", "12", " x", "😀"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet, rng.integers(0, 60)))
+        whole = tok.encode_array(text, bos=True, eos=True)
+        pieces = list(tok.encode_pieces(text, bos=True, eos=True, max_chars=max_chars))
+        np.testing.assert_array_equal(np.concatenate(pieces), whole, err_msg=repr(text))
+    assert len(pieces) > 2 or not text

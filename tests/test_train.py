@@ -113,17 +113,27 @@ def test_outputs_metrics_config_and_tensorboard(tmp_path):
     assert "learning_rate" in tags and "grad_norm" in tags and "eval_loss" in tags
 
 
-def test_nan_loss_stops_the_run(tmp_path):
-    config = load_config(
-        "tiny",
-        **{"train.steps": 10, "train.log_every": 5, "optimizer.learning_rate": 1e30,
-           "optimizer.grad_clip_norm": 0.0, "optimizer.warmup_steps": 0, "checkpoint.every": 1},
-    )  # fmt: skip
-    with pytest.raises(FloatingPointError, match=r"Loss is nan at step \d+") as error:
-        train.run(config, str(tmp_path))
-    bad_step = int(str(error.value).split("at step ")[1].split()[0])
-    saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-    assert max(saved, default=0) < bad_step  # the diverged state is never checkpointed
+def test_a_nan_update_is_never_saved(tmp_path, caplog):
+    """The issue's case: a huge learning rate makes an update NaN while the loss (of the
+    parameters before it) is still finite. The run stops before saving that step and names
+    the last checkpoint, whose state is finite, and a rerun resumes from exactly that one."""
+    wild = {"train.steps": 10, "train.log_every": 1, "optimizer.learning_rate": 1e6,
+            "checkpoint.every": 1}  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"Step \d+ is not finite") as error:
+        train.run(load_config("tiny", **wild), str(tmp_path))
+    message = str(error.value)
+    bad_step = int(message.split("Step ")[1].split()[0])
+    resume = int(message.split("resumes from the checkpoint of step ")[1].split(",")[0])
+    saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+    assert saved and max(saved) == resume < bad_step  # the diverged state is never saved
+    _, params = llamax.load_pretrained(str(tmp_path))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path)))
+
+    caplog.set_level("INFO", logger="llamax")
+    with pytest.raises(FloatingPointError):  # the same learning rate diverges again
+        train.run(load_config("tiny", **wild), str(tmp_path))
+    assert f"resuming from the checkpoint of step {resume} " in caplog.text
 
 
 def test_bad_batch_layout_is_explained(tmp_path):

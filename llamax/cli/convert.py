@@ -6,13 +6,16 @@
     llamax-convert --verify ckpt/llama2-7b
 
 The output appears only when complete (written to a temporary directory, then renamed), with
-a manifest.json that `--verify` checks. `tokenizer.model` is taken from the input directory
+a manifest.json that `--verify` checks. Ctrl-C or SIGTERM stop the conversion and remove the
+temporary directory; one left by a killed process is removed by the next conversion to the
+same output. `tokenizer.model` is taken from the input directory
 or its parent (Meta's release puts it there), or from `--tokenizer`.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from llamax.cli import error, setup_logging
@@ -38,20 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     from llamax import convert
 
     if args.verify:
-        problems = convert.verify(args.verify)
+        try:
+            problems = convert.verify(args.verify)
+        except (ValueError, OSError) as e:
+            return error("llamax-convert", e)
         for problem in problems:
             print(f"FAIL {problem}")
         print("OK" if not problems else f"{len(problems)} problem(s) in {args.verify}")
         return 1 if problems else 0
     if not (args.src and args.dst and args.input and args.output):
         parser.error("--from, --to, --input and --output are required (or --verify DIR)")
+    signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as on Ctrl-C
     try:
         convert.convert(
             args.src, args.dst, args.input, args.output, args.shards, args.dtype, args.tokenizer
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input; a missing, existing or unwritable path
         return error("llamax-convert", e)
+    except KeyboardInterrupt:
+        print(f"llamax-convert: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run() -> None:

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             result.update(checkpoint=args.checkpoint, label=label)
             evaluate.write_json(os.path.join(args.output, "passkey.json"), result)
             evaluate.plot_passkey(result, os.path.join(args.output, "passkey.png"), label)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         return error("llamax-eval", e)
     return 0
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from llamax.cli import add_execution_flags
+from llamax.cli import add_execution_flags, error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +38,25 @@ def main(argv: list[str] | None = None) -> int:
     from llamax.generation import chat_tokens
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path)
-    model, params = llamax.load_pretrained(
-        args.checkpoint, dtype=args.dtype, attention=args.attention
-    )
-    if tokenizer.vocab_size > model.config.vocab_size:
-        parser.error(f"{tokenizer_path} has more pieces than the model's vocabulary")
-    if args.chat:
-        dialog = [{"role": "system", "content": args.system}] if args.system else []
-        ids = chat_tokens([*dialog, {"role": "user", "content": args.prompt}], tokenizer)
-    else:
-        ids = tokenizer.encode(args.prompt, bos=True, eos=False)
-    (out,) = llamax.generate(
-        model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed, eos_id=tokenizer.eos_id,
-    )  # fmt: skip
+    try:
+        tokenizer = Tokenizer(tokenizer_path)
+        model, params = llamax.load_pretrained(
+            args.checkpoint, dtype=args.dtype, attention=args.attention
+        )
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"{tokenizer_path} has more pieces than the model's vocabulary")
+        if args.chat:
+            dialog = [{"role": "system", "content": args.system}] if args.system else []
+            ids = chat_tokens([*dialog, {"role": "user", "content": args.prompt}], tokenizer)
+        else:
+            ids = tokenizer.encode(args.prompt, bos=True, eos=False)
+        (out,) = llamax.generate(
+            model, params, [ids], max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            eos_id=tokenizer.eos_id,
+        )  # fmt: skip
+    except (ValueError, OSError) as e:
+        return error("llamax-generate", e)
     print(tokenizer.decode(out))
     return 0
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
-from llamax.cli import setup_logging
+from llamax.cli import error, setup_logging
 
 
 def _lines(patterns: str, text_field: str, max_lines: int):
@@ -32,7 +33,7 @@ def _lines(patterns: str, text_field: str, max_lines: int):
                         return
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-tokenizer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a BPE model on local text")
@@ -49,13 +50,23 @@ def main(argv: list[str] | None = None) -> None:
 
     from llamax.data.tokenizer import Tokenizer, train_tokenizer
 
-    if args.command == "encode":
-        print(Tokenizer(args.model).encode(args.text, bos=True, eos=True))
-        return
-    lines = _lines(args.input, args.text_field, args.max_lines)
-    tok = train_tokenizer(lines, args.output, args.vocab_size, input_sentence_size=args.max_lines)
+    try:
+        if args.command == "encode":
+            print(Tokenizer(args.model).encode(args.text, bos=True, eos=True))
+            return 0
+        lines = _lines(args.input, args.text_field, args.max_lines)
+        tok = train_tokenizer(
+            lines, args.output, args.vocab_size, input_sentence_size=args.max_lines
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: sentencepiece's
+        return error("llamax-tokenizer", e)
     logging.getLogger("llamax").info("wrote %s: %d pieces", args.output, tok.vocab_size)
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -3,11 +3,17 @@
 The config is locked: a misspelt key is an error. On a multi-host TPU slice, JAX finds the
 cluster by itself; elsewhere (several processes on one machine, GPUs) pass `--coordinator`,
 `--num_processes` and `--process_id`.
+
+A failure ends the run with one `llamax-train: error:` line: exit 2 for bad input (config,
+workdir, data), 1 when training stopped (a non-finite step, a checkpoint that could not be
+written or is corrupt, a lost process: see `llamax.cluster`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -32,15 +38,22 @@ def _multi_host_tpu() -> bool:
     return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(heartbeat_timeout_seconds: float) -> None:
     import jax
 
+    from llamax import cluster
+
+    timeouts = {
+        "heartbeat_timeout_seconds": cluster.jax_heartbeat_timeout(heartbeat_timeout_seconds)
+    }
     if _COORDINATOR.value:
         if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
             raise app.UsageError("--coordinator needs --num_processes and --process_id")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts
+        )
     elif _multi_host_tpu():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
 
 
 def main(argv: list[str]) -> None:
@@ -49,10 +62,37 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
     setup_logging("%(asctime)s %(message)s")
-    initialize_distributed()
-    from llamax import train
+    c = _CONFIG.value
+    initialize_distributed(c.cluster.heartbeat_timeout_seconds)
+    from llamax import checkpoint, cluster, train
 
-    train.run(_CONFIG.value, _WORKDIR.value)
+    watchdog = cluster.Watchdog(c.cluster.heartbeat_timeout_seconds).start()
+    try:
+        train.run(c, _WORKDIR.value)
+    except (ValueError, OSError) as e:  # bad input; a missing or unwritable path
+        _exit(2, e)
+    except (FloatingPointError, checkpoint.CheckpointError) as e:
+        _exit(1, e)
+    except Exception as e:
+        # A collective that failed because a peer is gone: the watchdog names the peer (and
+        # exits) within its timeout; anything else is reported as it is.
+        if not watchdog.watching:
+            raise
+        watchdog.wait_for_verdict()
+        _exit(1, f"{type(e).__name__}: {e}")
+    watchdog.stop()
+
+
+def _exit(code: int, message) -> None:
+    """One error line. With several processes the exit skips JAX's shutdown barrier, which
+    would wait for peers that may have stopped too."""
+    import jax
+
+    print(f"llamax-train: error: {message}", file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run() -> None:

@@ -5,6 +5,14 @@ and each tensor's storage is a separate uncompressed member. Unpickling with sta
 torch's rebuild functions gives each tensor's storage, offset, shape and strides; the bytes are
 read only when a tensor is loaded, so converting a checkpoint never holds more than the tensors
 being worked on. safetensors is a JSON header followed by raw little-endian tensors.
+
+Both are read as untrusted input. The unpickler builds only the few objects a state dict
+needs (no code runs), refuses a `data.pkl` over `MAX_PICKLE_BYTES` before reading it, and
+refuses any attempt to set the state of its stand-ins (pickle's BUILD), which could otherwise
+point a tensor at another file. A safetensors header is checked as the reference `safetensors`
+library checks it: its size, a JSON object, known dtypes, shapes of non-negative integers, and
+byte ranges that tile the data exactly (no gap, overlap, alias or range past the end) and
+match shape x dtype. Every problem is a `FormatError` that names the file.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -39,6 +48,10 @@ _SAFETENSORS_DTYPES = {
     "I32": np.int32,
 }
 _SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+# A state dict's pickle holds names, shapes and storage keys: kilobytes to a few megabytes.
+MAX_PICKLE_BYTES = 64 << 20
+# The reference safetensors library refuses headers over 100 MB.
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 class FormatError(ValueError):
@@ -77,10 +90,28 @@ class LazyTensor:
             )
         return np.frombuffer(data, dtype=self.dtype).reshape(self.shape)
 
+    def __setstate__(self, state):
+        raise FormatError(f"{self.path}: the pickle tries to set the state of a tensor")
+
 
 class _StorageRef:
-    def __init__(self, dtype, key):
-        self.dtype, self.key = dtype, key
+    def __init__(self, dtype, key, numel):
+        self.dtype, self.key, self.numel = dtype, key, numel
+
+    def __setstate__(self, state):
+        raise FormatError("the pickle tries to set the state of a tensor storage")
+
+
+class _OrderedDict(dict):
+    """`collections.OrderedDict` as a state dict pickles it: PyTorch's carries a `_metadata`
+    attribute (module versions), set by BUILD and of no use here."""
+
+    def __setstate__(self, state):
+        pass
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class _TorchUnpickler(pickle.Unpickler):
@@ -94,22 +125,34 @@ class _TorchUnpickler(pickle.Unpickler):
         if module == "torch" and name in _TORCH_STORAGE_DTYPES:
             return name
         if module == "collections" and name == "OrderedDict":
-            return dict
+            return _OrderedDict
         if module == "torch" and name in ("float32", "bfloat16", "float16"):
             return name
         raise FormatError(f"{self.path}: unsupported object {module}.{name} in the pickle")
 
     def persistent_load(self, pid):
         # ("storage", storage_type, key, location, numel)
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise FormatError(f"{self.path}: unexpected persistent id {pid!r}")
-        return _StorageRef(_TORCH_STORAGE_DTYPES[pid[1]], pid[2])
+        if not (
+            isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and pid[1] in _TORCH_STORAGE_DTYPES and isinstance(pid[2], str)
+            and _is_int(pid[4]) and pid[4] >= 0
+        ):  # fmt: skip
+            raise FormatError(f"{self.path}: unexpected persistent id {str(pid)[:200]}")
+        return _StorageRef(_TORCH_STORAGE_DTYPES[pid[1]], pid[2], pid[4])
 
     def _rebuild_tensor(self, storage, offset, shape, stride, *args):
+        if not (
+            isinstance(storage, _StorageRef) and _is_int(offset) and offset >= 0
+            and isinstance(shape, tuple | list) and all(_is_int(n) and n >= 0 for n in shape)
+            and isinstance(stride, tuple | list) and all(_is_int(n) for n in stride)
+        ):  # fmt: skip
+            raise FormatError(f"{self.path}: malformed tensor in the pickle")
         shape, stride = tuple(shape), tuple(stride)
-        expected = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
+        expected = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
         if shape and stride != expected:
             raise FormatError(f"{self.path}: non-contiguous tensor (stride {stride})")
+        if offset + math.prod(shape) > storage.numel:
+            raise FormatError(f"{self.path}: a tensor runs past the end of its storage")
         dtype = np.dtype(storage.dtype)
         member = f"{self.prefix}/data/{storage.key}"
         return LazyTensor(self.path, member, offset * dtype.itemsize, shape, dtype)
@@ -119,50 +162,104 @@ def load_pth(path: str) -> dict[str, LazyTensor]:
     """The tensors of a `torch.save`d state dict, lazily."""
     try:
         with zipfile.ZipFile(path) as z:
-            pickles = [n for n in z.namelist() if n.endswith("/data.pkl")]
+            pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise FormatError(f"{path}: not a PyTorch zip checkpoint (no data.pkl)")
-            prefix = pickles[0][: -len("/data.pkl")]
+            if pickles[0].file_size > MAX_PICKLE_BYTES:
+                raise FormatError(
+                    f"{path}: its data.pkl is {pickles[0].file_size:,} bytes, more than a state "
+                    f"dict needs (limit {MAX_PICKLE_BYTES:,}): refusing to unpickle it"
+                )
+            prefix = pickles[0].filename[: -len("/data.pkl")]
             with z.open(pickles[0]) as f:
                 state = _TorchUnpickler(f, path, prefix).load()
             sizes = {i.filename: i.file_size for i in z.infolist()}
-    except zipfile.BadZipFile as e:
+    except FormatError:
+        raise
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as e:
         raise FormatError(f"{path} is truncated or not a PyTorch checkpoint: {e}") from e
+    except (pickle.UnpicklingError, OSError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, RecursionError, MemoryError) as e:  # fmt: skip
+        raise FormatError(f"{path}: its pickle is malformed ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict):
         raise FormatError(f"{path}: expected a state dict, found {type(state).__name__}")
     for name, t in state.items():
+        if not isinstance(name, str):
+            raise FormatError(f"{path}: a state dict key is not a string: {str(name)[:100]}")
         if isinstance(t, LazyTensor) and t.offset + t.nbytes > sizes.get(t.member, -1):
             raise FormatError(f"{path} is truncated: tensor {name!r} runs past its storage")
     return {k: v for k, v in state.items() if isinstance(v, LazyTensor)}
 
 
 def load_safetensors(path: str) -> dict[str, LazyTensor]:
+    """The tensors of a safetensors file, lazily, after checking its header as the reference
+    library does."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise FormatError(f"{path} is truncated: no safetensors header")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER:
+            raise FormatError(f"{path}: a safetensors header of {n:,} bytes is too large")
         if n > size - 8:
             raise FormatError(f"{path} is truncated or not safetensors (header of {n} bytes)")
-        header = json.loads(f.read(n))
-    out = {}
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: the safetensors header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise FormatError(f"{path}: __metadata__ is not a JSON object")
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise FormatError(f"{path}: unsupported dtype {info['dtype']} of {name!r}")
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise FormatError(f"{path} is truncated: tensor {name!r} runs past the end")
-        out[name] = LazyTensor(
-            path,
-            None,
-            8 + n + start,
-            tuple(info["shape"]),
-            np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]),
+        dtype, shape, start, end = _tensor_entry(path, name, info)
+        spans.append((start, end, name))
+        out[name] = LazyTensor(path, None, 8 + n + start, shape, dtype)
+    # The byte ranges must tile the data exactly, in order: no gap, overlap or alias.
+    position = 0
+    for start, end, name in sorted(spans):
+        if start != position:
+            raise FormatError(
+                f"{path}: tensor {name!r} starts at byte {start} of the data, expected "
+                f"{position} (byte ranges must not overlap, alias or leave gaps)"
+            )
+        position = end
+    if position != size - 8 - n:
+        raise FormatError(
+            f"{path}: the tensors cover {position} bytes of data but the file holds "
+            f"{size - 8 - n} (truncated, or bytes no tensor owns)"
         )
     return out
+
+
+def _tensor_entry(path: str, name: str, info: Any) -> tuple[np.dtype, tuple, int, int]:
+    """(dtype, shape, start, end) of one header entry, each checked."""
+    where = f"{path}: tensor {str(name)[:100]!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise FormatError(f"{where} needs dtype, shape and data_offsets")
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise FormatError(f"{where}: unsupported dtype {str(info['dtype'])[:20]}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise FormatError(f"{where}: shape must be a list of non-negative integers")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2
+        and all(_is_int(o) and o >= 0 for o in offsets) and offsets[0] <= offsets[1]
+    ):  # fmt: skip
+        raise FormatError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+    start, end = offsets
+    if end - start != math.prod(shape) * dtype.itemsize:
+        raise FormatError(
+            f"{where}: data_offsets span {end - start} bytes, but shape {shape} of "
+            f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}"
+        )
+    return dtype, tuple(shape), start, end
 
 
 class SafetensorsWriter:

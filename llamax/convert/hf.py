@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -274,17 +275,12 @@ def read(directory: str):
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{config_path}: {e}") from e
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-        missing = [name for name in files if not os.path.exists(os.path.join(directory, name))]
-        if missing:
-            raise FormatError(f"{directory}: shards named in the index are missing: {missing}")
-        lazy = {}
-        for name in files:
-            lazy.update(load_safetensors(os.path.join(directory, name)))
+        lazy = _read_index(directory, index_path)
     else:
         lazy = load_safetensors(single)
+    # Before any per-layer name is made: a config.json that claims a billion layers is
+    # refused by what the files hold, in memory proportional to the files.
+    check_layer_count(lazy, r"model\.layers\.(\d+)\.", config.n_layers, directory)
     expected = expected_hf_shapes(config)
     names = {k for k in lazy if not k.endswith(IGNORED_SUFFIXES)}
     missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
@@ -297,6 +293,51 @@ def read(directory: str):
         if lazy[name].shape != want:
             raise FormatError(f"{name}: shape {lazy[name].shape}, config.json implies {want}")
     return config, {name: lazy[name].load for name in expected}
+
+
+def _read_index(directory: str, index_path: str) -> dict:
+    """The lazy tensors of the shards a `model.safetensors.index.json` names, each tensor in
+    the shard the index says, and every shard a plain file name inside `directory`."""
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{index_path}: not a safetensors index ({e})") from e
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise FormatError(f"{index_path}: weight_map must map tensor names to file names")
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if name in ("", ".", "..") or os.path.basename(name) != name or os.path.isabs(name):
+            raise FormatError(
+                f"{index_path}: shard {name[:100]!r} is not a file name inside {directory}"
+            )
+    missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise FormatError(f"{directory}: shards named in the index are missing: {missing}")
+    lazy: dict = {}
+    for file in files:
+        for name, tensor in load_safetensors(os.path.join(directory, file)).items():
+            if name in lazy:
+                raise FormatError(f"{directory}: tensor {name!r} is in two shards")
+            if weight_map.get(name, file) != file:
+                raise FormatError(
+                    f"{index_path}: tensor {name!r} is in {file}, the index says {weight_map[name]}"
+                )
+            lazy[name] = tensor
+    return lazy
+
+
+def check_layer_count(names, pattern: str, n_layers: int, where: str) -> None:
+    """The layer indices in tensor names (the first group of `pattern`) are 0 .. n_layers - 1."""
+    compiled = re.compile(pattern)
+    found = {int(m.group(1)) for name in names if (m := compiled.match(name))}
+    if len(found) != n_layers or found != set(range(n_layers)):  # (no set of n_layers made)
+        held = f"{len(found)} (indices {min(found)} to {max(found)})" if found else "none"
+        raise FormatError(
+            f"{where}: the config says {n_layers} layers, but the weights hold {held}"
+        )
 
 
 def write(config: LlamaConfig, tensors, directory: str, dtype: str) -> None:

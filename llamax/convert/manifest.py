@@ -3,41 +3,15 @@ parameter shapes; `verify` checks a directory against it (`llamax-convert --veri
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from llamax import fs
 from llamax.config import LlamaConfig
 from llamax.convert import hf
+from llamax.convert.formats import FormatError
 
 NAME = "manifest.json"
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _hash_files(directory: str, names: list[str]) -> dict[str, str]:
-    """sha256 of each file, on as many threads as cores (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        digests = pool.map(lambda rel: _sha256(os.path.join(directory, rel)), names)
-        return dict(zip(names, digests, strict=True))
-
-
-def _files(directory: str) -> list[str]:
-    out = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            rel = os.path.relpath(os.path.join(root, name), directory)
-            if rel != NAME:
-                out.append(rel)
-    return sorted(out)
 
 
 def write(directory: str, config: LlamaConfig, fmt: str, dtype: str) -> None:
@@ -51,21 +25,41 @@ def write(directory: str, config: LlamaConfig, fmt: str, dtype: str) -> None:
         },
         "files": {
             rel: {"bytes": os.path.getsize(os.path.join(directory, rel)), "sha256": digest}
-            for rel, digest in _hash_files(directory, _files(directory)).items()
+            for rel, digest in fs.sha256_files(directory, fs.files_under(directory, NAME)).items()
         },
     }
     fs.write_json(os.path.join(directory, NAME), manifest, indent=1, sort_keys=True)
 
 
+def _read(path: str) -> dict:
+    """The manifest, its structure checked: a malformed one raises `FormatError`."""
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not JSON ({e})") from e
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise FormatError(f"{path}: malformed, 'files' must map file names to sizes and hashes")
+    for rel, info in files.items():
+        parts = rel.replace("\\", "/").split("/")
+        if os.path.isabs(rel) or ".." in parts or rel in ("", "."):
+            raise FormatError(f"{path}: file name {rel[:100]!r} is not inside the directory")
+        ok = isinstance(info, dict) and isinstance(info.get("bytes"), int)
+        if not ok or not isinstance(info.get("sha256"), str):
+            raise FormatError(f"{path}: malformed entry for {rel[:100]!r}: needs bytes and sha256")
+    return manifest
+
+
 def verify(directory: str) -> list[str]:
-    """The problems found in a converted directory against its manifest (empty: all good)."""
+    """The problems found in a converted directory against its manifest (empty: all good); a
+    missing or malformed manifest raises `FormatError`."""
     path = os.path.join(directory, NAME)
-    if not os.path.exists(path):
-        return [f"no {NAME} in {directory}"]
-    with open(path) as f:
-        manifest = json.load(f)
+    if not os.path.isfile(path):
+        raise FormatError(f"no {NAME} in {directory}: not a converted directory")
+    manifest = _read(path)
     problems = []
-    present = set(_files(directory))
+    present = set(fs.files_under(directory, NAME))
     to_hash = []
     for rel, info in manifest["files"].items():
         full = os.path.join(directory, rel)
@@ -75,7 +69,7 @@ def verify(directory: str) -> list[str]:
             problems.append(f"{rel}: {os.path.getsize(full)} bytes, manifest says {info['bytes']}")
         else:
             to_hash.append(rel)
-    for rel, digest in _hash_files(directory, to_hash).items():
+    for rel, digest in fs.sha256_files(directory, to_hash).items():
         if digest != manifest["files"][rel]["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
     problems += [f"unexpected file {rel}" for rel in sorted(present - set(manifest["files"]))]

@@ -24,7 +24,7 @@ import numpy as np
 
 from llamax.config import LlamaConfig
 from llamax.convert.formats import FormatError, load_pth
-from llamax.convert.hf import expected_hf_shapes
+from llamax.convert.hf import check_layer_count, expected_hf_shapes
 
 # Meta name (inside `layers.{i}.` for layer tensors) -> (HF name, split dim or None, permute)
 _TOP = {
@@ -194,6 +194,7 @@ def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray
     except (ValueError, TypeError) as e:
         raise FormatError(f"{params_path}: {e}") from e
     check_shard_count(config, len(files))
+    check_layer_count(shards[0], r"layers\.(\d+)\.", config.n_layers, files[0])
 
     expected = {meta: (hf, dim, perm) for meta, hf, dim, perm in _names(config)}
     for path, shard in zip(files, shards, strict=True):

@@ -15,6 +15,7 @@ and the embedding (docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -98,24 +99,33 @@ class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
 
     def __init__(self):
         super().__init__(deepcopy_host_arrays=False)
-        self._lock, self._failed = None, False
+        self._lock, self._stopped, self._in_flight = None, False, None
+
+    def stop(self) -> None:
+        """No write starts after this; returns once the one in flight (if any) is done, so
+        that nothing writes into the output after the caller removes it."""
+        self._stopped = True
+        if self._in_flight is not None:
+            with contextlib.suppress(Exception):
+                self._in_flight.result()
 
     async def _open_and_write(self, value, tspec, ts_context):
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if self._failed:  # nothing more is written once a leaf has failed (its
-                return  # error is the one the save raises)
+            if self._stopped:  # nothing more is written once a leaf has failed (its
+                return  # error is the one the save raises) or the conversion was stopped
             try:
                 await self._write(value, tspec, ts_context)
             except BaseException:
-                self._failed = True
+                self._stopped = True
                 raise
 
     async def _write(self, value, tspec, ts_context):
         t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
         if not isinstance(value, LazyArray):
-            await t.write(value)
+            self._in_flight = t.write(value)
+            await self._in_flight
             return
         rows = value.shape[0] // value.parts
         with ThreadPoolExecutor(PREFETCH) as pool:
@@ -128,11 +138,13 @@ class StreamingNumpyHandler(ocp.type_handlers.NumpyHandler):
                     )
                 if i + PREFETCH < value.parts:
                     pending.append(pool.submit(value.part, i + PREFETCH))
-                await t[i * rows : (i + 1) * rows].write(part)
+                if self._stopped:
+                    return
+                self._in_flight = t[i * rows : (i + 1) * rows].write(part)
+                await self._in_flight
 
 
-def _streaming_handler() -> ocp.PyTreeCheckpointHandler:
-    handler = StreamingNumpyHandler()
+def _streaming_handler(handler: StreamingNumpyHandler) -> ocp.PyTreeCheckpointHandler:
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, handler), (LazyArray, handler), (jax.Array, ocp.type_handlers.ArrayHandler())
     )
@@ -177,18 +189,24 @@ def write(config: LlamaConfig, tensors: Tensors, directory: str, dtype: str) -> 
     save_args.update(tok_embeddings=ocp.SaveArgs(), output=ocp.SaveArgs())
     save_args["norm"] = {"scale": ocp.SaveArgs()}
 
+    handler = StreamingNumpyHandler()
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(directory, "checkpoints")),
         options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True),
-        item_handlers={"params": _streaming_handler(), "meta": ocp.JsonCheckpointHandler()},
+        item_handlers={"params": _streaming_handler(handler), "meta": ocp.JsonCheckpointHandler()},
     )
-    manager.save(
-        0,
-        args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(params, save_args=save_args),
-            meta=ocp.args.JsonSave({"step": 0, "converted": True, "config": config.to_dict()}),
-        ),
-    )
-    manager.wait_until_finished()
-    manager.close()
+    try:
+        manager.save(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.PyTreeSave(params, save_args=save_args),
+                meta=ocp.args.JsonSave({"step": 0, "converted": True, "config": config.to_dict()}),
+            ),
+        )
+        manager.wait_until_finished()
+    except BaseException:  # a failed read, or Ctrl-C / SIGTERM: stop writing before cleanup
+        handler.stop()
+        raise
+    finally:
+        manager.close()
     fs.write_text(os.path.join(directory, "config.json"), config.to_json())

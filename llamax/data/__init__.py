@@ -45,8 +45,25 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check(c: ml_collections.ConfigDict) -> None:
+    """Clear errors for data settings no run could use."""
+    errors = []
+    if c.source not in SOURCES:
+        errors.append(f"data.source must be one of {SOURCES}, got {c.source!r}")
+    if not (isinstance(c.markov_states, int) and c.markov_states >= 2):
+        errors.append(f"data.markov_states must be an integer >= 2, got {c.markov_states!r}")
+    if not (isinstance(c.markov_alpha, int | float) and 0 < c.markov_alpha < float("inf")):
+        errors.append(f"data.markov_alpha must be positive, got {c.markov_alpha!r}")
+    fraction = c.validation_fraction
+    if not (isinstance(fraction, int | float) and 0 <= fraction < 1):
+        errors.append(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
+    if errors:
+        raise ValueError("Invalid data config: " + "; ".join(errors))
+
+
 def vocab_size(c: ml_collections.ConfigDict) -> int:
     """The number of ids the data can produce (the model's vocab_size must be at least this)."""
+    check(c)
     if c.source == "markov":
         return c.markov_states
     if c.source == "tfds":

@@ -8,8 +8,11 @@ location, so the split is stable as files come and go. A catalog dataset (say `c
 TensorFlow is not needed.
 
 Bad input never becomes a silent wrong batch: a missing pattern is an error; empty documents,
-bytes that are not UTF-8, lines that are not JSON or lack the text field are skipped, counted,
-and logged with the first place each happened.
+bytes that are not UTF-8, text that is not valid Unicode (a lone surrogate escaped in JSON),
+lines that are not JSON or lack the text field, and files that cannot be read to the end (a
+truncated or corrupt `.gz`, a `.gz` that is not gzip, an unreadable file) are skipped, counted,
+and logged with the first place each happened; the documents read before a file broke off
+are kept.
 """
 
 from __future__ import annotations
@@ -94,21 +97,43 @@ def _open(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, which JSON's \ud800 escapes can make
+        return False
+    return True
+
+
 def read_documents(path: str, text_field: str):
     """(key, text, problem) for each document of a file; problem is None for a good one."""
+    key = path
+    try:
+        for key, text, problem in _documents(path, text_field):
+            yield key, text, problem
+    except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        problem = "truncated or corrupt files" if not isinstance(e, gzip.BadGzipFile) else (
+            "files named .gz that are not gzip"
+        )  # fmt: skip
+        where = path if key == path else f"{path} after {key}"
+        yield f"{where} ({type(e).__name__})", None, problem
+
+
+def _documents(path: str, text_field: str):
+    """(key, text, problem) for each document of a file; raises if the file breaks off."""
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".jsonl") or base.endswith(".json"):
         with _open(path) as f:
-            for i, line in enumerate(f):
+            for i, raw in enumerate(f):
                 key = f"{path}:{i + 1}"
-                if not line.strip():
+                if not raw.strip():
                     continue
                 try:
-                    record = json.loads(line.decode("utf-8"))
+                    record = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError:
                     yield key, None, "records that are not UTF-8"
                     continue
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     yield key, None, "lines that are not JSON"
                     continue
                 text = record.get(text_field) if isinstance(record, dict) else None
@@ -116,6 +141,8 @@ def read_documents(path: str, text_field: str):
                     yield key, None, f"records without a string {text_field!r} field"
                 elif not text:
                     yield key, None, "empty documents"
+                elif not _valid_unicode(text):
+                    yield key, None, "records that are not valid Unicode"
                 else:
                     yield key, text, None
         return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -19,6 +19,9 @@ import sentencepiece as spm
 from llamax import fs
 
 UNK, BOS, EOS = 0, 1, 2
+# The most characters encoded in one call of `encode_pieces` (where the text allows a cut):
+# SentencePiece needs about 50 bytes per character of a call, and returns a Python list.
+PIECE_CHARS = 1 << 16
 
 
 class Tokenizer:
@@ -26,10 +29,22 @@ class Tokenizer:
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"Tokenizer model not found: {model_path}")
         self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError, ValueError) as e:  # sentencepiece's parse errors
+            raise ValueError(
+                f"{model_path}: not a sentencepiece model (empty, truncated or another "
+                f"format): {str(e)[:200]}"
+            ) from e
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.unk_id, self.pad_id = self.sp.unk_id(), self.sp.pad_id()
+        if self.vocab_size <= 0 or self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"{model_path}: a sentencepiece model without Llama's BOS and EOS pieces "
+                f"(vocabulary {self.vocab_size}, BOS {self.bos_id}, EOS {self.eos_id})"
+            )
+        self._cuttable, self._dummy_prefix = _cut_settings(self.sp)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Meta's `Tokenizer.encode(s, bos, eos)`."""
@@ -39,8 +54,69 @@ class Tokenizer:
     def encode_array(self, text: str, bos: bool = True, eos: bool = True) -> np.ndarray:
         return np.asarray(self.encode(text, bos, eos), dtype=np.int32)
 
+    def encode_pieces(
+        self, text: str, bos: bool = True, eos: bool = True, max_chars: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """`encode_array(text, bos, eos)` as consecutive int32 arrays, encoding about
+        `max_chars` characters at a time, so that a document of any length is tokenized in
+        bounded memory. The text is cut only at a space between two other characters: with
+        SentencePiece's whitespace pre-splitting, the `▁` it becomes always begins a piece,
+        so the pieces' ids concatenate to the whole text's (tests/test_tokenizer.py). A text
+        with no such space in a window is encoded in a longer piece; a model whose settings
+        do not give that guarantee encodes each text whole."""
+        if bos:
+            yield np.asarray([self.bos_id], np.int32)
+        for start, end in self._cuts(text, max_chars or PIECE_CHARS):
+            # After a cut the piece starts with the space; the dummy prefix `▁` stands for it.
+            piece = text[start + 1 : end] if start and self._dummy_prefix else text[start:end]
+            yield np.asarray(self.sp.encode(piece), np.int32)
+        if eos:
+            yield np.asarray([self.eos_id], np.int32)
+
+    def _cuts(self, text: str, max_chars: int) -> Iterator[tuple[int, int]]:
+        n, start = len(text), 0
+        while start < n:
+            end = n if not self._cuttable or n - start <= max_chars else None
+            limit = start + max_chars
+            while end is None:
+                c = text.rfind(" ", start + 1, limit + 1)
+                if c == -1:  # no space in the window: the first cut after it, if any
+                    c = text.find(" ", limit + 1)
+                    while c != -1 and not _cut_at(text, c):
+                        c = text.find(" ", c + 1)
+                    end = n if c == -1 else c
+                elif _cut_at(text, c):
+                    end = c
+                else:
+                    limit = c - 1
+            yield start, end
+            start = end
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+def _cut_at(text: str, c: int) -> bool:
+    """A space at `c` with another character on each side."""
+    return 0 < c < len(text) - 1 and text[c - 1] != " " and text[c + 1] != " "
+
+
+def _cut_settings(sp: spm.SentencePieceProcessor) -> tuple[bool, bool]:
+    """(whether texts may be cut at spaces, whether the model adds a dummy-prefix `▁`): cuts
+    need no normalization (which could join characters across the cut) and whitespace
+    pre-splitting with `▁` as a piece prefix (Llama's tokenizer, and `train_tokenizer`'s)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(sp.serialized_model_proto())
+    normalizer, trainer = model.normalizer_spec, model.trainer_spec
+    cuttable = (
+        normalizer.name == "identity"
+        and normalizer.escape_whitespaces
+        and trainer.split_by_whitespace
+        and not trainer.treat_whitespace_as_suffix
+    )
+    return cuttable, normalizer.add_dummy_prefix
 
 
 def train_tokenizer(
