@@ -78,7 +78,7 @@ def pretrain_config(work, tokenizer):
 def finetune_config(work, tokenizer, scaling):
     c = base_config(work, tokenizer)
     if scaling is not None:
-        c.model.rope_scaling = scaling
+        c.model.rope_scaling.update(scaling)
         c.model.max_seq_len = SHORT if scaling["rope_type"] == "dynamic" else LONG
     c.init_from = os.path.join(work, "pretrain")
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 3e-4, 10

@@ -28,7 +28,6 @@ import jax
 import numpy as np
 
 from llamax import experiment, setup
-from llamax.cli.tokenizer import _lines
 from llamax.data import corpus, pipeline
 from llamax.data.tokenizer import train_tokenizer
 
@@ -63,7 +62,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="llamax-bench-")
     pattern = os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py")
     tokenizer = os.path.join(work, "tokenizer.model")
-    train_tokenizer(_lines(pattern, "text", 300_000), tokenizer, 8000)
+    train_tokenizer(corpus.sample_lines(pattern, "text", 300_000), tokenizer, 8000)
     # One single-line document: stdlib words joined by spaces, HUGE_MB megabytes.
     words = open(os.path.join(sysconfig.get_paths()["stdlib"], "typing.py")).read().split()
     random.seed(0)

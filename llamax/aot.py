@@ -8,12 +8,13 @@ mesh over the slice's chips, and reports per-chip memory against the chip's HBM,
 whether it fits, the compile time and the model FLOPs per step.
 
 Slice names are Google Cloud's: `v4-N` and `v5p-N` count TensorCores (two per chip, one JAX
-device per chip), `v5e-N` and `v6e-N` count chips.
+device per chip), `v5e-N` (gcloud's `v5litepod-N`, also accepted) and `v6e-N` count chips.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 import time
@@ -51,9 +52,18 @@ class Slice:
     def topology(self) -> str:
         return f"{CHIPS[self.generation][1]}:{'x'.join(map(str, self.grid))}"
 
+    @property
+    def accelerator_type(self) -> str:
+        """gcloud's `--accelerator-type` for this slice."""
+        count = self.name.partition("-")[2]
+        return f"v5litepod-{count}" if self.generation == "v5e" else f"{self.generation}-{count}"
+
 
 def parse_slice(name: str) -> Slice:
-    """`v5e-16` -> 16 v5e chips on a 4x4 grid; clear errors for anything else."""
+    """`v5e-16` (or `v5litepod-16`) -> 16 v5e chips on a 4x4 grid; clear errors for anything
+    else."""
+    if name.startswith("v5litepod-"):
+        name = "v5e-" + name.removeprefix("v5litepod-")
     generation, _, count = name.partition("-")
     if generation not in CHIPS or not count.isdigit():
         raise ValueError(
@@ -75,6 +85,13 @@ def topology_devices(tpu: Slice, num_slices: int = 1) -> list:
     # Compiling uses no TPU, so several processes may load libtpu at once (it otherwise
     # takes a machine-wide lock).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not glob.glob("/dev/accel*") and not os.path.exists("/dev/vfio"):
+        # Not a TPU VM: tell libtpu so, or it asks the metadata server which TPU it runs on
+        # and prints errors about the answer it cannot get.
+        for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_ID", "0"),
+                           ("TPU_WORKER_HOSTNAMES", "localhost"),
+                           ("TPU_ACCELERATOR_TYPE", tpu.accelerator_type)):  # fmt: skip
+            os.environ.setdefault(key, value)
 
     _, _, chip_config, host_bounds = CHIPS[tpu.generation]
     try:

@@ -82,11 +82,22 @@ def _window_nll(params, tokens, weights, *, model):
 
 
 def perplexity(
-    model, params, stream: np.ndarray, length: int, stride: int | None = None, batch_size: int = 1
+    model,
+    params,
+    stream: np.ndarray,
+    length: int,
+    stride: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
 ) -> dict:
-    """Sliding-window perplexity of `stream` at context `length` (see the module docstring)."""
+    """Sliding-window perplexity of `stream` at context `length` (see the module docstring);
+    `progress` shows a bar of the windows scored."""
+    from tqdm import tqdm
+
     spans = windows(len(stream), length, stride or length)
     nll, count = 0.0, 0.0
+    bar = tqdm(total=len(spans), desc=f"perplexity at {length}", unit="window",
+               disable=not progress, leave=False)  # fmt: skip
     for i in range(0, len(spans), batch_size):
         chunk = spans[i : i + batch_size]
         tokens = np.stack([stream[s : s + length] for s, _ in chunk])
@@ -99,7 +110,8 @@ def perplexity(
             weights = np.concatenate([weights, np.zeros((pad, length - 1), np.float32)])
         s, c = _window_nll(params, jnp.asarray(tokens), jnp.asarray(weights), model=model)
         nll, count = nll + float(s), count + float(c)
-        log.info("perplexity at %d: %d of %d windows", length, i + len(chunk), len(spans))
+        bar.update(len(chunk))
+    bar.close()
     return {
         "length": length,
         "stride": stride or length,

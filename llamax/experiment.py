@@ -13,12 +13,13 @@ Every key is documented in docs/config.md (tests/test_configs.py keeps the two i
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import ml_collections
 
 from llamax import checkpoint, optim
 from llamax import data as data_lib
-from llamax.config import LlamaConfig
+from llamax.config import ROPE_KEYS, LlamaConfig
 from llamax.execution import Execution
 
 # Execution settings a training run may set; `scan_layers` is not one of them, since every
@@ -33,8 +34,12 @@ TRAIN_EXECUTION_FIELDS = (
     "attention_block_kv",
 )
 # Types of the LlamaConfig fields whose default is None, for their placeholders.
-_OPTIONAL_TYPES = {"rope_scaling": dict, "n_kv_heads": int, "ffn_dim_multiplier": float,
-                   "ffn_dim": int}  # fmt: skip
+_OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "ffn_dim": int}
+# Every key of a rotary scaling (llamax.config.ROPE_KEYS) with its type.
+ROPE_FIELDS = {"rope_type": str, "factor": float, "low_freq_factor": float,
+               "high_freq_factor": float, "original_max_position_embeddings": int,
+               "attention_factor": float, "beta_fast": float, "beta_slow": float,
+               "mscale": float, "mscale_all_dim": float, "truncate": bool}  # fmt: skip
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -46,6 +51,11 @@ def default_config() -> ml_collections.ConfigDict:
     for field in dataclasses.fields(LlamaConfig):
         kind = _OPTIONAL_TYPES.get(field.name, type(getattr(LlamaConfig(), field.name)))
         c.model[field.name] = ml_collections.config_dict.placeholder(kind)
+    # The rotary scaling key by key, so that each can be set on the command line
+    # (--config.model.rope_scaling.rope_type=linear --config.model.rope_scaling.factor=4).
+    c.model.rope_scaling = ml_collections.ConfigDict(
+        {key: ml_collections.config_dict.placeholder(kind) for key, kind in ROPE_FIELDS.items()}
+    )
     defaults = Execution()
     for name in TRAIN_EXECUTION_FIELDS:
         c.model[name] = getattr(defaults, name)
@@ -64,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # parameter initialization
     c.train.peak_flops_per_device = 0.0  # for MFU; 0: look the device up in metrics.PEAK_FLOPS
     c.train.progress_bar = True
+    # Resuming with changed keys that alter the run (the model, the schedule, the optimizer,
+    # the batches) is refused unless this is true; see `changes`.
+    c.train.accept_changes = False
     c.checkpoint = checkpoint.default_config()
     c.cluster = ml_collections.ConfigDict()
     # Seconds without a heartbeat after which JAX's coordinator counts a process of a
@@ -78,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
 # (section, key, smallest allowed value) for the integer keys of the loop's sections.
 _AT_LEAST = (
     ("train", "steps", 1), ("train", "batch_size", 1), ("train", "seq_len", 2),
-    ("train", "grad_accum_steps", 1), ("train", "log_every", 1), ("train", "eval_every", 0),
+    ("train", "grad_accum_steps", 1), ("train", "log_every", 0), ("train", "eval_every", 0),
     ("train", "eval_batches", 1), ("checkpoint", "every", 0), ("checkpoint", "keep", 1),
     ("checkpoint", "keep_period", 0),
 )  # fmt: skip
@@ -103,15 +116,64 @@ def check(c: ml_collections.ConfigDict) -> None:
         raise ValueError("Invalid experiment config: " + "; ".join(errors))
 
 
+# Keys a resumed run may change freely (logged): how it computes, reports and saves, not
+# what it trains. Any other change alters the run and must be accepted.
+FREE_TO_CHANGE = (
+    "model.dtype", "model.remat_policy", "model.scan_unroll", "model.attention",
+    "model.attention_block_q", "model.attention_block_kv", "mesh.", "train.log_every",
+    "train.eval_every", "train.eval_batches", "train.progress_bar", "train.seed",
+    "train.peak_flops_per_device", "train.grad_accum_steps", "train.accept_changes",
+    "checkpoint.", "cluster.", "init_from", "data.tfds_data_dir",
+)  # fmt: skip
+
+
+def _flatten(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "resolved":
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+    """(changes that alter the run, free ones) between a workdir's recorded config.json and
+    the config `c` that would resume it, each as "key: old -> new". The model is compared by
+    its resolved architecture, not by how a preset and overrides spell it."""
+    new = json.loads(c.to_json_best_effort())
+    new["model"]["resolved"] = model_config(c).to_dict()
+    old, new = dict(_flatten(recorded)), dict(_flatten(new))
+    altering, free = [], []
+    for key in sorted(set(old) & set(new)):
+        if key == "model.resolved":
+            before, after = old[key] or {}, new[key]
+            for field in sorted(set(before) | set(after)):
+                if before.get(field) != after.get(field):
+                    altering.append(f"model.{field}: {before.get(field)!r} -> {after.get(field)!r}")
+        elif key.startswith("model.") and key.split(".")[1] in LlamaConfig.__dataclass_fields__:
+            continue  # spelled differently, compared as resolved above
+        elif key != "model.preset" and old[key] != new[key]:
+            change = f"{key}: {old[key]!r} -> {new[key]!r}"
+            (free if key.startswith(FREE_TO_CHANGE) else altering).append(change)
+    return altering, free
+
+
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
     """The architecture: the preset with the `model` section's non-None overrides."""
     overrides = {
         name: c.model[name]
         for name in dataclasses.asdict(LlamaConfig())
-        if c.model.get(name) is not None
+        if name != "rope_scaling" and c.model.get(name) is not None
     }
-    if "rope_scaling" in overrides:
-        overrides["rope_scaling"] = dict(overrides["rope_scaling"])
+    scaling = c.model.get("rope_scaling")
+    if hasattr(scaling, "to_dict"):
+        scaling = scaling.to_dict()
+    scaling = {k: v for k, v in (scaling or {}).items() if v is not None}
+    if scaling:  # (none given keeps the preset's)
+        if "rope_type" not in scaling and "type" not in scaling:
+            raise ValueError(
+                f"model.rope_scaling needs rope_type (one of {sorted(ROPE_KEYS)}), got {scaling}"
+            )
+        overrides["rope_scaling"] = scaling
     return LlamaConfig.preset(c.model.preset, **overrides)
 
 
@@ -155,7 +217,8 @@ def context_extension_recipe(preset: str, seq_len: int) -> ml_collections.Config
     pretraining data. Chunked attention and full remat keep the long sequences in memory."""
     c = llama2_recipe(preset, learning_rate=2e-5)
     factor = seq_len / c.train.seq_len
-    c.model.rope_scaling = {"rope_type": "linear", "factor": factor}
+    c.model.rope_scaling.rope_type = "linear"
+    c.model.rope_scaling.factor = factor
     c.model.max_seq_len = seq_len
     c.model.attention = "chunked"
     c.optimizer.warmup_steps = 20

@@ -110,6 +110,19 @@ def _remove_when_settled(tmp: str, quiet: float = 1.0, limit: float = 10.0) -> N
             gone_since = time.monotonic()
 
 
+@contextlib.contextmanager
+def no_empty_directory_on_error(path: str) -> Iterator[None]:
+    """A directory this block creates is removed if the block fails having written no file
+    into it, so that a failed first run leaves no empty workdir behind."""
+    created = not os.path.exists(path)
+    try:
+        yield
+    except BaseException:
+        if created and os.path.isdir(path) and not any(f for _, _, f in os.walk(path)):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
 def write_bytes(path: str, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)

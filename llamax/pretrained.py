@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llamax import sharding
+from llamax import fs, sharding
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
 from llamax.model import Llama, abstract_params
@@ -36,8 +36,12 @@ def checkpoint_dir(path: str) -> str:
 
 
 def latest(path: str, what: str = "checkpoint") -> tuple[str, int]:
-    """(checkpoint directory, latest complete step) under `path`; a clear error when there is
-    none. `what` names the caller's input in the error ("init_from", ...)."""
+    """(checkpoint directory, latest complete step) under `path` (a workdir, a converted
+    checkpoint, their `checkpoints/`, or one step's directory `checkpoints/N`); a clear error
+    when there is none. `what` names the caller's input in the error ("init_from", ...)."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.isdigit() and os.path.isdir(os.path.join(path, "params")):  # one step's directory
+        return os.path.dirname(os.path.abspath(os.path.normpath(path))), int(name)
     directory = os.path.abspath(checkpoint_dir(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{what}: no checkpoint directory at {path}")
@@ -62,14 +66,31 @@ def saved_params(path: str, what: str = "checkpoint"):
     return ocp.StandardCheckpointHandler().metadata(item)
 
 
+def _convert_first(path: str, fmt: str) -> ValueError:
+    out = os.path.normpath(path) + "-llamax"
+    return ValueError(
+        f"{path} is a {'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint: convert it first, "
+        f"llamax-convert --from {fmt} --to llamax --input {path} --output {out}"
+    )
+
+
 def read_model_config(path: str) -> LlamaConfig:
     """The LlamaConfig of a converted checkpoint or of a training run's workdir."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No checkpoint at {path}")
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
+        if os.path.exists(os.path.join(path, "params.json")):
+            raise _convert_first(path, "meta")
         raise FileNotFoundError(f"No config.json in {path}: not a llamax checkpoint or workdir")
     try:
         with open(config_path) as f:
             d = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: not JSON ({e})") from e
+    if isinstance(d, dict) and "model_type" in d:
+        raise _convert_first(path, "hf")
+    try:
         if isinstance(d, dict) and isinstance(d.get("model"), dict) and "resolved" in d["model"]:
             d = d["model"]["resolved"]
         return LlamaConfig.from_dict(d)
@@ -159,3 +180,30 @@ def open_param_leaves(path: str) -> Callable[[str], Any]:
         raise ValueError(f"{params}: cannot read parameter {name}: {errors[-1]}")
 
     return open_leaf
+
+
+def load_with_tokenizer(
+    path: str, tokenizer: str | None = None, dtype: str = "float32", **execution
+):
+    """`(model, params, tokenizer)` for generating or evaluating with a checkpoint: its own
+    `tokenizer.model` (converted checkpoints and training workdirs keep one), or `tokenizer`,
+    refused when it is not the checkpoint's (a different file gives other ids: perplexities
+    that mean nothing) or has more ids than the model."""
+    from llamax.data.tokenizer import Tokenizer
+
+    model, params = load_pretrained(path, dtype=dtype, **execution)
+    own = os.path.join(path, "tokenizer.model")
+    if tokenizer and os.path.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
+        raise ValueError(
+            f"{tokenizer} is not the tokenizer of {path} ({own} differs): leave out "
+            "--tokenizer to use the checkpoint's own"
+        )
+    if not tokenizer and not os.path.exists(own):
+        raise FileNotFoundError(f"No tokenizer.model in {path}: pass --tokenizer")
+    loaded = Tokenizer(tokenizer or own)
+    if loaded.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{loaded.path} has {loaded.vocab_size} pieces, more than the model's vocabulary "
+            f"({model.config.vocab_size}): not this model's tokenizer"
+        )
+    return model, params, loaded

@@ -49,14 +49,21 @@ def make_mesh(
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
         raise ValueError(f"Mesh sizes must be positive, with at most one -1; got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
+    hint = (
+        "; choose mesh sizes that multiply to the device count (--config.mesh.data, .fsdp, "
+        ".tensor; -1 takes the devices that remain), or on a CPU simulate devices with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={max(known, 8)} set before JAX starts"
+    )
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh of {sizes}")
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into a mesh of {sizes}" + hint
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(
             f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-            f"{math.prod(sizes)} devices, but there are {len(devices)}"
+            f"{math.prod(sizes)} devices, but there are {len(devices)}" + hint
         )
     try:
         # Lays the mesh out along the physical interconnect on TPU; plain reshape elsewhere.

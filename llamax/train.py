@@ -24,58 +24,60 @@ log = logging.getLogger("llamax")
 
 def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains for `c.train.steps` steps; returns the final state."""
-    t, every = c.train, c.checkpoint.every
     check_workdir(workdir)  # before anything is written to it
-    s = setup.build(c, setup.make_mesh(c, devices))
-    check_vocab(c, s)
-    rows = s.local_rows()
-    train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
-    held_out = HeldOutLoss(s, rows) if t.eval_every > 0 else None
-    saves = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.checkpoint)
-    state, meta = s.restore_or_init(saves, train_iter)
-    write_config(c, workdir)
-    tokens_seen, resolved = meta.get("tokens_seen", 0), json.loads(c.to_json_best_effort())
-    train_log = metrics.TrainLog(workdir, s, start_step=int(state.step))
-    preemption = checkpoint.PreemptionWatcher()
-    try:
-        with sharding.use_mesh(s.mesh):
-            for done in range(int(state.step) + 1, t.steps + 1):
-                state, step_metrics = s.train_step(state, s.global_batch(next(train_iter)))
-                tokens_seen += t.batch_size * t.seq_len
-                train_log.add(done, step_metrics)
-                saves.raise_if_failed()  # a save in the background failed: stop now
-                preempted = preemption.reached(done)
-                last = done == t.steps or preempted
-                save_now = bool(every and done % every == 0) or last
-                eval_now = held_out is not None and (done % t.eval_every == 0 or last)
-                log_now = done % t.log_every == 0 or last or eval_now
-                if not (save_now or log_now):
-                    continue  # metrics stay on the device until a log or save step
-                # A NaN step raises here, before it can be saved.
-                latest = train_log.fetch(resume_from=saves.saving or saves.good)
-                if save_now:
-                    meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
-                    saves.save(done, state, train_iter.get_state(), meta)
-                if log_now:
-                    eval_loss = held_out(state.params) if eval_now else None
-                    train_log.write(done, latest, eval_loss)
-                if preempted:
-                    log.warning("preempted: saved the checkpoint of step %d; exiting", done)
-                    break
-        saves.close()
-    except BaseException:
-        saves.abandon()
-        raise
-    finally:
-        preemption.close()
-        train_log.close()
-    train_log.summarize()
-    return state
+    with fs.no_empty_directory_on_error(workdir):
+        t, every = c.train, c.checkpoint.every
+        s = setup.build(c, setup.make_mesh(c, devices))
+        check_data(c, s)
+        rows = s.local_rows()
+        train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
+        held_out = HeldOutLoss(s, rows) if t.eval_every > 0 else None
+        saves = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.checkpoint)
+        check_resume(c, workdir, saves)
+        state, meta = s.restore_or_init(saves, train_iter)
+        write_config(c, workdir)
+        tokens_seen, resolved = meta.get("tokens_seen", 0), json.loads(c.to_json_best_effort())
+        train_log = metrics.TrainLog(workdir, s, start_step=int(state.step))
+        preemption = checkpoint.PreemptionWatcher()
+        try:
+            with sharding.use_mesh(s.mesh):
+                for done in range(int(state.step) + 1, t.steps + 1):
+                    state, step_metrics = s.train_step(state, s.global_batch(next(train_iter)))
+                    tokens_seen += t.batch_size * t.seq_len
+                    train_log.add(done, step_metrics)
+                    saves.raise_if_failed()  # a save in the background failed: stop now
+                    preempted = preemption.reached(done)
+                    last = done == t.steps or preempted
+                    save_now = bool(every and done % every == 0) or last
+                    eval_now = held_out is not None and (done % t.eval_every == 0 or last)
+                    log_now = bool(t.log_every and done % t.log_every == 0) or last or eval_now
+                    if not (save_now or log_now):
+                        continue  # metrics stay on the device until a log or save step
+                    # A NaN step raises here, before it can be saved.
+                    latest = train_log.fetch(resume_from=saves.saving or saves.good)
+                    if save_now:
+                        meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
+                        saves.save(done, state, train_iter.get_state(), meta)
+                    if log_now:
+                        eval_loss = held_out(state.params) if eval_now else None
+                        train_log.write(done, latest, eval_loss)
+                    if preempted:
+                        log.warning("preempted: saved the checkpoint of step %d; exiting", done)
+                        break
+            saves.close()
+        except BaseException:
+            saves.abandon()
+            raise
+        finally:
+            preemption.close()
+            train_log.close()
+        train_log.summarize()
+        return state
 
 
 # What a training run writes into its workdir (and nothing else may be there without a
 # run's config.json).
-RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard")
+RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model")
 
 
 def check_workdir(workdir: str) -> None:
@@ -113,23 +115,59 @@ def check_workdir(workdir: str) -> None:
     )
 
 
-def check_vocab(c: ml_collections.ConfigDict, s: setup.Setup) -> None:
+def check_resume(c: ml_collections.ConfigDict, workdir: str, saves) -> None:
+    """Resuming with a config that alters the run (the model, the schedule, the optimizer,
+    the batches) is refused, listing the changes, unless `train.accept_changes`; other
+    changes are logged."""
+    path = os.path.join(workdir, "config.json")
+    if saves.latest_step() is None or not os.path.exists(path):
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    altering, free = experiment.changes(recorded, c)
+    for change in free:
+        log.info("resuming with %s", change)
+    if altering and not c.train.accept_changes:
+        raise ValueError(
+            f"The run in {workdir} was configured differently (its config.json); resuming "
+            f"would change {'; '.join(altering)}. Rerun with --config.train.accept_changes="
+            "true to continue with the new values, or give a new --workdir."
+        )
+    for change in altering:
+        log.warning("resuming with %s (accepted)", change)
+
+
+def check_data(c: ml_collections.ConfigDict, s: setup.Setup) -> None:
+    """The data fits the model: its ids the vocabulary, its rows the context (a warning)."""
     data_vocab, model_vocab = data_lib.vocab_size(c.data), s.model.config.vocab_size
     if data_vocab > model_vocab:
         raise ValueError(
-            f"The data's vocabulary ({data_vocab} ids) does not fit the model's vocab_size "
-            f"({model_vocab}): use the tokenizer the model was trained with"
+            f"The data's tokenizer has {data_vocab} ids, more than the model's vocab_size "
+            f"({model_vocab}): when training from scratch, set --config.model.vocab_size="
+            f"{data_vocab} (or more); when continuing a model's training, use the tokenizer it "
+            "was trained with"
         )
+    if c.train.seq_len > s.model.config.max_seq_len:
+        log.warning(
+            "train.seq_len %d is longer than the model's max_seq_len %d: positions beyond it "
+            "are outside what the model is meant for (set model.max_seq_len, or a "
+            "model.rope_scaling to extend the context)", c.train.seq_len,
+            s.model.config.max_seq_len,
+        )  # fmt: skip
 
 
 def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     """`workdir/config.json`: the resolved config, its `model.resolved` the architecture that
-    `llamax.load_pretrained` reads; written atomically by process 0."""
+    `llamax.load_pretrained` reads; and a copy of the data's tokenizer as `tokenizer.model`,
+    which `llamax-generate` and `llamax-eval` use. Written atomically by process 0."""
     if jax.process_index() != 0:
         return
     resolved = json.loads(c.to_json_best_effort())
     resolved["model"]["resolved"] = experiment.model_config(c).to_dict()
     fs.write_json(os.path.join(workdir, "config.json"), resolved, indent=2, sort_keys=True)
+    if c.data.source == "tfds" and c.data.tokenizer:
+        with open(os.path.expanduser(c.data.tokenizer), "rb") as f:
+            fs.write_bytes(os.path.join(workdir, "tokenizer.model"), f.read())
 
 
 class HeldOutLoss:
@@ -141,11 +179,15 @@ class HeldOutLoss:
         self.setup, self.num_batches = s, s.c.train.eval_batches
         self.batches = data_lib.make_iterator(s.c.data, "validation", s.c.train.seq_len, rows)
         self.start = self.batches.get_state()
+        self.progress = s.c.train.progress_bar and jax.process_index() == 0
 
     def __call__(self, params) -> float:
+        from tqdm import tqdm
+
         self.batches.set_state(self.start)
         nll = count = 0.0
-        for _ in range(self.num_batches):
+        for _ in tqdm(range(self.num_batches), desc="eval", unit="batch", leave=False,
+                      disable=not self.progress):  # fmt: skip
             batch = self.setup.global_batch(next(self.batches))
             n, k = jax.device_get(self.setup.eval_step(params, batch))
             nll, count = nll + float(n), count + float(k)

@@ -69,10 +69,17 @@ fi
 runtime_version() {  # the TPU VM image for a slice type
   case "$1" in
     v4-*) echo "tpu-ubuntu2204-base" ;;
-    v5e-*) echo "v2-alpha-tpuv5-lite" ;;
+    v5e-* | v5litepod-*) echo "v2-alpha-tpuv5-lite" ;;
     v5p-*) echo "v2-alpha-tpuv5" ;;
     v6e-*) echo "v2-alpha-tpuv6e" ;;
-    *) fail "unknown slice type $1: expected v4-N, v5e-N, v5p-N or v6e-N" ;;
+    *) fail "unknown slice type $1: expected v4-N, v5e-N (or v5litepod-N), v5p-N or v6e-N" ;;
+  esac
+}
+
+accelerator_type() {  # gcloud's name of a slice type: v5e slices are v5litepod-N there
+  case "$1" in
+    v5e-*) echo "v5litepod-${1#v5e-}" ;;
+    *) echo "$1" ;;
   esac
 }
 
@@ -89,13 +96,14 @@ case "$action" in
   create)
     [[ -n "$type" ]] || fail "create needs --type (e.g. v5e-16)"
     version="$(runtime_version "$type")"
+    accelerator="$(accelerator_type "$type")"
     if [[ $num_slices -gt 1 ]]; then
       args=(gcloud compute tpus queued-resources create "$tpu" "${scope[@]}"
-        "--accelerator-type=$type" "--runtime-version=$version"
+        "--accelerator-type=$accelerator" "--runtime-version=$version"
         "--node-count=$num_slices" "--node-prefix=$tpu")
     else
       args=(gcloud compute tpus tpu-vm create "$tpu" "${scope[@]}"
-        "--accelerator-type=$type" "--version=$version")
+        "--accelerator-type=$accelerator" "--version=$version")
     fi
     if [[ $spot -eq 1 ]]; then
       args+=(--spot)

@@ -23,6 +23,12 @@ def test_slice_names(name, chips, topology):
     assert len(aot.topology_devices(tpu)) == chips
 
 
+def test_gcloud_names_of_v5e_slices_are_accepted():
+    assert aot.parse_slice("v5litepod-16") == aot.parse_slice("v5e-16")
+    assert aot.parse_slice("v5e-16").accelerator_type == "v5litepod-16"
+    assert aot.parse_slice("v5p-128").accelerator_type == "v5p-128"
+
+
 @pytest.mark.parametrize("name", ["v5e-3", "v7-8", "v5p-7", "v4", "tpu-16"])
 def test_unknown_slices_are_refused(name):
     with pytest.raises(ValueError, match="TPU slice|No v"):
@@ -65,6 +71,7 @@ def test_cli_writes_json(tmp_path):
     report = json.loads(out.read_text())
     assert {"peak_bytes_per_chip", "hbm_bytes_per_chip", "fits", "compile_seconds"} <= set(report)
     assert report["per_device_batch"] == 4 and "fits" in result.stdout
+    assert "TPU_WORKER_HOSTNAMES" not in result.stderr  # libtpu knows it is not on a TPU VM
     bad = subprocess.run([*cmd[:6], "v5e-5"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "No v5e slice of 5" in bad.stderr
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

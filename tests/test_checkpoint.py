@@ -177,6 +177,9 @@ def test_resuming_with_other_shapes_names_the_parameter(tmp_path, reference):
     workdir = str(tmp_path / "run")
     shutil.copytree(reference[0], workdir)
     config = load_config("tiny", **{**RUN, "model.dim": 128})
+    with pytest.raises(ValueError, match=r"configured differently .* model.dim: 64 -> 128"):
+        train.run(config, workdir)  # refused as a change of the run...
+    config.train.accept_changes = True  # ...and when accepted, the checkpoint cannot fit
     with pytest.raises(
         ValueError,
         match=r"'layers/attention/wk' has shape \(2, 64, 2, 16\) in the checkpoint "

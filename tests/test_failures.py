@@ -87,7 +87,8 @@ def test_the_cli_refuses_it_with_one_error_line(foreign_dirs, tmp_path):
         train.run(load_config("tiny", **RUN, **{"train.steps": 2}), str(tmp_path))
     os.remove(tmp_path / "notes.txt")
     train.run(load_config("tiny", **RUN, **{"train.steps": 2}), str(tmp_path))
-    train.run(load_config("tiny", **RUN, **{"train.steps": 4}), str(tmp_path))
+    longer = {"train.steps": 4, "train.accept_changes": True}  # (a changed schedule)
+    train.run(load_config("tiny", **RUN, **longer), str(tmp_path))
     assert read_metrics(str(tmp_path))[-1]["step"] == 4
 
 
@@ -101,7 +102,8 @@ def test_a_failed_async_save_stops_at_that_save(tmp_path):
     ok = _tree(os.path.join(workdir, "checkpoints", "4"))
 
     # The files of a save are larger than 100 KiB: every save from now on fails to write.
-    full = _cli(workdir, *_flags({**RUN, "train.steps": 12}), limit_file_kib=100)
+    longer = {**RUN, "train.steps": 12, "train.accept_changes": True}
+    full = _cli(workdir, *_flags(longer), limit_file_kib=100)
     assert full.returncode == 1, full.stderr[-3000:]
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith("llamax-train: error: Writing the checkpoint of step 6")
@@ -111,7 +113,7 @@ def test_a_failed_async_save_stops_at_that_save(tmp_path):
     assert _tree(os.path.join(workdir, "checkpoints", "4")) == ok
     assert checkpoint.verify(os.path.join(workdir, "checkpoints", "4")) == []
 
-    rerun = _cli(workdir, *_flags({**RUN, "train.steps": 12}))
+    rerun = _cli(workdir, *_flags(longer))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from the checkpoint of step 4" in rerun.stderr
     assert read_metrics(workdir)[-1]["step"] == 12

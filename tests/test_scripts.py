@@ -59,7 +59,20 @@ def test_create_one_slice_and_a_multislice_queued_resource():
         "--node-prefix=t",
         "--spot",
         "--runtime-version=v2-alpha-tpuv5-lite",
+        "--accelerator-type=v5litepod-256",  # gcloud's name of a v5e slice
     } <= set(multi)
+
+
+@pytest.mark.parametrize(
+    "given, gcloud",
+    [("v5e-16", "v5litepod-16"), ("v5litepod-16", "v5litepod-16"), ("v4-32", "v4-32"),
+     ("v5p-128", "v5p-128"), ("v6e-8", "v6e-8")],
+)  # fmt: skip
+def test_slice_types_are_gcloud_names(given, gcloud):
+    (create,) = _commands(
+        _run("tpu_vm.sh", "--tpu", "t", "--zone", "z", "--type", given, action="create")
+    )
+    assert f"--accelerator-type={gcloud}" in create
 
 
 def test_setup_and_run_on_all_workers():

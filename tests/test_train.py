@@ -204,3 +204,26 @@ def test_held_out_batches_come_from_one_iterator_rewound(tmp_path, monkeypatch):
     with llamax.sharding.use_mesh(s.mesh):
         first, second = held_out(state.params), held_out(state.params)
     assert first == second == read_metrics(str(tmp_path))[-1]["eval_loss"]
+
+
+def test_resuming_with_changes_that_alter_the_run_is_refused(tmp_path, caplog):
+    """A longer run rescales the cosine schedule mid-run: refused with the changes listed and
+    the flag that accepts them; changes of how the run reports or saves are logged."""
+    workdir = str(tmp_path)
+    train.run(load_config("tiny", **{"train.steps": 4, "checkpoint.every": 2}), workdir)
+    changed = {"train.steps": 8, "optimizer.learning_rate": 1e-3, "train.log_every": 2,
+               "checkpoint.every": 4}  # fmt: skip
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match="configured differently") as error:
+        train.run(load_config("tiny", **changed), workdir)
+    message = str(error.value)
+    assert "train.steps: 4 -> 8" in message and "optimizer.learning_rate: 0.003 -> 0.001" in message
+    assert "log_every" not in message and "--config.train.accept_changes=true" in message
+    assert (tmp_path / "config.json").read_text() == before  # nothing written
+
+    caplog.set_level("INFO", logger="llamax")
+    accepted = load_config("tiny", **changed, **{"train.accept_changes": True})
+    train.run(accepted, workdir)
+    assert "resuming with train.log_every: 5 -> 2" in caplog.text
+    assert "resuming with train.steps: 4 -> 8 (accepted)" in caplog.text
+    assert read_metrics(workdir)[-1]["step"] == 8

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from llamax.cli import error, setup_logging
+from llamax.cli import config_value, error, run_absl, setup_logging, usage_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -26,14 +26,15 @@ _JSON = flags.DEFINE_string("json", None, "Also write the report to this JSON fi
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _TOPOLOGY.value is None:
-        raise app.UsageError("--config and --topology are required")
+        sys.exit(usage_error("llamax-aot", f"unexpected arguments: {argv[1:]}"))
+    c = config_value(_CONFIG, "llamax-aot")
+    if c is None or _TOPOLOGY.value is None:
+        sys.exit(usage_error("llamax-aot", "--config and --topology are required"))
     setup_logging()
     from llamax import aot, fs
 
     try:
-        report = aot.check(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value)
+        report = aot.check(c, _TOPOLOGY.value, _NUM_SLICES.value)
     except (ValueError, RuntimeError) as e:
         sys.exit(error("llamax-aot", e))
     print(aot.format_report(report))
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    run_absl(main, __name__)
 
 
 if __name__ == "__main__":

@@ -76,18 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import llamax
     from llamax import data, evaluate
-    from llamax.data.tokenizer import Tokenizer
+    from llamax.pretrained import load_with_tokenizer
 
     try:
-        tokenizer = Tokenizer(args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model"))
-        model, params = llamax.load_pretrained(
-            args.checkpoint, dtype=args.dtype, attention=args.attention
+        model, params, tokenizer = load_with_tokenizer(
+            args.checkpoint, args.tokenizer, dtype=args.dtype, attention=args.attention
         )
         if "rope_scaling" in vars(args):  # given, possibly as null
             config = model.config.replace(rope_scaling=args.rope_scaling)
             model = llamax.Llama(config, model.execution)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"{tokenizer.path} has more pieces than the model's vocabulary")
         os.makedirs(args.output, exist_ok=True)
         label = args.label or os.path.basename(os.path.normpath(args.checkpoint))
         if args.command == "perplexity":
@@ -96,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             stream = evaluate.token_stream(texts, tokenizer, args.max_tokens)
             results = [
-                evaluate.perplexity(model, params, stream, n, args.stride, args.batch_size)
+                evaluate.perplexity(
+                    model, params, stream, n, args.stride, args.batch_size, progress=True
+                )
                 for n in args.lengths
             ]
             for r in results:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from llamax.cli import add_execution_flags, error
@@ -34,17 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--system needs --chat")
 
     import llamax
-    from llamax.data.tokenizer import Tokenizer
     from llamax.generation import chat_tokens
+    from llamax.pretrained import load_with_tokenizer
 
-    tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
     try:
-        tokenizer = Tokenizer(tokenizer_path)
-        model, params = llamax.load_pretrained(
-            args.checkpoint, dtype=args.dtype, attention=args.attention
+        model, params, tokenizer = load_with_tokenizer(
+            args.checkpoint, args.tokenizer, dtype=args.dtype, attention=args.attention
         )
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"{tokenizer_path} has more pieces than the model's vocabulary")
         if args.chat:
             dialog = [{"role": "system", "content": args.system}] if args.system else []
             ids = chat_tokens([*dialog, {"role": "user", "content": args.prompt}], tokenizer)

@@ -12,25 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from llamax.cli import error, setup_logging
-
-
-def _lines(patterns: str, text_field: str, max_lines: int):
-    from llamax.data.corpus import expand_patterns, read_documents
-
-    count = 0
-    for path in expand_patterns(patterns):
-        for _, text, problem in read_documents(path, text_field):
-            if problem is not None:
-                continue
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
-                    count += 1
-                    if count >= max_lines:
-                        return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,24 +26,33 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--output", required=True, help="path of the .model file to write")
     train.add_argument("--text-field", default="text", help="JSON field of .jsonl documents")
-    train.add_argument("--max-lines", type=int, default=2_000_000, help="lines sampled at most")
+    train.add_argument(
+        "--max-lines", type=int, default=2_000_000,
+        help="lines sampled at most, uniformly across all files (seeded)",
+    )  # fmt: skip
+    train.add_argument("--seed", type=int, default=0, help="of the sample of lines")
     encode = sub.add_parser("encode", help="print the ids of a text")
     encode.add_argument("--model", required=True)
     encode.add_argument("text")
     args = parser.parse_args(argv)
     setup_logging()
 
+    from llamax.data.corpus import sample_lines
     from llamax.data.tokenizer import Tokenizer, train_tokenizer
 
     try:
         if args.command == "encode":
             print(Tokenizer(args.model).encode(args.text, bos=True, eos=True))
             return 0
-        lines = _lines(args.input, args.text_field, args.max_lines)
+        if os.path.exists(args.output):
+            raise FileExistsError(
+                f"--output {args.output} exists; remove it or choose another path"
+            )
+        lines = sample_lines(args.input, args.text_field, args.max_lines, args.seed)
         tok = train_tokenizer(
             lines, args.output, args.vocab_size, input_sentence_size=args.max_lines
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: sentencepiece's
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: sentencepiece's
         return error("llamax-tokenizer", e)
     logging.getLogger("llamax").info("wrote %s: %d pieces", args.output, tok.vocab_size)
     return 0

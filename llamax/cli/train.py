@@ -15,10 +15,10 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from llamax.cli import setup_logging
+from llamax.cli import config_value, run_absl, setup_logging, usage_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -48,7 +48,9 @@ def initialize_distributed(heartbeat_timeout_seconds: float) -> None:
     }
     if _COORDINATOR.value:
         if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-            raise app.UsageError("--coordinator needs --num_processes and --process_id")
+            sys.exit(
+                usage_error("llamax-train", "--coordinator needs --num_processes and --process_id")
+            )
         jax.distributed.initialize(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts
         )
@@ -58,11 +60,11 @@ def initialize_distributed(heartbeat_timeout_seconds: float) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("--config and --workdir are required")
+        sys.exit(usage_error("llamax-train", f"unexpected arguments: {argv[1:]}"))
+    c = config_value(_CONFIG, "llamax-train")
+    if c is None or _WORKDIR.value is None:
+        sys.exit(usage_error("llamax-train", "--config and --workdir are required"))
     setup_logging("%(asctime)s %(message)s")
-    c = _CONFIG.value
     initialize_distributed(c.cluster.heartbeat_timeout_seconds)
     from llamax import checkpoint, cluster, train
 
@@ -96,7 +98,7 @@ def _exit(code: int, message) -> None:
 
 
 def run() -> None:
-    app.run(main)
+    run_absl(main, __name__)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,15 @@ are kept.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
+import random
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -31,6 +34,9 @@ import tensorflow_datasets as tfds
 
 log = logging.getLogger("llamax")
 SPLITS = ("train", "validation")
+# Documents longer than this (characters) become several records, cut at line ends, so that
+# a corpus of one large file can hold some of it out for validation.
+PART_CHARS = 1 << 16
 
 
 class TextCorpusConfig(tfds.core.BuilderConfig):
@@ -43,7 +49,7 @@ class TextCorpusConfig(tfds.core.BuilderConfig):
 class TextCorpus(tfds.core.GeneratorBasedBuilder):
     """Local text files as a tfds dataset with `train` and `validation` splits of {"text"}."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1: long documents in parts; a held-out record
     BUILDER_CONFIGS: list[TextCorpusConfig] = []
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -54,27 +60,60 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        splits = SPLITS if self.builder_config.validation_fraction > 0 else ("train",)
-        return {split: self._generate_examples(split) for split in splits}
+        fraction = self.builder_config.validation_fraction
+        held_out = self._held_out() if fraction > 0 else set()
+        splits = SPLITS if fraction > 0 else ("train",)
+        return {split: self._generate_examples(split, held_out) for split in splits}
 
-    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
-        c = self.builder_config
+    def _records(self) -> Iterator[tuple[str, str | None, str | None]]:
+        """(key, text, problem) of every record: documents, long ones in parts."""
+        for path in self.builder_config.files:
+            for key, text, problem in read_documents(path, self.builder_config.text_field):
+                if problem is not None or len(text) <= PART_CHARS:
+                    yield key, text, problem
+                    continue
+                for i, part in enumerate(split_text(text, PART_CHARS)):
+                    yield f"{key}#part{i}", part, None
+
+    def _held_out(self) -> set[str]:
+        """The validation records: those whose key hashes under the fraction (stable as files
+        come and go), and at least one record each way when there are two or more."""
+        scores = {key: zlib.crc32(key.encode()) % 10_000 for key, _, p in self._records()
+                  if p is None}  # fmt: skip
+        threshold = self.builder_config.validation_fraction * 10_000
+        held = {key for key, score in scores.items() if score < threshold}
+        if len(scores) >= 2 and not held:
+            held = {min(scores, key=scores.get)}
+        if len(scores) >= 2 and held == set(scores):
+            held.discard(max(scores, key=scores.get))
+        return held
+
+    def _generate_examples(self, split: str, held_out: set[str]) -> Iterator[tuple[str, dict]]:
         skipped: dict[str, list] = collections.defaultdict(list)
         kept = 0
-        for path in c.files:
-            for key, text, problem in read_documents(path, c.text_field):
-                if problem is not None:
-                    skipped[problem].append(key)
-                    continue
-                held_out = zlib.crc32(key.encode()) % 10_000 < c.validation_fraction * 10_000
-                if held_out == (split == "validation"):
-                    kept += 1
-                    yield key, {"text": text}
+        for key, text, problem in self._records():
+            if problem is not None:
+                skipped[problem].append(key)
+            elif (key in held_out) == (split == "validation"):
+                kept += 1
+                yield key, {"text": text}
         for problem, keys in skipped.items():
             log.warning(
                 "corpus %s split: skipped %d %s (first: %s)", split, len(keys), problem, keys[0]
             )
-        log.info("corpus %s split: %d documents", split, kept)
+        log.info("corpus %s split: %d records", split, kept)
+
+
+def split_text(text: str, size: int) -> list[str]:
+    """`text` in consecutive parts of at most about `size` characters, cut after a line end
+    where there is one in the window, else after a space, else anywhere."""
+    parts, start = [], 0
+    while len(text) - start > size:
+        window = text[start : start + size]
+        cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or size
+        parts.append(text[start : start + cut])
+        start += cut
+    return [*parts, text[start:]]
 
 
 def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
@@ -156,6 +195,33 @@ def _documents(path: str, text_field: str):
     yield path, text, None if text else "empty documents"
 
 
+def sample_lines(
+    patterns: str | Sequence[str], text_field: str, max_lines: int, seed: int = 0
+) -> list[str]:
+    """At most `max_lines` non-empty lines drawn uniformly (reservoir sampling, seeded) from
+    every good document of the files: what a tokenizer trains on, from the whole corpus
+    rather than its alphabetically first files."""
+    rng, sample, seen = random.Random(seed), [], 0
+    files = expand_patterns(patterns)
+    for path in files:
+        for _, text, problem in read_documents(path, text_field):
+            if problem is not None:
+                continue
+            for line in text.splitlines():
+                if not line.strip():
+                    continue
+                seen += 1
+                if len(sample) < max_lines:
+                    sample.append(line)
+                elif (slot := rng.randrange(seen)) < max_lines:
+                    sample[slot] = line
+    log.info("sampled %d of the %d lines of %d files (seed %d)", len(sample), seen,
+             len(files), seed)  # fmt: skip
+    if not sample:
+        raise ValueError(f"No text in {patterns!r}: every document is empty or unreadable")
+    return sample
+
+
 def build_corpus(
     patterns: str | Sequence[str],
     data_dir: str,
@@ -182,7 +248,11 @@ def build_corpus(
     if not builder.is_prepared():
         log.info("building tfds corpus of %d files into %s", len(files), builder.data_dir)
         try:
-            builder.download_and_prepare()
+            # tfds announces a download ("Downloading and preparing dataset Unknown size")
+            # on stdout and draws bars for a local corpus: llamax's log line says it.
+            tfds.disable_progress_bar()
+            with contextlib.redirect_stdout(io.StringIO()):
+                builder.download_and_prepare()
         except AssertionError as e:  # tfds refuses to write an empty split
             if "No examples were yielded" not in str(e):
                 raise
@@ -201,6 +271,16 @@ def record_text(record: dict, text_field: str) -> str:
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str):
     """Random-access ArrayRecord source of one split; records are {"text": bytes}."""
+    splits = sorted(builder.info.splits.keys())
+    if split not in splits:
+        hint = (
+            " (a local corpus has one when data.validation_fraction > 0)"
+            if isinstance(builder, TextCorpus) else ""
+        )  # fmt: skip
+        raise ValueError(
+            f"{builder.name} in {builder.data_dir} has no {split!r} split{hint}; it has "
+            f"{splits}. An eval needs one: set it up, or train.eval_every=0 for no eval."
+        )
     try:
         source = builder.as_data_source(split=split)
     except Exception as e:  # tfds raises several types for a missing split or format
