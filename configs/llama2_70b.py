@@ -1,8 +1,9 @@
 """Llama 2 70B pretraining with the paper's recipe (Touvron et al. 2023, section 2.2).
 
     # on every worker of the TPU VM slice:
-    llamax-train --config configs/llama2_70b.py --workdir $HOME/runs/llama2-70b \
-        --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets \
+    # tfds reads local paths: the bucket mounted by scripts/mount_bucket.sh BUCKET ~/gcs/BUCKET
+    llamax-train --config configs/llama2_70b.py --workdir gs://BUCKET/runs/llama2-70b \
+        --config.data.tfds_data_dir=$HOME/gcs/BUCKET/tensorflow_datasets \
         --config.data.tokenizer=$HOME/llama/tokenizer.model
 
 Recipe: `llamax.experiment.llama2_recipe` (4k context, 4M-token batches, 2T tokens), peak

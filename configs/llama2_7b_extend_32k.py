@@ -2,14 +2,17 @@
 
     llamax-convert --from meta --to llamax --input llama-2-7b --output $HOME/ckpt/llama2-7b
     # on every worker of the TPU VM slice (scripts/extend_context.sh runs this for you):
-    llamax-train --config configs/llama2_7b_extend_32k.py --workdir $HOME/runs/llama2-7b-32k \
+    # tfds reads local paths: the bucket mounted by scripts/mount_bucket.sh BUCKET ~/gcs/BUCKET
+    llamax-train --config configs/llama2_7b_extend_32k.py \
+        --workdir gs://BUCKET/runs/llama2-7b-32k \
         --config.init_from=$HOME/ckpt/llama2-7b \
-        --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets \
+        --config.data.tfds_data_dir=$HOME/gcs/BUCKET/tensorflow_datasets \
         --config.data.tokenizer=$HOME/ckpt/llama2-7b/tokenizer.model
-    llamax-eval perplexity --checkpoint $HOME/runs/llama2-7b-32k \
+    llamax-eval perplexity --checkpoint gs://BUCKET/runs/llama2-7b-32k \
         --lengths 2048,4096,8192,16384,32768 --tfds pg19 --split test \
         --tokenizer $HOME/ckpt/llama2-7b/tokenizer.model --output eval/32k
-    llamax-eval passkey --checkpoint $HOME/runs/llama2-7b-32k --lengths 4096,8192,16384,32768 \
+    llamax-eval passkey --checkpoint gs://BUCKET/runs/llama2-7b-32k \
+        --lengths 4096,8192,16384,32768 \
         --tokenizer $HOME/ckpt/llama2-7b/tokenizer.model --output eval/32k
 
 Recipe (`llamax.experiment.context_extension_recipe`, Chen et al. 2023, arXiv:2306.15595): linear

@@ -1,5 +1,8 @@
 """llamax: pretrain and continue training Llama 2 in JAX/Flax, TPU first."""
 
+# First: with STORAGE_EMULATOR_HOST set, it configures the storage clients before they load.
+from llamax import fs  # noqa: F401  isort: skip
+
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
 from llamax.generation import generate

@@ -10,13 +10,15 @@ A checkpoint at step N is one directory `DIR/checkpoints/N/` with four items:
 - `meta`: the resolved config and run facts (tokens seen).
 
 and, once the save is complete, `checksums.json` (the sha256 of every file, computed on a
-thread of its own), checked before a resume.
+thread of its own; on `gs://`, the CRC32C the storage keeps of each object), checked before
+a resume.
 
-orbax writes a step into a temporary directory and renames it when complete, so a process
-killed mid-save (even `kill -9`) leaves only complete checkpoints; the partial one is removed
-on the next start. A save that fails (a full disk) stops training with one `CheckpointError`
-naming the step and the earlier checkpoint, which is intact. Restores read into the target
-shardings of the current mesh, whatever mesh or device count wrote the checkpoint.
+orbax writes a step into a temporary directory and renames it when complete (on `gs://`,
+where renames are copies, it marks a complete step with a `commit_success.txt` instead), so
+a process killed mid-save (even `kill -9`) leaves only complete checkpoints; the partial one
+is removed on the next start. A save that fails (a full disk) stops training with one
+`CheckpointError` naming the step and the earlier checkpoint, which is intact. Restores read
+into the target shardings of the current mesh, whatever mesh or device count wrote it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -114,10 +115,10 @@ CHECKSUMS = "checksums.json"
 
 def record_checksums(step_dir: str) -> None:
     """`STEP/checksums.json`: the sha256 of every file of a finalized checkpoint."""
-    if not os.path.isdir(step_dir):
+    if not fs.isdir(step_dir):
         raise FileNotFoundError(f"no checkpoint at {step_dir}")
-    digests = fs.sha256_files(step_dir, fs.files_under(step_dir, CHECKSUMS))
-    fs.write_json(os.path.join(step_dir, CHECKSUMS), digests, indent=0, sort_keys=True)
+    digests = fs.checksums(step_dir, fs.files_under(step_dir, CHECKSUMS))
+    fs.write_json(fs.join(step_dir, CHECKSUMS), digests, indent=0, sort_keys=True)
 
 
 def _record_checksums_quietly(step_dir: str) -> None:
@@ -131,22 +132,28 @@ def verify(step_dir: str) -> list[str]:
     """What differs between a checkpoint's files and its recorded checksums (empty: nothing).
     A checkpoint without checksums (written before llamax recorded them, or by a run killed
     between finishing the save and hashing it) cannot be checked and passes."""
-    path = os.path.join(step_dir, CHECKSUMS)
-    if not os.path.exists(path):
+    path = fs.join(step_dir, CHECKSUMS)
+    if not fs.exists(path):
         log.warning("%s has no %s: its integrity cannot be checked", step_dir, CHECKSUMS)
         return []
     try:
-        with open(path) as f:
-            recorded = json.load(f)
+        recorded = fs.read_json(path)
     except ValueError as e:
         return [f"{CHECKSUMS} is not JSON ({e})"]
     if not isinstance(recorded, dict):
         return [f"{CHECKSUMS} is not a JSON object"]
     present = set(fs.files_under(step_dir, CHECKSUMS))
     problems = [f"{rel} is missing" for rel in sorted(set(recorded) - present)]
-    actual = fs.sha256_files(step_dir, sorted(set(recorded) & present))
+    actual = fs.checksums(step_dir, sorted(set(recorded) & present), like=recorded)
     changed = [rel for rel, digest in actual.items() if digest != recorded[rel]]
     return problems + [f"{rel} differs from its checksum" for rel in changed]
+
+
+def is_complete(step_dir: str) -> bool:
+    """Whether orbax finished writing a step: on local disks it renames a complete step to its
+    number; on object storage it writes in place and marks a complete step with a commit
+    file."""
+    return not fs.is_remote(step_dir) or fs.exists(fs.join(step_dir, "commit_success.txt"))
 
 
 class Checkpoints:
@@ -158,9 +165,9 @@ class Checkpoints:
 
     def __init__(self, directory: str, c: ml_collections.ConfigDict | None = None):
         c = c or default_config()
-        self.directory = os.path.abspath(directory)
+        self.directory = fs.absolute(directory)
         self.blocking = not c.async_save
-        if os.path.isdir(self.directory):
+        if fs.isdir(self.directory):
             self._set_aside_corrupt(c.fallback_on_corrupt)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=c.keep,
@@ -186,15 +193,17 @@ class Checkpoints:
         self.good, self.saving = self.saving, None
         if jax.process_index() == 0:
             self._hashing = self._hasher.submit(
-                _record_checksums_quietly, os.path.join(self.directory, str(self.good))
+                _record_checksums_quietly, fs.join(self.directory, str(self.good))
             )
 
     def _set_aside_corrupt(self, fallback: bool) -> None:
         """Verifies the latest checkpoint; a corrupt one stops the run, or with `fallback` is
         renamed `STEP.corrupt` (by process 0) and the previous one is checked in turn."""
-        steps = sorted((int(d) for d in os.listdir(self.directory) if d.isdigit()), reverse=True)
+        steps = [int(d) for d in fs.listdir(self.directory) if d.isdigit()]
+        steps = sorted((s for s in steps if is_complete(fs.join(self.directory, str(s)))),
+                       reverse=True)  # fmt: skip
         for i, step in enumerate(steps):
-            step_dir = os.path.join(self.directory, str(step))
+            step_dir = fs.join(self.directory, str(step))
             problems = verify(step_dir)
             if not problems:
                 return
@@ -210,7 +219,7 @@ class Checkpoints:
             log.warning("checkpoint of step %d is corrupt (%s): set aside as %d.corrupt",
                         step, "; ".join(problems[:3]), step)  # fmt: skip
             if jax.process_index() == 0:
-                os.rename(step_dir, f"{step_dir}.corrupt")
+                fs.rename(step_dir, f"{step_dir}.corrupt")
             _sync("llamax: corrupt checkpoint set aside")
 
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:

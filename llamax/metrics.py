@@ -57,6 +57,9 @@ def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+SYNC_SECONDS = 30  # the longest a workdir on object storage lags the metrics
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to `metrics.jsonl` and writes the same scalars
     as TensorBoard events. Only process 0 writes; on other processes every call is a no-op."""
@@ -64,32 +67,46 @@ class MetricsWriter:
     def __init__(self, workdir: str, start_step: int = 0, enabled: bool | None = None):
         """Records after `start_step` already in `metrics.jsonl` are from a run that did not
         reach its next checkpoint (or from an earlier run, when starting from scratch): they
-        are dropped, so the file never holds a step twice."""
+        are dropped, so the file never holds a step twice. With the workdir on object
+        storage, both are written to a local mirror uploaded every `SYNC_SECONDS`, with each
+        checkpoint (`flush`) and at the end."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        self.path = fs.join(workdir, "metrics.jsonl")
+        self._tb = self._mirror = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            if os.path.exists(self.path):
-                kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
-                fs.write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
+            self._mirror = fs.Mirror(workdir, fetch=("metrics.jsonl",))
+            self._local = os.path.join(self._mirror.local, "metrics.jsonl")
+            if os.path.exists(self._local):
+                kept = [r for r in read_metrics(self._mirror.local) if r["step"] <= start_step]
+                fs.write_lines(self._local, [json.dumps(r) + "\n" for r in kept])
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=30)
+            self._tb = SummaryWriter(os.path.join(self._mirror.local, "tensorboard"), flush_secs=30)
+            self._synced_at = time.monotonic()
 
     def write(self, step: int, scalars: Mapping[str, float | int | None]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-        with open(self.path, "a") as f:
+        with open(self._local, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):
                 self._tb.add_scalar(key, value, int(step))
+        if time.monotonic() - self._synced_at > SYNC_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Everything written so far is in the workdir."""
+        if self.enabled:
+            self._tb.flush()
+            self._mirror.sync()
+            self._synced_at = time.monotonic()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._mirror.close()
 
 
 def _plain(value):
@@ -101,7 +118,7 @@ def _plain(value):
 
 def read_metrics(workdir: str) -> list[dict]:
     """The records of `metrics.jsonl`, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with fs.open(fs.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -201,6 +218,9 @@ class TrainLog:
         self.timer_start, self.timer_step = time.perf_counter(), step
         return record
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
@@ -208,7 +228,7 @@ class TrainLog:
 
     def summarize(self) -> None:
         """Logs how far the loss fell over the whole run (`metrics.jsonl`)."""
-        if self.is_main and self.writer.enabled and os.path.exists(self.writer.path):
+        if self.is_main and self.writer.enabled and fs.exists(self.writer.path):
             records = read_metrics(os.path.dirname(self.writer.path))
             if records:
                 log.info("%s", summarize(records))

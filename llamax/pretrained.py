@@ -12,7 +12,6 @@ them, and `load_pretrained`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -31,19 +30,20 @@ from llamax.model import Llama, abstract_params
 
 def checkpoint_dir(path: str) -> str:
     """`path/checkpoints` when `path` is a run's workdir or a converted checkpoint, else `path`."""
-    nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
+    nested = fs.join(path, "checkpoints")
+    return nested if fs.isdir(nested) else path
 
 
 def latest(path: str, what: str = "checkpoint") -> tuple[str, int]:
     """(checkpoint directory, latest complete step) under `path` (a workdir, a converted
     checkpoint, their `checkpoints/`, or one step's directory `checkpoints/N`); a clear error
     when there is none. `what` names the caller's input in the error ("init_from", ...)."""
-    name = os.path.basename(os.path.normpath(path))
-    if name.isdigit() and os.path.isdir(os.path.join(path, "params")):  # one step's directory
-        return os.path.dirname(os.path.abspath(os.path.normpath(path))), int(name)
-    directory = os.path.abspath(checkpoint_dir(path))
-    if not os.path.isdir(directory):
+    path = fs.absolute(path)
+    name = os.path.basename(path)
+    if name.isdigit() and fs.isdir(fs.join(path, "params")):  # one step's directory
+        return os.path.dirname(path), int(name)
+    directory = checkpoint_dir(path)
+    if not fs.isdir(directory):
         raise FileNotFoundError(f"{what}: no checkpoint directory at {path}")
     manager = ocp.CheckpointManager(directory)
     step = manager.latest_step()
@@ -67,7 +67,7 @@ def saved_params(path: str, what: str = "checkpoint"):
 
 
 def _convert_first(path: str, fmt: str) -> ValueError:
-    out = os.path.normpath(path) + "-llamax"
+    out = fs.absolute(path) + "-llamax"
     return ValueError(
         f"{path} is a {'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint: convert it first, "
         f"llamax-convert --from {fmt} --to llamax --input {path} --output {out}"
@@ -76,16 +76,15 @@ def _convert_first(path: str, fmt: str) -> ValueError:
 
 def read_model_config(path: str) -> LlamaConfig:
     """The LlamaConfig of a converted checkpoint or of a training run's workdir."""
-    if not os.path.isdir(path):
+    if not fs.isdir(path):
         raise FileNotFoundError(f"No checkpoint at {path}")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        if os.path.exists(os.path.join(path, "params.json")):
+    config_path = fs.join(path, "config.json")
+    if not fs.exists(config_path):
+        if fs.exists(fs.join(path, "params.json")):
             raise _convert_first(path, "meta")
         raise FileNotFoundError(f"No config.json in {path}: not a llamax checkpoint or workdir")
     try:
-        with open(config_path) as f:
-            d = json.load(f)
+        d = fs.read_json(config_path)
     except ValueError as e:
         raise ValueError(f"{config_path}: not JSON ({e})") from e
     if isinstance(d, dict) and "model_type" in d:
@@ -163,14 +162,14 @@ def open_param_leaves(path: str) -> Callable[[str], Any]:
     import tensorstore as ts
 
     directory, step = latest(path)
-    params = os.path.join(os.path.abspath(directory), str(step), "params")
-    ocdbt = os.path.exists(os.path.join(params, "manifest.ocdbt"))
+    params = fs.join(directory, str(step), "params")
+    ocdbt = fs.exists(fs.join(params, "manifest.ocdbt"))
 
     def open_leaf(name: str):
         if ocdbt:
-            kvstore = {"driver": "ocdbt", "base": f"file://{params}", "path": name}
+            kvstore = {"driver": "ocdbt", "base": fs.kvstore(params), "path": name}
         else:
-            kvstore = {"driver": "file", "path": os.path.join(params, name)}
+            kvstore = fs.kvstore(fs.join(params, name))
         errors = []
         for driver in ("zarr", "zarr3"):  # orbax writes zarr v2 by default, v3 on request
             try:
@@ -192,13 +191,13 @@ def load_with_tokenizer(
     from llamax.data.tokenizer import Tokenizer
 
     model, params = load_pretrained(path, dtype=dtype, **execution)
-    own = os.path.join(path, "tokenizer.model")
-    if tokenizer and os.path.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
+    own = fs.join(path, "tokenizer.model")
+    if tokenizer and fs.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
         raise ValueError(
             f"{tokenizer} is not the tokenizer of {path} ({own} differs): leave out "
             "--tokenizer to use the checkpoint's own"
         )
-    if not tokenizer and not os.path.exists(own):
+    if not tokenizer and not fs.exists(own):
         raise FileNotFoundError(f"No tokenizer.model in {path}: pass --tokenizer")
     loaded = Tokenizer(tokenizer or own)
     if loaded.vocab_size > model.config.vocab_size:

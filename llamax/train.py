@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import ml_collections
@@ -32,7 +31,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
         rows = s.local_rows()
         train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
         held_out = HeldOutLoss(s, rows) if t.eval_every > 0 else None
-        saves = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), c.checkpoint)
+        saves = checkpoint.Checkpoints(fs.join(workdir, "checkpoints"), c.checkpoint)
         check_resume(c, workdir, saves)
         state, meta = s.restore_or_init(saves, train_iter)
         write_config(c, workdir)
@@ -61,6 +60,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                     if log_now:
                         eval_loss = held_out(state.params) if eval_now else None
                         train_log.write(done, latest, eval_loss)
+                    if save_now:
+                        train_log.flush()  # files on object storage: with each checkpoint
                     if preempted:
                         log.warning("preempted: saved the checkpoint of step %d; exiting", done)
                         break
@@ -84,16 +85,15 @@ def check_workdir(workdir: str) -> None:
     """A workdir is new, empty, or a llamax training run's; anything else (a converted
     checkpoint, a Hugging Face or Meta model, another program's files) is refused before a
     file is written, so that mixing up `--workdir` and `--config.init_from` loses nothing."""
-    if not os.path.exists(workdir):
+    if not fs.exists(workdir):
         return
-    if not os.path.isdir(workdir):
+    if not fs.isdir(workdir):
         raise ValueError(f"--workdir {workdir} is a file, not a directory")
-    entries = set(os.listdir(workdir))
+    entries = set(fs.listdir(workdir))
     recorded = None
     if "config.json" in entries:
         try:
-            with open(os.path.join(workdir, "config.json")) as f:
-                recorded = json.load(f)
+            recorded = fs.read_json(fs.join(workdir, "config.json"))
         except (ValueError, OSError):
             recorded = None
     if isinstance(recorded, dict) and {"model", "train", "checkpoint"} <= set(recorded):
@@ -119,11 +119,10 @@ def check_resume(c: ml_collections.ConfigDict, workdir: str, saves) -> None:
     """Resuming with a config that alters the run (the model, the schedule, the optimizer,
     the batches) is refused, listing the changes, unless `train.accept_changes`; other
     changes are logged."""
-    path = os.path.join(workdir, "config.json")
-    if saves.latest_step() is None or not os.path.exists(path):
+    path = fs.join(workdir, "config.json")
+    if saves.latest_step() is None or not fs.exists(path):
         return
-    with open(path) as f:
-        recorded = json.load(f)
+    recorded = fs.read_json(path)
     altering, free = experiment.changes(recorded, c)
     for change in free:
         log.info("resuming with %s", change)
@@ -164,10 +163,9 @@ def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
         return
     resolved = json.loads(c.to_json_best_effort())
     resolved["model"]["resolved"] = experiment.model_config(c).to_dict()
-    fs.write_json(os.path.join(workdir, "config.json"), resolved, indent=2, sort_keys=True)
+    fs.write_json(fs.join(workdir, "config.json"), resolved, indent=2, sort_keys=True)
     if c.data.source == "tfds" and c.data.tokenizer:
-        with open(os.path.expanduser(c.data.tokenizer), "rb") as f:
-            fs.write_bytes(os.path.join(workdir, "tokenizer.model"), f.read())
+        fs.copy_file(fs.expand(c.data.tokenizer), fs.join(workdir, "tokenizer.model"))
 
 
 class HeldOutLoss:

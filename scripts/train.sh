@@ -7,14 +7,16 @@
 #       [-- --config.KEY=VALUE ...]
 #
 # The paths are the workers' (their disks, or gs:// buckets); llamax is installed in ~/llamax
-# (scripts/tpu_vm.sh setup). All workers start together and form one JAX cluster; a rerun
-# with the same workdir resumes from the latest checkpoint, which is how a preempted run
-# continues. Arguments after -- are passed to llamax-train.
+# (scripts/tpu_vm.sh setup). A gs:// --tfds-data-dir is mounted with gcsfuse on every worker
+# at ~/llamax/gcs/BUCKET (scripts/mount_bucket.sh: tfds's ArrayRecord files are read from
+# local paths only). All workers start together and form one JAX cluster; a rerun with the
+# same workdir resumes from the latest checkpoint, which is how a preempted run continues.
+# Arguments after -- are passed to llamax-train.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 
 usage() {
-  sed -n '2,13s/^# \{0,1\}//p' "$0" >&2
+  sed -n '2,15s/^# \{0,1\}//p' "$0" >&2
   exit 2
 }
 
@@ -50,6 +52,13 @@ if [[ ! -f "$here/../$config" && ! -f "$config" ]]; then
   exit 2
 fi
 
+mount=()
+if [[ "$data_dir" == gs://* ]]; then
+  bucket="${data_dir#gs://}"
+  bucket="${bucket%%/*}"
+  mount=(scripts/mount_bucket.sh "$bucket" "gcs/$bucket")
+  data_dir="gcs/$bucket${data_dir#"gs://$bucket"}"
+fi
 train=(.venv/bin/llamax-train --config "$config" --workdir "$workdir")
 [[ -z "$init_from" ]] || train+=("--config.init_from=$init_from")
 [[ -z "$data_dir" ]] || train+=("--config.data.tfds_data_dir=$data_dir")
@@ -58,4 +67,9 @@ train+=(${extra[@]+"${extra[@]}"})
 vm=(--tpu "$tpu" --zone "$zone" --num-slices "$num_slices")
 [[ -z "$project" ]] || vm+=(--project "$project")
 [[ $dry_run -eq 0 ]] || vm+=(--dry-run)
+if [[ ${#mount[@]} -gt 0 ]]; then
+  printf -v first '%q ' "${mount[@]}"
+  printf -v rest '%q ' "${train[@]}"
+  train=(bash -c "${first% } && ${rest% }")
+fi
 exec "$here/tpu_vm.sh" run "${vm[@]}" -- "${train[@]}"

@@ -92,6 +92,22 @@ def load_config(name, **overrides):
     return config
 
 
+def saved_params(path, overrides, config="tiny"):
+    """The parameters of the latest checkpoint under `path` (a run of `configs/<config>.py`
+    with `overrides`), as numpy arrays on one device."""
+    import flax.linen as nn
+
+    from llamax import experiment, pretrained, sharding
+    from llamax.model import Llama, abstract_params
+
+    boxed = abstract_params(Llama(experiment.model_config(load_config(config, **overrides))))
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    params, _ = pretrained.restore_params(
+        path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
+    )
+    return jax.tree.map(np.asarray, params)
+
+
 WORDS = ("the model trains on packed documents with rotary positions and grouped query "
          "attention while the optimizer keeps float32 master weights for every parameter "
          "naïve café résumé größe über straße 東京 数据 😀").split()  # fmt: skip

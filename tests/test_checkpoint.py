@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config, start_cluster
+from conftest import REPO, load_config, saved_params, start_cluster
 
 from llamax import checkpoint, experiment, pretrained, sharding, train
 from llamax.metrics import read_metrics
@@ -54,13 +54,7 @@ def _wait_for_step(workdir, step, proc, timeout=120):
 
 def _params(workdir):
     """The final parameters a run saved, as numpy arrays."""
-    model = Llama(experiment.model_config(load_config("tiny", **RUN)))
-    boxed = abstract_params(model)
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    params, _ = pretrained.restore_params(
-        workdir, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh)
-    )
-    return jax.tree.map(np.asarray, params)
+    return saved_params(workdir, RUN)
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,18 @@ def test_missing_files_and_empty_split_are_errors(tmp_path):
         corpus.build_corpus(str(tmp_path / "two.txt"), str(tmp_path / "tfds"), "text", 0.0)
 
 
+def test_a_tfds_data_dir_in_a_bucket_is_refused_with_the_way_out():
+    from llamax import data
+    from llamax.experiment import default_config
+
+    c = default_config().data
+    c.tfds_data_dir = "gs://bucket/tensorflow_datasets"
+    with pytest.raises(ValueError, match="ArrayRecord .* local files only.*gcsfuse"):
+        data.check(c)
+    with pytest.raises(ValueError, match="gcsfuse"):
+        list(data.documents(tfds_name="pg19", tfds_data_dir=c.tfds_data_dir))
+
+
 def _epoch(source, tokenizer_path, seq_len=32, batch=4, seed=0, index=0, count=1):
     ds = pipeline.make_dataset(
         source, tokenizer_path, seq_len, batch, seed, index, count, num_epochs=1

@@ -45,6 +45,15 @@ def _remote(argv):
     return next(a for a in argv if a.startswith("--command="))[len("--command=") :]
 
 
+def _worker_commands(gcloud_argv):
+    """The commands each worker runs in ~/llamax, split into argument lists."""
+    argv = shlex.split(_remote(gcloud_argv))
+    assert argv[:3] == ["cd", "~/llamax", "&&"]
+    if argv[3:5] == ["bash", "-c"]:
+        return [shlex.split(part) for part in argv[5].split(" && ")]
+    return [argv[3:]]
+
+
 def test_create_one_slice_and_a_multislice_queued_resource():
     (one,) = _commands(
         _run("tpu_vm.sh", "--tpu", "t", "--zone", "z", "--type", "v5p-128", action="create")
@@ -95,19 +104,24 @@ def test_train_scripts_run_llamax_train_everywhere():
     )
     assert pretrain[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "tpu-1"]
     assert {"--zone=us-east5-a", "--worker=all", "--project=p"} <= set(pretrain)
-    cd, train = _remote(pretrain).split(" && ")
-    assert cd == "cd ~/llamax"
-    assert shlex.split(train) == [
+    # A gs:// tfds data dir is mounted with gcsfuse first (ArrayRecord reads local files only).
+    mount, train = _worker_commands(pretrain)
+    assert mount == ["scripts/mount_bucket.sh", "b", "gcs/b"]
+    assert train == [
         ".venv/bin/llamax-train", "--config", "configs/llama2_7b.py",
         "--workdir", "gs://b/runs/7b 16k",
-        "--config.data.tfds_data_dir=gs://b/tfds", "--config.data.tokenizer=/ckpt/tokenizer.model",
+        "--config.data.tfds_data_dir=gcs/b/tfds", "--config.data.tokenizer=/ckpt/tokenizer.model",
         "--config.train.steps=5",
     ]  # fmt: skip
     for script, config in (("extend_context.sh", "configs/llama2_7b_extend_16k.py"),
                            ("continue_training.sh", "configs/llama2_7b.py")):  # fmt: skip
         (cmd,) = _commands(_run(script, *TRAIN_ARGS, "--init-from", "/ckpt"))
-        train = shlex.split(_remote(cmd).split(" && ")[1])
+        train = _worker_commands(cmd)[-1]
         assert train[2] == config and "--config.init_from=/ckpt" in train
+    local = [a if a != "gs://b/tfds" else "/data/tfds" for a in TRAIN_ARGS]
+    (cmd,) = _commands(_run("pretrain_7b.sh", *local))
+    (train,) = _worker_commands(cmd)
+    assert "--config.data.tfds_data_dir=/data/tfds" in train
     (cmd,) = _commands(
         _run(
             "extend_context.sh",
@@ -135,6 +149,7 @@ def test_train_scripts_run_llamax_train_everywhere():
         ("tpu_vm.sh", ["--tpu", "t", "--zone", "z", "--type", "v9-8"], "unknown slice type v9-8"),
         ("tpu_vm.sh", ["--tpu", "t", "--zone", "z"], "create needs --type"),
         ("tpu_vm.sh", ["--tpu", "t"], "--tpu and --zone are required"),
+        ("mount_bucket.sh", ["gs://b"], "usage: mount_bucket.sh BUCKET DIR"),
     ],
 )
 def test_scripts_refuse_bad_arguments(script, args, message):

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from llamax import fs
 from llamax.cli import add_execution_flags, error, setup_logging
 
 
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if "rope_scaling" in vars(args):  # given, possibly as null
             config = model.config.replace(rope_scaling=args.rope_scaling)
             model = llamax.Llama(config, model.execution)
-        os.makedirs(args.output, exist_ok=True)
-        label = args.label or os.path.basename(os.path.normpath(args.checkpoint))
+        fs.makedirs(args.output)
+        label = args.label or os.path.basename(fs.absolute(args.checkpoint))
         if args.command == "perplexity":
             texts = data.documents(
                 args.text, args.tfds, args.tfds_data_dir, args.split, args.text_field
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"({r['tokens_scored']} tokens)")  # fmt: skip
             out = {"checkpoint": args.checkpoint, "label": label, "results": results,
                    "rope_scaling": model.config.to_dict()["rope_scaling"]}  # fmt: skip
-            evaluate.write_json(os.path.join(args.output, "perplexity.json"), out)
+            evaluate.write_json(fs.join(args.output, "perplexity.json"), out)
             curve = {r["length"]: r["perplexity"] for r in results}
-            evaluate.plot_perplexity({label: curve}, os.path.join(args.output, "perplexity.png"))
+            evaluate.plot_perplexity({label: curve}, fs.join(args.output, "perplexity.png"))
         else:
             result = evaluate.passkey(
                 model, params, tokenizer, args.lengths, args.depths, args.trials, args.seed,
@@ -114,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             for n, row in result["accuracy"].items():
                 print(f"context {n}: " + ", ".join(f"depth {d}: {a:.0%}" for d, a in row.items()))
             result.update(checkpoint=args.checkpoint, label=label)
-            evaluate.write_json(os.path.join(args.output, "passkey.json"), result)
-            evaluate.plot_passkey(result, os.path.join(args.output, "passkey.png"), label)
+            evaluate.write_json(fs.join(args.output, "passkey.json"), result)
+            evaluate.plot_passkey(result, fs.join(args.output, "passkey.png"), label)
     except (ValueError, OSError) as e:
         return error("llamax-eval", e)
     return 0

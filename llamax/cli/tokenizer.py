@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from llamax import fs
 from llamax.cli import error, setup_logging
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "encode":
             print(Tokenizer(args.model).encode(args.text, bos=True, eos=True))
             return 0
-        if os.path.exists(args.output):
+        if fs.exists(args.output):
             raise FileExistsError(
                 f"--output {args.output} exists; remove it or choose another path"
             )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 import numpy as np
@@ -35,12 +34,12 @@ def read(fmt: str, directory: str) -> tuple[LlamaConfig, native.Tensors]:
 
 def _find_tokenizer(input_dir: str, explicit: str | None) -> str | None:
     if explicit:
-        if not os.path.isfile(explicit):
+        if not fs.isfile(explicit):
             raise FileNotFoundError(f"Tokenizer not found: {explicit}")
         return explicit
-    for candidate in (input_dir, os.path.dirname(os.path.abspath(input_dir))):
-        path = os.path.join(candidate, "tokenizer.model")
-        if os.path.isfile(path):
+    for candidate in (input_dir, os.path.dirname(fs.absolute(input_dir))):
+        path = fs.join(candidate, "tokenizer.model")
+        if fs.isfile(path):
             return path
     return None
 
@@ -60,7 +59,7 @@ def convert(
         raise ValueError(f"Formats must be among {FORMATS}; got --from {src} --to {dst}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if os.path.exists(output_dir):
+    if fs.exists(output_dir):
         raise FileExistsError(f"Output {output_dir} exists; remove it or choose another path")
     start = time.perf_counter()
     config, tensors = read(src, input_dir)
@@ -87,7 +86,7 @@ def convert(
         else:
             meta.write(config, tensors, tmp, shards)
         if tokenizer_path:
-            shutil.copy(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
+            fs.copy_file(tokenizer_path, os.path.join(tmp, "tokenizer.model"))
         manifest.write(tmp, config, dst, dtype)
     log.info(
         "converted %s (%s) to %s (%s): %s parameters, %s, in %.1fs",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import struct
 import zipfile
@@ -28,6 +27,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from llamax import fs
 
 _TORCH_STORAGE_DTYPES = {
     "FloatStorage": np.float32,
@@ -74,12 +75,16 @@ class LazyTensor:
 
     def load(self) -> np.ndarray:
         if self.member is None:
-            with open(self.path, "rb") as f:
+            with fs.open(self.path, "rb") as f:
                 f.seek(self.offset)
                 data = f.read(self.nbytes)
         else:
             try:
-                with zipfile.ZipFile(self.path) as z, z.open(self.member) as f:
+                with (
+                    fs.open(self.path, "rb") as raw,
+                    zipfile.ZipFile(raw) as z,
+                    z.open(self.member) as f,
+                ):
                     f.seek(self.offset)
                     data = f.read(self.nbytes)
             except (zipfile.BadZipFile, OSError, EOFError) as e:
@@ -161,7 +166,7 @@ class _TorchUnpickler(pickle.Unpickler):
 def load_pth(path: str) -> dict[str, LazyTensor]:
     """The tensors of a `torch.save`d state dict, lazily."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with fs.open(path, "rb") as raw, zipfile.ZipFile(raw) as z:
             pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
             if len(pickles) != 1:
                 raise FormatError(f"{path}: not a PyTorch zip checkpoint (no data.pkl)")
@@ -194,8 +199,8 @@ def load_pth(path: str) -> dict[str, LazyTensor]:
 def load_safetensors(path: str) -> dict[str, LazyTensor]:
     """The tensors of a safetensors file, lazily, after checking its header as the reference
     library does."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = fs.getsize(path)
+    with fs.open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise FormatError(f"{path} is truncated: no safetensors header")

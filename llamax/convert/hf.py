@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from llamax import fs
 from llamax.config import LlamaConfig
 from llamax.convert.formats import FormatError, SafetensorsWriter, load_safetensors
 
@@ -257,24 +258,21 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
 def read(directory: str):
     """The config and, per tensor name, a function that loads it, from a Hugging Face model
     directory (`config.json` and `model.safetensors` or `model.safetensors.index.json`)."""
-    if not os.path.isdir(directory):
+    if not fs.isdir(directory):
         raise FileNotFoundError(f"Input directory not found: {directory}")
-    config_path = os.path.join(directory, "config.json")
-    index_path = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if not os.path.exists(config_path) or not (
-        os.path.exists(index_path) or os.path.exists(single)
-    ):
+    config_path = fs.join(directory, "config.json")
+    index_path = fs.join(directory, "model.safetensors.index.json")
+    single = fs.join(directory, "model.safetensors")
+    if not fs.exists(config_path) or not (fs.exists(index_path) or fs.exists(single)):
         raise FormatError(
             f"{directory} is not a Hugging Face Llama checkpoint: expected config.json and "
-            f"model.safetensors (or an index), found {sorted(os.listdir(directory))[:10]}"
+            f"model.safetensors (or an index), found {sorted(fs.listdir(directory))[:10]}"
         )
     try:
-        with open(config_path) as f:
-            config = config_from_hf(json.load(f))
+        config = config_from_hf(fs.read_json(config_path))
     except (ValueError, TypeError, KeyError) as e:
         raise FormatError(f"{config_path}: {e}") from e
-    if os.path.exists(index_path):
+    if fs.exists(index_path):
         lazy = _read_index(directory, index_path)
     else:
         lazy = load_safetensors(single)
@@ -299,8 +297,7 @@ def _read_index(directory: str, index_path: str) -> dict:
     """The lazy tensors of the shards a `model.safetensors.index.json` names, each tensor in
     the shard the index says, and every shard a plain file name inside `directory`."""
     try:
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = fs.read_json(index_path)["weight_map"]
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{index_path}: not a safetensors index ({e})") from e
     if not isinstance(weight_map, dict) or not all(
@@ -313,12 +310,12 @@ def _read_index(directory: str, index_path: str) -> dict:
             raise FormatError(
                 f"{index_path}: shard {name[:100]!r} is not a file name inside {directory}"
             )
-    missing = [name for name in files if not os.path.isfile(os.path.join(directory, name))]
+    missing = [name for name in files if not fs.isfile(fs.join(directory, name))]
     if missing:
         raise FormatError(f"{directory}: shards named in the index are missing: {missing}")
     lazy: dict = {}
     for file in files:
-        for name, tensor in load_safetensors(os.path.join(directory, file)).items():
+        for name, tensor in load_safetensors(fs.join(directory, file)).items():
             if name in lazy:
                 raise FormatError(f"{directory}: tensor {name!r} is in two shards")
             if weight_map.get(name, file) != file:

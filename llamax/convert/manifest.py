@@ -3,7 +3,6 @@ parameter shapes; `verify` checks a directory against it (`llamax-convert --veri
 
 from __future__ import annotations
 
-import json
 import os
 
 from llamax import fs
@@ -34,8 +33,7 @@ def write(directory: str, config: LlamaConfig, fmt: str, dtype: str) -> None:
 def _read(path: str) -> dict:
     """The manifest, its structure checked: a malformed one raises `FormatError`."""
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = fs.read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise FormatError(f"{path}: not JSON ({e})") from e
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -54,19 +52,18 @@ def _read(path: str) -> dict:
 def verify(directory: str) -> list[str]:
     """The problems found in a converted directory against its manifest (empty: all good); a
     missing or malformed manifest raises `FormatError`."""
-    path = os.path.join(directory, NAME)
-    if not os.path.isfile(path):
+    path = fs.join(directory, NAME)
+    if not fs.isfile(path):
         raise FormatError(f"no {NAME} in {directory}: not a converted directory")
     manifest = _read(path)
     problems = []
     present = set(fs.files_under(directory, NAME))
     to_hash = []
     for rel, info in manifest["files"].items():
-        full = os.path.join(directory, rel)
         if rel not in present:
             problems.append(f"missing file {rel}")
-        elif os.path.getsize(full) != info["bytes"]:
-            problems.append(f"{rel}: {os.path.getsize(full)} bytes, manifest says {info['bytes']}")
+        elif (size := fs.getsize(fs.join(directory, rel))) != info["bytes"]:
+            problems.append(f"{rel}: {size} bytes, manifest says {info['bytes']}")
         else:
             to_hash.append(rel)
     for rel, digest in fs.sha256_files(directory, to_hash).items():

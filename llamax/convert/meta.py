@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from llamax import fs
 from llamax.config import LlamaConfig
 from llamax.convert.formats import FormatError, load_pth
 from llamax.convert.hf import check_layer_count, expected_hf_shapes
@@ -148,13 +149,13 @@ def _names(config: LlamaConfig):
 
 
 def shard_files(directory: str) -> list[str]:
-    if not os.path.isdir(directory):
+    if not fs.isdir(directory):
         raise FileNotFoundError(f"Input directory not found: {directory}")
-    names = sorted(f for f in os.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", f))
-    if not names or not os.path.exists(os.path.join(directory, "params.json")):
+    names = sorted(f for f in fs.listdir(directory) if re.fullmatch(r"consolidated\.\d+\.pth", f))
+    if not names or not fs.exists(fs.join(directory, "params.json")):
         raise FormatError(
             f"{directory} is not a Meta Llama checkpoint: expected params.json and "
-            f"consolidated.NN.pth files, found {sorted(os.listdir(directory))[:10]}"
+            f"consolidated.NN.pth files, found {sorted(fs.listdir(directory))[:10]}"
         )
     expected = [f"consolidated.{i:02d}.pth" for i in range(len(names))]
     if names != expected:
@@ -164,7 +165,7 @@ def shard_files(directory: str) -> list[str]:
             f"Shards of {directory} are not consolidated.00..{len(names) - 1:02d}.pth: missing "
             f"{missing}, unexpected {extra}"
         )
-    return [os.path.join(directory, n) for n in names]
+    return [fs.join(directory, n) for n in names]
 
 
 def check_shard_count(config: LlamaConfig, shards: int) -> None:
@@ -187,10 +188,9 @@ def read(directory: str) -> tuple[LlamaConfig, dict[str, Callable[[], np.ndarray
     if "tok_embeddings.weight" not in shards[0]:
         raise FormatError(f"{files[0]} has no tok_embeddings.weight")
     vocab = shards[0]["tok_embeddings.weight"].shape[0]
-    params_path = os.path.join(directory, "params.json")
+    params_path = fs.join(directory, "params.json")
     try:
-        with open(params_path) as f:
-            config = config_from_params(json.load(f), vocab_size=vocab)
+        config = config_from_params(fs.read_json(params_path), vocab_size=vocab)
     except (ValueError, TypeError) as e:
         raise FormatError(f"{params_path}: {e}") from e
     check_shard_count(config, len(files))

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from llamax import fs
 from llamax.data.markov import MarkovSource
 
 SOURCES = ("tfds", "markov")
@@ -54,6 +55,8 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"data.markov_states must be an integer >= 2, got {c.markov_states!r}")
     if not (isinstance(c.markov_alpha, int | float) and 0 < c.markov_alpha < float("inf")):
         errors.append(f"data.markov_alpha must be positive, got {c.markov_alpha!r}")
+    if fs.is_remote(c.tfds_data_dir):
+        errors.append(_REMOTE_DATA_DIR.format(c.tfds_data_dir))
     fraction = c.validation_fraction
     if not (isinstance(fraction, int | float) and 0 <= fraction < 1):
         errors.append(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
@@ -71,7 +74,7 @@ def vocab_size(c: ml_collections.ConfigDict) -> int:
 
         if not c.tokenizer:
             raise ValueError("data.source 'tfds' needs data.tokenizer (a sentencepiece model)")
-        return Tokenizer(os.path.expanduser(c.tokenizer)).vocab_size
+        return Tokenizer(c.tokenizer).vocab_size
     raise ValueError(f"Unknown data.source {c.source!r}; expected one of {SOURCES}")
 
 
@@ -96,6 +99,21 @@ class _StatelessIterator:
         self.step = int(state["step"])
 
 
+_REMOTE_DATA_DIR = (
+    "data.tfds_data_dir {} is not a local directory: tfds datasets are read as ArrayRecord "
+    "files, whose reader opens local files only. Give a local directory (corpus files on "
+    "gs:// are read from there and built into it), or mount the bucket with gcsfuse and "
+    "give the mount point"
+)
+
+
+def local_data_dir(path: str) -> str:
+    """A tfds data directory, `~` expanded; a clear error for a URL."""
+    if fs.is_remote(path):
+        raise ValueError(_REMOTE_DATA_DIR.format(path))
+    return os.path.expanduser(path)
+
+
 def _one_text_source(files: str, tfds_name: str) -> None:
     if bool(files) == bool(tfds_name):
         raise ValueError(
@@ -110,7 +128,7 @@ def tfds_builder(c: ml_collections.ConfigDict):
     from llamax.data import corpus
 
     _one_text_source(c.files, c.tfds_name)
-    data_dir = os.path.expanduser(c.tfds_data_dir)
+    data_dir = local_data_dir(c.tfds_data_dir)
     if c.tfds_name:
         return corpus.catalog_builder(c.tfds_name, data_dir)
     if jax.process_count() > 1:
@@ -137,7 +155,7 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
     source = corpus.data_source(tfds_builder(c), split)
     dataset = pipeline.make_dataset(
         source,
-        os.path.expanduser(c.tokenizer),
+        fs.expand(c.tokenizer),
         seq_len,
         len(rows),
         seed=c.seed + (0 if split == "train" else 1),
@@ -169,7 +187,7 @@ def documents(
                 if problem is None:
                     yield text
         return
-    builder = corpus.catalog_builder(tfds_name, os.path.expanduser(tfds_data_dir) or None)
+    builder = corpus.catalog_builder(tfds_name, local_data_dir(tfds_data_dir) or None)
     source = corpus.data_source(builder, split)
     for i in range(len(source)):
         yield corpus.record_text(source[i], text_field)

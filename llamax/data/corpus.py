@@ -19,18 +19,18 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import glob
 import gzip
 import hashlib
 import io
 import json
 import logging
-import os
 import random
 import zlib
 from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
+
+from llamax import fs
 
 log = logging.getLogger("llamax")
 SPLITS = ("train", "validation")
@@ -124,16 +124,17 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
         raise ValueError("No corpus files given: set data.files to glob patterns")
     files: set[str] = set()
     for pattern in patterns:
-        matches = glob.glob(os.path.expanduser(pattern.strip()), recursive=True)
-        matches = [p for p in matches if os.path.isfile(p)]
+        matches = [p for p in fs.glob(pattern.strip()) if fs.isfile(p)]
         if not matches:
             raise FileNotFoundError(f"No files match {pattern!r}")
         files.update(matches)
     return sorted(files)
 
 
-def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+@contextlib.contextmanager
+def _open(path: str) -> Iterator:
+    with fs.open(path, "rb") as raw:
+        yield gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
 
 
 def _valid_unicode(text: str) -> bool:
@@ -235,8 +236,7 @@ def build_corpus(
     files = expand_patterns(patterns)
     digest = hashlib.sha256()
     for path in files:
-        stat = os.stat(path)
-        digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{fs.absolute(path)}|{fs.stat_key(path)}\n".encode())
     digest.update(f"{text_field}|{validation_fraction}".encode())
     config = TextCorpusConfig(
         name=f"corpus_{digest.hexdigest()[:12]}",

@@ -26,11 +26,15 @@ PIECE_CHARS = 1 << 16
 
 class Tokenizer:
     def __init__(self, model_path: str):
-        if not os.path.isfile(model_path):
+        model_path = fs.expand(model_path)
+        if not fs.isfile(model_path):
             raise FileNotFoundError(f"Tokenizer model not found: {model_path}")
         self.path = model_path
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=model_path)
+            proto = fs.read_bytes(model_path)
+            if not proto:  # sentencepiece loads an empty proto as a model of no pieces
+                raise ValueError("the file is empty")
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
         except (RuntimeError, OSError, ValueError) as e:  # sentencepiece's parse errors
             raise ValueError(
                 f"{model_path}: not a sentencepiece model (empty, truncated or another "
