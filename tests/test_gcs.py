@@ -22,6 +22,8 @@ from conftest import REPO, load_config, make_text_corpus, saved_params
 
 from llamax import checkpoint, convert, fs, pretrained, train
 from llamax.cli import eval as eval_cli
+from llamax.cli import generate as generate_cli
+from llamax.cli import tokenizer as tokenizer_cli
 from llamax.data.tokenizer import train_tokenizer
 from llamax.metrics import read_metrics
 
@@ -255,6 +257,14 @@ def test_convert_evaluate_and_load_through_buckets(gcs_run):
             f"{BUCKET}/corpus/*.txt", "--output", f"{BUCKET}/eval"]  # fmt: skip
     assert eval_cli.main(argv) == 0
     result = json.loads(fs.read_text(f"{BUCKET}/eval/perplexity.json"))
+    assert generate_cli.main(["--checkpoint", back, "--prompt", "the model",
+                              "--max-new-tokens", "4"]) == 0  # fmt: skip
+    # A tokenizer trained from the bucket's corpus into the bucket; no overwrite there either.
+    argv = ["train", "--input", f"{BUCKET}/corpus/*.txt", "--vocab-size", "400",
+            "--output", f"{BUCKET}/tok/cli.model"]  # fmt: skip
+    assert tokenizer_cli.main(argv) == 0
+    assert fs.isfile(f"{BUCKET}/tok/cli.model")
+    assert tokenizer_cli.main(argv) == 2
     assert result and fs.isfile(f"{BUCKET}/eval/perplexity.png")
     assert not os.path.exists(cwd / "gs:")
 
