@@ -34,9 +34,19 @@ PEAK_FLOPS: dict[str, float] = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,  # SXM; dense, without sparsity
-    "NVIDIA H200": 989e12,  # the H100's compute with more and faster memory
-    "NVIDIA A100": 312e12,
+    # NVIDIA: dense bf16 tensor-core peaks of the datasheets (half the "with sparsity" ones),
+    # by the names CUDA reports ("NVIDIA H100 80GB HBM3" is the SXM part).
+    "NVIDIA H100": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM: the H100's compute with more and faster memory
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA A100": 312e12,  # SXM4 and PCIe alike
+    "NVIDIA L4": 121e12,
+    "NVIDIA L40": 181e12,  # (so that the L4's prefix does not claim the L40 and L40S)
+    "NVIDIA L40S": 362e12,
+    "NVIDIA B200": 2250e12,
 }
 
 

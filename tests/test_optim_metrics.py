@@ -93,7 +93,13 @@ class _Device:
         ("TPU v5p", 459e12),
         ("TPU v6 lite", 918e12),
         ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA B200", 2250e12),
         ("cpu", None),
     ],
 )
