@@ -20,8 +20,11 @@ XLA implementation elsewhere.
 `auto` picks per call, for the platform the program is traced for: splash on TPU and cudnn on
 GPU where their shape and dtype rules allow (splash: self-attention of a multiple of 128
 tokens that its blocks divide; cudnn: self-attention in bfloat16 or float16 with a head dim
-of at most 128, a multiple of 8), else `xla`. It is what a loaded checkpoint runs with unless
-told otherwise, so that one checkpoint runs well on every platform. Training names its backend.
+of at most 128, a multiple of 8), else on an accelerator `chunked` for inputs longer than
+`block_q` (a float32 model on a GPU, a length splash's blocks do not divide, a long prefill;
+`xla`'s scores would not fit: 88 GiB for a 1.1B model at 8 x 2048), else `xla`. It is what a
+loaded checkpoint runs with unless told otherwise, so that one checkpoint runs well on every
+platform. Training names its backend.
 
 Masking is by slot, not by position: the query at row t sits at key slot `q_offset + t` and sees
 the key slots up to and including its own whose segment id equals its own. Positions restart at
@@ -90,6 +93,8 @@ def resolve_backend(backend: str, q, k, self_attention: bool, block_q: int, bloc
         return "splash"
     if platform == "gpu" and self_attention and _fits_cudnn(q):
         return "cudnn"
+    if platform in ("gpu", "tpu") and t > block_q:
+        return "chunked"  # never the whole T x S score matrix of a long input on an accelerator
     return "xla"
 
 

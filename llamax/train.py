@@ -54,14 +54,17 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                         continue  # metrics stay on the device until a log or save step
                     # A NaN step raises here, before it can be saved.
                     latest = train_log.fetch(resume_from=saves.saving or saves.good)
-                    if save_now:
-                        meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
-                        saves.save(done, state, train_iter.get_state(), meta)
+                    if save_now:  # the save before this one is done, or its failure raised
+                        saves.finish_saving()
                     if log_now:
                         eval_loss = held_out(state.params) if eval_now else None
                         train_log.write(done, latest, eval_loss)
                     if save_now:
-                        train_log.flush()  # files on object storage: with each checkpoint
+                        # The metrics up to this step reach the workdir (on object storage,
+                        # an upload) before the checkpoint does, so none are lost by a kill.
+                        train_log.flush()
+                        meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
+                        saves.save(done, state, train_iter.get_state(), meta)
                     if preempted:
                         log.warning("preempted: saved the checkpoint of step %d; exiting", done)
                         break

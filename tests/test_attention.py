@@ -112,14 +112,18 @@ def test_splash_needs_whole_blocks():
     "platform, t, dtype, expected",
     [("tpu", 256, jnp.float32, "splash"), ("tpu", 200, jnp.float32, "xla"),
      ("gpu", 256, jnp.bfloat16, "cudnn"), ("gpu", 256, jnp.float32, "xla"),
-     ("cpu", 256, jnp.bfloat16, "xla")],
+     ("cpu", 256, jnp.bfloat16, "xla"),
+     # Long inputs no fused kernel takes: chunked on an accelerator, never the full scores.
+     ("gpu", 2048, jnp.float32, "chunked"), ("tpu", 1000, jnp.float32, "chunked"),
+     ("cpu", 2048, jnp.float32, "xla")],
 )  # fmt: skip
 def test_auto_picks_the_platforms_kernel_where_it_applies(platform, t, dtype, expected):
     q = jnp.zeros((1, t, 4, 64), dtype)
+    one = jnp.zeros((1, 1, 4, 64), dtype)
     with attention.compiling_for(platform):
         assert attention.resolve_backend("auto", q, q, True, 512, 512) == expected
-        # A cached decode step (queries offset into the cache) always takes the reference.
-        assert attention.resolve_backend("auto", q, q, False, 512, 512) == "xla"
+        # A cached decode step (one query offset into the cache) takes the reference.
+        assert attention.resolve_backend("auto", one, q, False, 512, 512) == "xla"
     assert attention.resolve_backend("chunked", q, q, True, 512, 512) == "chunked"
 
 
