@@ -440,12 +440,16 @@ def copy_file(src: str, dst: str) -> None:
 # ----- checksums -----
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def _digest(path: str, digest):
+    """`digest` (a hashlib-like object) fed with the file's content, read in 4 MiB blocks."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256(path: str) -> str:
+    return _digest(path, hashlib.sha256()).hexdigest()
 
 
 def sha256_files(directory: str, names: list[str]) -> dict[str, str]:
@@ -498,10 +502,7 @@ def _hash(path: str, kind: str) -> str:
         import google_crc32c
 
         digest = google_crc32c.Checksum()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return f"{kind}:{base64.b64encode(digest.digest()).decode()}"
+    return f"{kind}:{base64.b64encode(_digest(path, digest).digest()).decode()}"
 
 
 def _on_threads(function, names: list[str]) -> dict[str, str]:
