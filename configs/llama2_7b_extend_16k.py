@@ -18,7 +18,7 @@ Recipe (`llamax.experiment.context_extension_recipe`, Chen et al. 2023, arXiv:23
 rotary scaling x4, 1,000 steps of 64 x 16,384 tokens (1M tokens per step) at
 learning rate 2e-5 after 20 warmup steps, on C4 English (the paper used the Pile; a corpus of
 long documents, such as pg19 in `--config.data.tfds_name`, teaches more of the long range);
-chunked attention and full remat.
+full remat and `auto` attention (splash on TPU, cuDNN on GPU, else chunked).
 
 Hardware: a v4-128 slice (64 chips, 32 GiB each), fsdp over all chips, 1 sequence per chip.
 Ahead-of-time check (llamax-aot, docs/tpu_fit.md): 11.88 GiB per chip with splash on v4-64

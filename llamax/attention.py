@@ -14,18 +14,29 @@ shardings; its multi-head kernel groups the query heads over the kv heads itself
 never repeated). Off TPU it runs in Pallas' interpret mode (slow; for tests). Self-attention
 of 128 tokens or more only (the KV-cache path and shorter inputs use `xla`).
 
-`cudnn` is `jax.nn.dot_product_attention`: cuDNN's fused attention on GPU, the same function's
-XLA implementation elsewhere.
+`cudnn` is cuDNN's fused (flash) attention on GPU, with no dense mask: rows without segment
+ids take its plain causal kernel; packed rows its packed layout (each run of equal segment ids
+one document: per-row lengths and start offsets, `MaskType.PADDING_CAUSAL`; Hopper or later),
+for up to `max_segments` documents per row; a batch with a row of more, or a GPU older than
+Hopper, gets the dense `[B, 1, T, S]` mask for that call (right, slower). A row's documents
+are contiguous runs, as every llamax packer writes them: a segment id that comes back after
+another is a new document here, where `xla` would join the two. Off GPU the same layout goes
+through jax's own offset arithmetic into `_packed_reference`, which reads the offsets as cuDNN
+does, so the CPU tests check exactly what the GPU is given. jax releases whose offset
+arithmetic scales the key offsets by the query head count (up to 0.11.0; it reads the wrong
+keys under grouped-query attention) get k and v repeated to the query heads, found by trying
+that arithmetic once (`_kv_offsets_follow_kv_heads`).
 
 `auto` picks per call, for the platform the program is traced for: splash on TPU and cudnn on
 GPU where their shape and dtype rules allow (splash: self-attention of a multiple of 128
 tokens that its blocks divide; cudnn: self-attention in bfloat16 or float16 with a head dim
 of at most 128, a multiple of 8), else on an accelerator `chunked` for inputs longer than
 `block_q` (a float32 model on a GPU, a length splash's blocks do not divide, a long prefill;
-`xla`'s scores would not fit: 88 GiB for a 1.1B model at 8 x 2048), else `xla`. It is what a
-loaded checkpoint runs with unless told otherwise, so that one checkpoint runs well on every
-platform. Training names its backend.
+`xla`'s scores would not fit: 88 GiB for a 1.1B model at 8 x 2048), else `xla`. It is the
+default of `Execution`, so training and a loaded checkpoint run the platform's kernel unless
+told otherwise, and one config or checkpoint runs well on every platform.
 
+Segment ids of None mean one document per row (the model passes None when it is given none).
 Masking is by slot, not by position: the query at row t sits at key slot `q_offset + t` and sees
 the key slots up to and including its own whose segment id equals its own. Positions restart at
 each packed document, slots never do, so causality and packing stay independent.
@@ -38,7 +49,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -102,12 +115,13 @@ def attend(
     q: jnp.ndarray,
     k: jnp.ndarray,
     v: jnp.ndarray,
-    q_segment_ids: jnp.ndarray,
-    kv_segment_ids: jnp.ndarray,
+    q_segment_ids: jnp.ndarray | None,
+    kv_segment_ids: jnp.ndarray | None,
     q_offset: jnp.ndarray | int = 0,
     backend: str = "xla",
     block_q: int = 512,
     block_kv: int = 512,
+    max_segments: int = 32,
 ) -> jnp.ndarray:
     """Causal, segment-masked attention: q [B, T, N, H], k and v [B, S, K, H] -> [B, T, N, H]."""
     errors = check_backend(backend, block_q, block_kv)
@@ -115,12 +129,16 @@ def attend(
         raise ValueError(errors[0])
     self_attention = q.shape[1] == k.shape[1] and isinstance(q_offset, int) and q_offset == 0
     backend = resolve_backend(backend, q, k, self_attention, block_q, block_kv)
+    if backend == "cudnn" and self_attention:
+        return _cudnn_attention(q, k, v, q_segment_ids, max_segments)
+    if q_segment_ids is None:
+        q_segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    if kv_segment_ids is None:
+        kv_segment_ids = jnp.ones(k.shape[:2], jnp.int32)
     # Below 128 tokens (one TPU lane width; e.g. the 1-token dummy input of initialization)
     # splash has no block to work with: those use the reference.
     if backend == "splash" and self_attention and q.shape[1] >= 128:
         return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
-    if backend == "cudnn" and self_attention:
-        return _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if backend == "chunked" and q.shape[1] > block_q:
         return _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_q)
     return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
@@ -219,7 +237,131 @@ def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids, block_q, block_kv)
     )(q, k, v, q_segment_ids, kv_segment_ids)  # fmt: skip
 
 
-def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
-    mask = attention_mask(q_segment_ids, kv_segment_ids)[:, None]  # [B, 1, T, S]
-    implementation = "cudnn" if _platform() == "gpu" else None
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+def _cudnn_attention(q, k, v, segment_ids, max_segments):
+    on_gpu = _platform() == "gpu"
+    implementation = "cudnn" if on_gpu else None  # else the same function's XLA version
+    if segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+
+    def dense():
+        mask = attention_mask(segment_ids, segment_ids)[:, None]  # [B, 1, T, S]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+    m = min(max_segments, q.shape[1])
+    if m < 2 or not _packed_layout_available():  # jax's packed layout needs 2 or more
+        return dense()
+    # The layout rows shard as the batch does, and k and v as q (jax's cuDNN partitioner
+    # splits all of them along the batch and requires q, k and v split alike).
+    lengths, starts, count = (
+        nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+        for x in segment_runs(segment_ids, m)
+    )
+
+    def packed():
+        kk, vv = k, v
+        if not _kv_offsets_follow_kv_heads():
+            kk, vv = (
+                nn.with_logical_constraint(
+                    jnp.repeat(x, q.shape[2] // k.shape[2], axis=2),
+                    ("batch", "length", "heads", "head_dim"),
+                )
+                for x in (k, v)
+            )
+        args = (q, kk, vv, lengths, lengths, starts, starts, q.shape[-1] ** -0.5)
+        return _cudnn_packed(*args) if on_gpu else _packed_reference(*args)
+
+    return jax.lax.cond(jnp.max(count) <= m, packed, dense)
+
+
+def segment_runs(segment_ids: jnp.ndarray, m: int):
+    """Each row's documents (runs of equal segment ids) in the packed layout of jax's cuDNN
+    attention: lengths [B, m] and start slots [B, m + 1], -1 past the row's last run, and the
+    runs per row [B] (a row of more than m runs does not fit the layout)."""
+    b, t = segment_ids.shape
+    first = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    run = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # [B, T]: each token's run
+    count = run[:, -1] + 1
+    rows = jnp.arange(b)[:, None]
+    lengths = jnp.zeros((b, m), jnp.int32).at[rows, run].add(1, mode="drop")
+    lengths = jnp.where(jnp.arange(m) < count[:, None], lengths, -1)
+    slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    starts = jnp.full((b, m + 1), -1, jnp.int32)
+    starts = starts.at[rows, jnp.where(first & (run < m), run, m + 1)].set(slots, mode="drop")
+    return lengths, starts, count
+
+
+def _cudnn_module():
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    return fused_attention_stablehlo
+
+
+def _cudnn_packed(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale):
+    cudnn = _cudnn_module()
+    return cudnn.dot_product_attention(
+        q, k, v, q_seqlen=q_seqlen, kv_seqlen=kv_seqlen, q_offsets=q_offsets,
+        kv_offsets=kv_offsets, scale=scale, mask_type=cudnn.MaskType.PADDING_CAUSAL,
+    )  # fmt: skip
+
+
+def _packed_layout_available() -> bool:
+    """cuDNN's packed layout needs Hopper (compute capability 9.0) or later; off GPU the
+    reference stands in for it."""
+    if _platform() != "gpu":
+        return True
+    try:
+        device = jax.devices("gpu")[0]
+    except RuntimeError:  # tracing for a GPU on a machine without one
+        return True
+    capability = getattr(device, "compute_capability", None)
+    return capability is not None and tuple(map(int, capability.split("."))) >= (9, 0)
+
+
+@functools.cache
+def _kv_offsets_follow_kv_heads() -> bool:
+    """Whether this jax turns key offsets into element offsets with the kv head count (right)
+    or the query head count (jax <= 0.11.0). Found by running its arithmetic once on a query
+    of 4 heads and a key of 2: the second key document, at slot 1, starts at element 2."""
+    fix = getattr(_cudnn_module(), "_fix_seqlen_offsets", None)
+    if fix is None:  # nothing to check against: repeating k and v is right either way
+        return False
+    with jax.ensure_compile_time_eval():
+        lengths = jnp.array([[1, 1]], jnp.int32)
+        starts = jnp.array([[0, 1, -1]], jnp.int32)
+        q, k = jnp.zeros((1, 2, 4, 1)), jnp.zeros((1, 2, 2, 1))
+        kv_offsets = fix(lengths, lengths, starts, starts, q, k)[3]
+        return int(kv_offsets[0, 1]) == 2
+
+
+def _packed_reference(q, k, v, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale):
+    """What cuDNN computes from jax's packed layout, in jnp: jax's own offset arithmetic
+    (`_fix_seqlen_offsets`, which the GPU path runs before the kernel), then the batch read
+    as cuDNN reads it: one packed [B*T, N, H] query tensor, segment g the lengths[g] tokens
+    from element offset offsets[g], causal within a segment, rows not in one left zero."""
+    q_seqlen, kv_seqlen, q_offsets, kv_offsets = _cudnn_module()._fix_seqlen_offsets(
+        q_seqlen, kv_seqlen, q_offsets, kv_offsets, q, k
+    )
+    b, t, n, h = q.shape
+    s, kv_heads = k.shape[1], k.shape[2]
+
+    def members(seqlen, offsets, tokens, stride):  # each packed token's segment and position
+        seqlen = jnp.maximum(seqlen.reshape(-1), 0)
+        start = offsets.reshape(-1)[: seqlen.shape[0]] // stride
+        slot = jnp.arange(tokens)[:, None]
+        inside = (slot >= start) & (slot < start + seqlen)  # [tokens, segments]
+        segment = jnp.where(inside.any(-1), jnp.argmax(inside, -1) + 1, 0)
+        position = slot[:, 0] - start[jnp.maximum(segment - 1, 0)]
+        return segment, position
+
+    q_seg, q_pos = members(q_seqlen, q_offsets, b * t, n * h)
+    kv_seg, kv_pos = members(kv_seqlen, kv_offsets, b * s, kv_heads * h)
+    mask = (q_seg[:, None] == kv_seg[None]) & (q_seg[:, None] > 0)
+    mask &= kv_pos[None] <= q_pos[:, None]  # [B*T, B*S]
+    qf = q.reshape(b * t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("PKGH,RKH->KGPR", qf, k.reshape(b * s, kv_heads, h))
+    scores = jnp.where(mask, scores.astype(jnp.float32) * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1) * mask.any(-1)[:, None]
+    out = jnp.einsum("KGPR,RKH->PKGH", probs.astype(v.dtype), v.reshape(b * s, kv_heads, h))
+    return out.reshape(b, t, n, h)

@@ -1,4 +1,16 @@
-"""Noticing, in a multi-process run, that another process is gone.
+"""Forming a multi-process run from its launcher's environment, and noticing, in one, that
+another process is gone.
+
+`launcher(env)` reads who started this process and returns `jax.distributed.initialize`'s
+arguments (None: a single process, or a TPU slice, where JAX finds the cluster itself):
+- torchrun and launchers like it: `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE`, `RANK`, and
+  `LOCAL_RANK`, `LOCAL_WORLD_SIZE` where several processes share a host;
+- SLURM (`srun`): `SLURM_NTASKS`, `SLURM_PROCID`, `SLURM_LOCALID`, the tasks on this node from
+  `SLURM_STEP_TASKS_PER_NODE` and the first host of `SLURM_STEP_NODELIST` as the coordinator
+  (`MASTER_ADDR`/`MASTER_PORT` override the host and the port; the default port is
+  `20000 + job id % 10000`, the same on every node of a job).
+With several processes on a host, each takes the GPU of its local rank (`local_device_ids`);
+with one process per host it drives all of the host's GPUs.
 
 JAX's coordination service notices a lost process only after its heartbeat timeout, and then
 aborts every other process (SIGABRT and a C++ stack) unless a Python error happens to reach
@@ -15,14 +27,74 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
+from collections.abc import Mapping
 
 import jax
 
 log = logging.getLogger("llamax")
 INTERVAL = 1.0  # seconds between heartbeats
+
+
+def launcher(env: Mapping[str, str] = os.environ) -> tuple[dict, str] | None:
+    """`jax.distributed.initialize` keyword arguments for the launcher that started this
+    process, with a line that says which; None for a single process."""
+    if "WORLD_SIZE" in env and "RANK" in env:
+        world, rank = _int(env, "WORLD_SIZE"), _int(env, "RANK")
+        if world <= 1:
+            return None
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} and RANK are set but {missing} are not")
+        local = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 1
+        local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        coordinator = f"{env['MASTER_ADDR']}:{_int(env, 'MASTER_PORT')}"
+        return arguments(coordinator, world, rank, local, local_rank, "WORLD_SIZE/RANK")
+    tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS")
+    if "SLURM_JOB_ID" in env and tasks and int(tasks) > 1:
+        world, rank = int(tasks), _int(env, "SLURM_PROCID")
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not (env.get("MASTER_ADDR") or nodes):
+            raise ValueError("a SLURM job of several tasks with no SLURM_STEP_NODELIST")
+        host = env.get("MASTER_ADDR") or first_host(nodes)
+        job = int(re.sub(r"\D", "", env["SLURM_JOB_ID"]) or 0)
+        port = _int(env, "MASTER_PORT") if env.get("MASTER_PORT") else 20000 + job % 10000
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+        local = int(re.match(r"\d+", per_node).group())
+        local_rank = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        return arguments(f"{host}:{port}", world, rank, local, local_rank, "SLURM")
+
+
+def arguments(coordinator, world, rank, local=1, local_rank=0, source="flags"):
+    """`jax.distributed.initialize` keyword arguments and a line describing them; with `local`
+    processes on this host, this one takes local device `local_rank` only."""
+    if not 0 <= rank < world:
+        raise ValueError(f"{source}: process {rank} is not one of {world}")
+    kwargs = {"coordinator_address": coordinator, "num_processes": world, "process_id": rank}
+    where = "all of this host's devices"
+    if local > 1:
+        kwargs["local_device_ids"] = [local_rank]
+        where = f"local device {local_rank}"
+    return kwargs, f"{source}: process {rank} of {world}, coordinator {coordinator}, {where}"
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {env[name]!r}") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu-[007-009,012],login1` -> `gpu-007`."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", nodelist.strip())
+    prefix, ranges, suffix = match.groups()
+    if ranges is None:
+        return prefix + suffix
+    return prefix + re.split(r"[,-]", ranges)[0] + suffix
 
 
 def jax_heartbeat_timeout(timeout: float) -> int:

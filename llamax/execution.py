@@ -48,10 +48,15 @@ class Execution:
     # Layers per iteration of the layer scan. Unrolling lets XLA fuse across layers (faster
     # steps on CPU, docs/performance.md) and costs compile time; the parameters are the same.
     scan_unroll: int = 1
-    attention: str = "xla"  # one of llamax.attention.BACKENDS
+    # One of llamax.attention.BACKENDS; `auto`: the platform's fused kernel where the shapes
+    # allow it (splash on TPU, cuDNN on GPU), the reference `xla` on CPU.
+    attention: str = "auto"
     # Queries and keys per block of the chunked and splash attention.
     attention_block_q: int = 512
     attention_block_kv: int = 512
+    # Documents per packed row that cuDNN's packed layout takes in one call; a batch with a
+    # row of more gets a dense mask for that call (the same result, slower).
+    attention_max_segments: int = 32
 
     def __post_init__(self):
         errors = []
@@ -62,7 +67,9 @@ class Execution:
             errors.append(
                 f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}"
             )
-        for name in ("scan_unroll", "attention_block_q", "attention_block_kv"):
+        positive = ("scan_unroll", "attention_block_q", "attention_block_kv",
+                    "attention_max_segments")  # fmt: skip
+        for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 errors.append(f"{name} must be a positive integer, got {value!r}")

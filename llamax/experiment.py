@@ -32,6 +32,7 @@ TRAIN_EXECUTION_FIELDS = (
     "attention",
     "attention_block_q",
     "attention_block_kv",
+    "attention_max_segments",
 )
 # Types of the LlamaConfig fields whose default is None, for their placeholders.
 _OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "ffn_dim": int}
@@ -120,7 +121,8 @@ def check(c: ml_collections.ConfigDict) -> None:
 # what it trains. Any other change alters the run and must be accepted.
 FREE_TO_CHANGE = (
     "model.dtype", "model.remat_policy", "model.scan_unroll", "model.attention",
-    "model.attention_block_q", "model.attention_block_kv", "mesh.", "train.log_every",
+    "model.attention_block_q", "model.attention_block_kv", "model.attention_max_segments",
+    "mesh.", "train.log_every",
     "train.eval_every", "train.eval_batches", "train.progress_bar", "train.seed",
     "train.peak_flops_per_device", "train.grad_accum_steps", "train.accept_changes",
     "checkpoint.", "cluster.", "init_from", "data.tfds_data_dir",
@@ -211,16 +213,17 @@ def llama2_recipe(preset: str, learning_rate: float) -> ml_collections.ConfigDic
 
 def context_extension_recipe(preset: str, seq_len: int) -> ml_collections.ConfigDict:
     """Position interpolation (Chen et al. 2023, arXiv:2306.15595, section 3) for a Llama 2
-    preset trained at 4,096 tokens: continued training from converted weights (`init_from`)
-    with `linear` rotary scaling by seq_len / 4096, 1,000 steps of 64 sequences of `seq_len`,
-    AdamW at 2e-5 (beta2 0.95) after 20 warmup steps, no decay, no weight decay, on the
-    pretraining data. Chunked attention and full remat keep the long sequences in memory."""
+        preset trained at 4,096 tokens: continued training from converted weights (`init_from`)
+        with `linear` rotary scaling by seq_len / 4096, 1,000 steps of 64 sequences of `seq_len`,
+        AdamW at 2e-5 (beta2 0.95) after 20 warmup steps, no decay, no weight decay, on the
+        pretraining data. Full remat and a flash attention (`auto`: splash on TPU, cuDNN on GPU,
+    chunked where neither applies) keep the long sequences in memory."""
     c = llama2_recipe(preset, learning_rate=2e-5)
     factor = seq_len / c.train.seq_len
     c.model.rope_scaling.rope_type = "linear"
     c.model.rope_scaling.factor = factor
     c.model.max_seq_len = seq_len
-    c.model.attention = "chunked"
+    c.model.attention = "auto"
     c.optimizer.warmup_steps = 20
     c.optimizer.end_learning_rate_ratio = 1.0  # constant after the warmup
     c.optimizer.weight_decay = 0.0

@@ -62,8 +62,13 @@ def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.
     None when unknown (CPUs: MFU is then not reported unless a peak is given)."""
     if override > 0:
         return float(override)
-    kind = (device or jax.devices()[0]).device_kind
-    matches = [k for k in PEAK_FLOPS if kind.startswith(k)]
+    return peak_flops((device or jax.devices()[0]).device_kind)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The table's peak for a device name (JAX's `device_kind`, or CUDA's name, the same for
+    NVIDIA GPUs): the entry of the longest prefix, None for none."""
+    matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 

@@ -2,10 +2,10 @@
 
 `Llama(config, execution)`: the architecture (`LlamaConfig`, what a checkpoint records) and
 how to compute it (`Execution`: dtypes, attention backend, remat, layer loop; by default
-float32 and the `xla` attention). Parameter names follow Meta's reference (`tok_embeddings`,
-`layers.attention.wq`, ...); the layers are stacked on a leading axis and run with `nn.scan`,
-optionally under `nn.remat`. Every parameter carries logical axis names; `llamax.sharding`
-maps them to the mesh.
+float32 and `auto` attention: the platform's fused kernel where it applies). Parameter names
+follow Meta's reference (`tok_embeddings`, `layers.attention.wq`, ...); the layers are stacked
+on a leading axis and run with `nn.scan`, optionally under `nn.remat`. Every parameter carries
+logical axis names; `llamax.sharding` maps them to the mesh.
 
 Shapes: B batch, T query length, S key length (cache slots), D model dim, N query heads,
 K kv heads, H head dim, F feed-forward dim, V vocab, L layers.
@@ -13,7 +13,8 @@ K kv heads, H head dim, F feed-forward dim, V vocab, L layers.
 Inputs beyond the tokens:
 - `positions` [B, T]: rotary positions (default 0..T-1, continuing after the cache's contents).
 - `segment_ids` [B, T]: documents packed in one row; a token attends only to earlier tokens of
-  the same segment. Padding is a segment of its own (conventionally 0).
+  the same segment. Padding is a segment of its own (conventionally 0). None: one document
+  per row.
 - `cache`: from `init_cache`; when given, `apply` returns `(logits, cache)` and the new keys and
   values are written at the cache's `index`. The caller keeps `index + T` within the cache
   length (a write past the end is clamped by `lax.dynamic_update_slice`, silently).
@@ -111,7 +112,7 @@ class Attention(nn.Module):
         offset = 0 if kv is None else cache_index
         out = attend(
             q, key, value, q_segment_ids, kv_segment_ids, offset, e.attention,
-            e.attention_block_q, e.attention_block_kv,
+            e.attention_block_q, e.attention_block_kv, e.attention_max_segments,
         )  # fmt: skip
         # As one [N*H, D] matmul: XLA's CPU layout pass otherwise transposes wo on every call.
         out = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))
@@ -189,9 +190,11 @@ class Llama(nn.Module):
         index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids is None:
+        if segment_ids is not None:
+            segment_ids = segment_ids.astype(jnp.int32)
+        elif cache is not None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        segment_ids = segment_ids.astype(jnp.int32)
+        # else None down to `attend`: one document per row, which fused kernels run unmasked
 
         embedding = _param(self, "tok_embeddings", ("vocab", "embed"), (c.vocab_size, c.dim))
         # Gather the table whole along `embed` first (as FSDP does for every weight): GSPMD

@@ -153,9 +153,10 @@ def tokenizer_path(text_corpus, tmp_path_factory):
     return path
 
 
-def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny"):
+def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny", launcher="flags"):
     """`llamax-train` as `processes` processes of `devices_each` CPU devices forming one JAX
-    cluster on 127.0.0.1; output (stdout and stderr together) on each process's stdout."""
+    cluster on 127.0.0.1; output (stdout and stderr together) on each process's stdout. The
+    processes learn their place from flags, or as torchrun or SLURM (`srun`) would tell them."""
     import socket
     import subprocess
     import sys
@@ -165,24 +166,40 @@ def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny"):
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}  # fmt: skip
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llamax.cli.train",
-                f"--config={REPO}/configs/{config}.py",
-                f"--workdir={workdir}",
-                "--config.train.progress_bar=false",
-                *flags,
-                f"--coordinator=127.0.0.1:{port}",
-                f"--num_processes={processes}",
-                f"--process_id={i}",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(processes)
-    ]
+
+    def place(i):  # (extra flags, extra environment) of process i
+        if launcher == "flags":
+            return [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}",
+                    f"--process_id={i}"], {}  # fmt: skip
+        if launcher == "torchrun":  # one host, `torchrun --nproc-per-node=N`
+            return [], {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "WORLD_SIZE": str(processes), "RANK": str(i), "LOCAL_RANK": str(i),
+                        "LOCAL_WORLD_SIZE": str(processes)}  # fmt: skip
+        assert launcher == "slurm"  # one task per node of `srun -N N --ntasks-per-node=1`
+        return [], {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(processes),
+                    "SLURM_PROCID": str(i), "SLURM_LOCALID": "0",
+                    "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_STEP_TASKS_PER_NODE": "1",
+                    "MASTER_PORT": str(port)}  # fmt: skip
+
+    procs = []
+    for i in range(processes):
+        extra_flags, extra_env = place(i)
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "llamax.cli.train",
+                    f"--config={REPO}/configs/{config}.py",
+                    f"--workdir={workdir}",
+                    "--config.train.progress_bar=false",
+                    *flags,
+                    *extra_flags,
+                ],
+                env={**env, **extra_env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )  # fmt: skip
+        )
+    return procs

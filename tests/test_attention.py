@@ -134,3 +134,99 @@ def test_auto_runs_the_reference_on_cpu(rng):
     ref = llamax.Llama(config).apply({"params": params}, tokens)
     auto = llamax.Llama(config, llamax.Execution(attention="auto"))
     np.testing.assert_array_equal(auto.apply({"params": params}, tokens), ref)
+
+
+def _packed_rows(b, t):
+    """Rows of several documents each, with right padding (segment 0) on some."""
+    segments = np.ones((b, t), np.int32)
+    segments[0, 5:] = 2
+    segments[0, 9:] = 3
+    segments[0, 20:] = 0
+    segments[1, 1:] = 2  # a one-token document
+    segments[1, 2:] = 7
+    if b > 2:
+        segments[2, :] = 4  # one document filling the row
+    return jnp.asarray(segments)
+
+
+def test_segment_runs_are_jax_packed_layout():
+    """Lengths [B, M] and start slots [B, M + 1], -1 past each row's last document, as
+    `fused_attention_stablehlo.dot_product_attention` documents its packed layout."""
+    lengths, starts, count = attention.segment_runs(_packed_rows(3, 24), 5)
+    np.testing.assert_array_equal(
+        lengths, [[5, 4, 11, 4, -1], [1, 1, 22, -1, -1], [24, -1, -1, -1, -1]]
+    )
+    np.testing.assert_array_equal(
+        starts, [[0, 5, 9, 20, -1, -1], [0, 1, 2, -1, -1, -1], [0, -1, -1, -1, -1, -1]]
+    )
+    np.testing.assert_array_equal(count, [4, 3, 1])
+    _, starts, count = attention.segment_runs(_packed_rows(3, 24), 3)  # row 0 does not fit
+    assert count[0] == 4 and starts[0, 3] == -1
+
+
+@pytest.mark.parametrize("max_segments", [32, 3])  # 3: row 0 has 4 documents, a dense mask
+@pytest.mark.parametrize("with_segments", [True, False])
+def test_cudnn_packed_layout_equals_xla(max_segments, with_segments, rng):
+    """The cudnn backend without a dense mask, through jax's own offset arithmetic and a
+    reader of the offsets as cuDNN reads them: grouped-query heads (8 over 2) and several
+    documents per row, the case where jax <= 0.11.0 reads the wrong keys."""
+    b, t, n, k, h = 3, 24, 8, 2, 16
+    q, key, value = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, k, k))
+    segments = _packed_rows(b, t) if with_segments else None
+
+    def loss(backend, q, key, value):
+        out = attend(q, key, value, segments, segments, 0, backend, max_segments=max_segments)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)
+    (_, ref), ref_grads = grad("xla", q, key, value)
+    (_, got), got_grads = grad("cudnn", q, key, value)
+    np.testing.assert_allclose(got, ref, atol=2e-5)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=2e-4)
+
+
+def test_repeated_kv_heads_exactly_when_jax_scales_key_offsets_wrongly(rng):
+    """`_kv_offsets_follow_kv_heads` says whether k and v may keep their 2 heads under 8 query
+    heads: fed unrepeated to the offset reader, they give the reference's output exactly when
+    it says so, and wrong keys otherwise."""
+    b, t, n, k, h = 2, 24, 8, 2, 16
+    q, key, value = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, k, k))
+    segments = _packed_rows(b, t)
+    lengths, starts, _ = attention.segment_runs(segments, 8)
+    args = (lengths, lengths, starts, starts, h**-0.5)
+    ref = attend(q, key, value, segments, segments, 0, "xla")
+    unrepeated = attention._packed_reference(q, key, value, *args)
+    close = np.allclose(unrepeated, ref, atol=2e-5)
+    assert close == attention._kv_offsets_follow_kv_heads()
+    repeated = [jnp.repeat(x, n // k, axis=2) for x in (key, value)]
+    np.testing.assert_allclose(attention._packed_reference(q, *repeated, *args), ref, atol=2e-5)
+
+
+def test_model_with_cudnn_packed_equals_xla(rng):
+    config = llamax.LlamaConfig.preset("tiny", n_layers=2)
+    params = random_params(config)
+    tokens = rng.integers(0, config.vocab_size, (3, 24), dtype=np.int32)
+    segments = _packed_rows(3, 24)
+    xla = llamax.Llama(config, llamax.Execution(attention="xla"))
+    cudnn = llamax.Llama(config, llamax.Execution(attention="cudnn"))
+    for seg in (segments, None):
+        ref = xla.apply({"params": params}, tokens, segment_ids=seg)
+        got = cudnn.apply({"params": params}, tokens, segment_ids=seg)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cudnn_packed_sharded_model_equals_xla(rng):
+    """Under a data x fsdp x tensor mesh: the layout rows split with the batch, the repeated
+    k and v with the heads."""
+    config = llamax.LlamaConfig.preset("tiny", n_layers=1)
+    params = random_params(config)
+    tokens = rng.integers(0, config.vocab_size, (4, 24), dtype=np.int32)
+    segments = jnp.concatenate([_packed_rows(3, 24), _packed_rows(3, 24)[:1]])
+    ref = llamax.Llama(config).apply({"params": params}, tokens, segment_ids=segments)
+    cudnn = llamax.Llama(config, llamax.Execution(attention="cudnn"))
+    forward = jax.jit(lambda p, t, s: cudnn.apply({"params": p}, t, segment_ids=s))
+    with llamax.sharding.use_mesh(llamax.sharding.make_mesh(data=2, fsdp=2, tensor=2)):
+        got = forward(params, tokens, segments)
+    np.testing.assert_allclose(got, ref, atol=1e-4)

@@ -77,7 +77,7 @@ def test_context_extension_configs_follow_the_paper(length, factor):
     model, run = experiment.model_config(c), experiment.execution_config(c)
     assert model.rope_scaling == {"rope_type": "linear", "factor": factor}
     assert model.max_seq_len == c.train.seq_len == length
-    assert run.attention == "chunked" and run.remat_policy == "full" and run.dtype == "bfloat16"
+    assert run.attention == "auto" and run.remat_policy == "full" and run.dtype == "bfloat16"
     assert c.optimizer.learning_rate == 2e-5 and c.optimizer.end_learning_rate_ratio == 1.0
     assert c.optimizer.weight_decay == 0.0 and c.train.steps == 1000
     assert model.replace(rope_scaling=None, max_seq_len=4096) == model.preset("llama2-7b")

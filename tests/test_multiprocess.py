@@ -1,27 +1,28 @@
 """Two processes x 4 CPU devices, one JAX cluster over 127.0.0.1 (gloo collectives), train
-exactly as one process x 8 devices."""
+exactly as one process x 8 devices, whether told their places by flags, torchrun's variables
+or SLURM's; and how the launchers' environments are read."""
 
 import numpy as np
 import pytest
 from conftest import load_config, start_cluster
 
-from llamax import train
+from llamax import cluster, train
 from llamax.metrics import read_metrics
 
 OVERRIDES = {"train.steps": 4, "train.log_every": 1, "train.eval_every": 0,
              "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}  # fmt: skip
 FLAGS = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.train.progress_bar=false"]
 
-pytestmark = pytest.mark.slow  # a cluster of two training processes
 
-
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.slow  # a cluster of two training processes
+@pytest.mark.parametrize("launcher", ["flags", "torchrun", "slurm"])
+def test_two_processes_match_one(launcher, tmp_path):
     reference = load_config("tiny", **OVERRIDES)
     train.run(reference, str(tmp_path / "one"))
     want = [r["loss"] for r in read_metrics(str(tmp_path / "one"))]
 
     workdir = str(tmp_path / "two")
-    procs = start_cluster(workdir, FLAGS)
+    procs = start_cluster(workdir, FLAGS, launcher=launcher)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -30,3 +31,49 @@ def test_two_processes_match_one(tmp_path):
     # Only process 0 writes: one record per step, not two.
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     np.testing.assert_allclose([r["loss"] for r in records], want, rtol=1e-5)
+
+
+def test_torchrun_variables():
+    """`torchrun --nnodes=2 --nproc-per-node=8`: process 11 is local rank 3 of the second host."""
+    env = {"MASTER_ADDR": "node-a", "MASTER_PORT": "29500", "WORLD_SIZE": "16", "RANK": "11",
+           "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}  # fmt: skip
+    kwargs, description = cluster.launcher(env)
+    assert kwargs == {"coordinator_address": "node-a:29500", "num_processes": 16,
+                      "process_id": 11, "local_device_ids": [3]}  # fmt: skip
+    assert description.startswith("WORLD_SIZE/RANK: process 11 of 16")
+    # One process per host drives all of its GPUs.
+    one_per_host = {**env, "RANK": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                    "WORLD_SIZE": "2"}  # fmt: skip
+    assert "local_device_ids" not in cluster.launcher(one_per_host)[0]
+    assert cluster.launcher({**env, "WORLD_SIZE": "1", "RANK": "0"}) is None
+    with pytest.raises(ValueError, match=r"\['MASTER_PORT'\] are not"):
+        cluster.launcher({k: v for k, v in env.items() if k != "MASTER_PORT"})
+    with pytest.raises(ValueError, match="RANK must be an integer, got 'x'"):
+        cluster.launcher({**env, "RANK": "x"})
+    with pytest.raises(ValueError, match="process 16 is not one of 16"):
+        cluster.launcher({**env, "RANK": "16"})
+
+
+def test_slurm_variables():
+    """`srun -N 2 --ntasks-per-node=8` and `srun -N 4 --ntasks-per-node=1`."""
+    env = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "16", "SLURM_PROCID": "9",
+           "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu-[007-008]",
+           "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}  # fmt: skip
+    kwargs, _ = cluster.launcher(env)
+    assert kwargs == {"coordinator_address": "gpu-007:23456", "num_processes": 16,
+                      "process_id": 9, "local_device_ids": [1]}  # fmt: skip
+    per_host = {**env, "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "1(x4)", "MASTER_PORT": "1234"}  # fmt: skip
+    kwargs, _ = cluster.launcher(per_host)
+    assert kwargs == {"coordinator_address": "gpu-007:1234", "num_processes": 4, "process_id": 2}
+    assert cluster.launcher({**env, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert cluster.launcher({}) is None
+
+
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [("node001", "node001"), ("node001,host2", "node001"), ("gpu-[007-009,012],login1", "gpu-007"),
+     ("a[3,5]", "a3"), ("rack[2-3]-n", "rack2-n"), ("10.0.0.5", "10.0.0.5")],
+)  # fmt: skip
+def test_first_host_of_a_slurm_node_list(nodelist, first):
+    assert cluster.first_host(nodelist) == first

@@ -1,4 +1,5 @@
-"""The TPU VM scripts: shellcheck-clean, and their dry runs print the right gcloud commands."""
+"""The TPU VM and SLURM scripts: shellcheck-clean, and their dry runs print the right gcloud
+commands; the SLURM one runs llamax-train under srun."""
 
 import glob
 import os
@@ -155,3 +156,20 @@ def test_train_scripts_run_llamax_train_everywhere():
 def test_scripts_refuse_bad_arguments(script, args, message):
     result = _run(script, *args, action="create" if script == "tpu_vm.sh" else None)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_slurm_script_runs_one_llamax_train_per_task(tmp_path):
+    fake = tmp_path / "srun"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" srun "$@"\n')  # one argument per line
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    script = os.path.join(REPO, "scripts", "slurm_train.sh")
+    args = ["configs/llama2_7b.py", "/shared/runs/a b", "--config.train.steps=5"]
+    run = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["srun", "--kill-on-bad-exit=1", "llamax-train", "--config",
+                                       "configs/llama2_7b.py", "--workdir", "/shared/runs/a b",
+                                       "--config.train.steps=5"]  # fmt: skip
+    bad = subprocess.run(["bash", script, "configs/llama2_7b.py"], env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 2 and "usage: sbatch" in bad.stderr

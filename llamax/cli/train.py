@@ -1,7 +1,9 @@
 """`llamax-train --config configs/X.py --workdir DIR [--config.KEY=VALUE ...]`.
 
-The config is locked: a misspelt key is an error. On a multi-host TPU slice, JAX finds the
-cluster by itself; elsewhere (several processes on one machine, GPUs) pass `--coordinator`,
+The config is locked: a misspelt key is an error. Several processes form one JAX cluster:
+on a multi-host TPU slice JAX finds it by itself; under torchrun-style variables (`WORLD_SIZE`,
+`RANK`, `MASTER_ADDR`, ...) or a SLURM job step of several tasks llamax reads it from the
+environment (`llamax.cluster.launcher`, docs/gpu.md); elsewhere pass `--coordinator`,
 `--num_processes` and `--process_id`.
 
 A failure ends the run with one `llamax-train: error:` line: exit 2 for bad input (config,
@@ -51,9 +53,21 @@ def initialize_distributed(heartbeat_timeout_seconds: float) -> None:
             sys.exit(
                 usage_error("llamax-train", "--coordinator needs --num_processes and --process_id")
             )
-        jax.distributed.initialize(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, **timeouts
-        )
+    try:
+        if _COORDINATOR.value:
+            launched = cluster.arguments(
+                _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, source="flags"
+            )
+        else:
+            launched = cluster.launcher()
+    except ValueError as e:
+        sys.exit(usage_error("llamax-train", str(e)))
+    if launched is not None:
+        kwargs, description = launched
+        logging.getLogger("llamax").info("cluster: %s", description)
+        # Everything is given: JAX's own detection would otherwise read a SLURM job as one
+        # process per GPU and hide the other GPUs of a one-process-per-host job.
+        jax.distributed.initialize(**kwargs, cluster_detection_method="deactivate", **timeouts)
     elif _multi_host_tpu():
         jax.distributed.initialize(**timeouts)
 
