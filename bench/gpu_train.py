@@ -47,7 +47,7 @@ SMOKE = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab=51
              seq=256, remat="none")  # fmt: skip
 VARIANTS = (  # (workload, variant)
     ("attention", "kernels"),
-    ("1.1b", "llamax"), ("1.1b", "llamax-unrolled"), ("1.1b", "hf-eager"), ("1.1b", "hf-compile"),
+    ("1.1b", "llamax"), ("1.1b", "unrolled"), ("1.1b", "hf-eager"), ("1.1b", "hf-compile"),
     ("7b-4l", "llamax"), ("7b-4l", "hf-eager"),
     ("7b", "llamax"), ("7b", "hf-eager"),
 )  # fmt: skip
@@ -99,7 +99,7 @@ def run_llamax(w: dict, variant: str, steps: int) -> dict:
         c.model[key] = w[key]
     c.model.update(vocab_size=w["vocab"], max_seq_len=w["seq"], dtype="bfloat16",
                    remat_policy=w["remat"])  # fmt: skip
-    if variant == "llamax-unrolled":
+    if variant == "unrolled":
         c.model.scan_unroll = w["n_layers"]
     c.optimizer.update(warmup_steps=0)
     c.train.update(batch_size=w["batch"], seq_len=w["seq"], steps=1000)
@@ -238,7 +238,7 @@ def child(workload: str, variant: str, smoke: bool, steps: int) -> dict:
     if workload == "attention":
         return run_attention(smoke, steps)
     w = SMOKE if smoke else WORKLOADS[workload]
-    result = (run_llamax if variant.startswith("llamax") else run_hf)(w, variant, steps)
+    result = (run_hf if variant.startswith("hf") else run_llamax)(w, variant, steps)
     from llamax import metrics
 
     tokens_per_second = w["batch"] * w["seq"] / result["seconds_per_step"]

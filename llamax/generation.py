@@ -17,11 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llamax.data import chat
 from llamax.model import Llama, init_cache, unstack_layers
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 
 
 def sample_logits(logits, rng, temperature: float, top_p: float, top_k: int):
@@ -141,25 +138,11 @@ def chat_tokens(dialog: Sequence[dict], tokenizer) -> list[int]:
     """A dialog (`{"role": "system"|"user"|"assistant", "content": ...}`, ending with a user
     turn) as Meta's `Llama.chat_completion` tokenizes it: the system prompt merged into the
     first user turn inside `<<SYS>>`, each finished exchange `[INST] q [/INST] a` between BOS
-    and EOS, the last question after a BOS and awaiting its answer."""
-    dialog = list(dialog)
-    if any(tag in turn["content"] for turn in dialog for tag in SPECIAL_TAGS):
-        raise ValueError(f"Special tags {SPECIAL_TAGS} are not allowed in the dialog")
-    if dialog and dialog[0]["role"] == "system":
-        if len(dialog) < 2:
-            raise ValueError("A system prompt needs a user turn after it")
-        first = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
-        dialog = [{"role": dialog[1]["role"], "content": first}, *dialog[2:]]
-    roles = [turn["role"] for turn in dialog]
-    if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
-        raise ValueError(f"Roles must be (system), user, assistant, user, ...; got {roles}")
-    if not roles or roles[-1] != "user":
+    and EOS, the last question after a BOS and awaiting its answer. The same formatting as
+    fine-tuning's (`llamax.data.chat.dialog_tokens`)."""
+    if not dialog or dialog[-1].get("role") != "user":
         raise ValueError("The last turn of a dialog must be the user's")
-    ids: list[int] = []
-    for question, answer in zip(dialog[::2], dialog[1::2], strict=False):
-        text = f"{B_INST} {question['content'].strip()} {E_INST} {answer['content'].strip()} "
-        ids += tokenizer.encode(text, bos=True, eos=True)
-    ids += tokenizer.encode(
-        f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False
-    )
-    return ids
+    try:
+        return chat.dialog_tokens(dialog, tokenizer)[0]
+    except chat.BadRecord as e:
+        raise ValueError(str(e)) from None

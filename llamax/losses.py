@@ -13,9 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# Next-token prediction on packed documents (pretraining, continued training).
-LM_FIELDS = ("tokens", "segment_ids", "positions")
-
 
 def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Cross-entropy of each target under logits [..., V], in float32, and log Z (the
@@ -26,13 +23,16 @@ def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, j
     return log_z - target_logit, log_z
 
 
-def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0):
+def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0, loss_mask=None):
     """Sums over the valid predictions of the cross-entropy (plus z-loss) and their count.
 
     Position t predicts token t + 1 when both are in the same segment and it is not padding
-    (segment 0): nothing is predicted across a document boundary or into padding.
+    (segment 0): nothing is predicted across a document boundary or into padding; with a
+    `loss_mask`, only where token t + 1's mask is 1.
     """
     valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    if loss_mask is not None:
+        valid &= loss_mask[:, 1:] != 0
     nll, log_z = token_nll(logits[:, :-1], tokens[:, 1:])
     nll = jnp.where(valid, nll, 0.0)
     z = jnp.where(valid, log_z**2, 0.0)
@@ -40,9 +40,13 @@ def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0):
 
 
 def lm_loss(params, model, batch, z_loss: float = 0.0):
-    """The `lm` task: (summed loss to differentiate, (summed nll, target count))."""
+    """Next-token prediction on packed documents (pretraining, continued training), and with a
+    `loss_mask` in the batch (chat data: 1 on the tokens to learn) on the masked-in targets
+    only (supervised fine-tuning): (summed loss to differentiate, (summed nll, target count))."""
     logits = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
     )
-    nll, z, count = next_token_loss(logits, batch["tokens"], batch["segment_ids"], z_loss)
+    nll, z, count = next_token_loss(
+        logits, batch["tokens"], batch["segment_ids"], z_loss, batch.get("loss_mask")
+    )
     return nll + z, (nll, count)

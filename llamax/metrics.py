@@ -216,6 +216,8 @@ class TrainLog:
             "learning_rate": float(m["learning_rate"]),
             "grad_norm": float(m["grad_norm"]),
             "param_norm": float(m["param_norm"]),
+            # The step's predicted tokens in the loss (fine-tuning: the answers' only).
+            "target_tokens": int(m["target_tokens"]),
             "tokens_per_second": tokens_per_second,
             "tflops_per_device": None,
             "mfu": None,

@@ -26,6 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax import checkpoint, experiment, losses, optim, pretrained, sharding, step
+from llamax import data as data_lib
 from llamax.model import Llama, abstract_params
 from llamax.step import TrainState
 
@@ -154,7 +155,7 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     abstract, shardings = state_shardings(model, tx, mesh)
     logical = sharding.mesh_axes(("batch", "length"), (t.batch_size, t.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, logical)
-    fields, loss_fn = losses.LM_FIELDS, partial(losses.lm_loss, z_loss=t.z_loss)
+    fields, loss_fn = data_lib.fields(c.data), partial(losses.lm_loss, z_loss=t.z_loss)
     batch_shardings = dict.fromkeys(fields, batch_sharding)
     train_step = jax.jit(
         partial(

@@ -18,6 +18,7 @@ LAYERS = {
         "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
         "generation",
         "evaluate", "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
+        "data.chat",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
         "convert.manifest", "convert.core",
     ],

@@ -1,12 +1,15 @@
 """Input data, configured by the experiment config's `data` section.
 
-Two sources, one interface: `make_iterator` returns an iterator of this process's rows of
-each global batch (dicts of int32 [rows, seq_len]: `tokens`, `segment_ids`, `positions`) with
-`get_state()` / `set_state()` for checkpoints.
+Three sources, one interface: `make_iterator` returns an iterator of this process's rows of
+each global batch (dicts of int32 [rows, seq_len]: `fields(c)`, which are `tokens`,
+`segment_ids`, `positions`, and `loss_mask` for chat data) with `get_state()` / `set_state()`
+for checkpoints.
 
 - `tfds`: text through tensorflow-datasets (a local corpus built from `data.files`, or a
   catalog dataset `data.tfds_name`), tokenized with the sentencepiece model `data.tokenizer`,
   packed by the grain pipeline (`llamax.data.pipeline`).
+- `chat`: dialogs and prompt/completion pairs from jsonl files (`data.files`) for supervised
+  fine-tuning, in Meta's chat format with a loss mask (`llamax.data.chat`).
 - `markov`: a synthetic Markov chain with a known entropy rate, for tests.
 """
 
@@ -23,7 +26,7 @@ import numpy as np
 from llamax import fs
 from llamax.data.markov import MarkovSource
 
-SOURCES = ("tfds", "markov")
+SOURCES = ("tfds", "chat", "markov")
 log = logging.getLogger("llamax")
 
 
@@ -40,6 +43,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # path of a sentencepiece model (Meta's tokenizer.model, or trained)
     c.add_bos = True  # a BOS before each document, as Llama 2 was trained
     c.add_eos = True  # an EOS after each document
+    # chat: which tokens are trained on ("answers": assistant turns and completions with their
+    # EOS; "everything"), and what becomes of an example longer than train.seq_len ("drop",
+    # or "truncate": its first seq_len tokens).
+    c.chat_train_on = "answers"
+    c.chat_too_long = "drop"
     # markov: a random chain over `markov_states` symbols, Dirichlet(`markov_alpha`) rows.
     c.markov_states = 32
     c.markov_alpha = 0.3
@@ -57,6 +65,14 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"data.markov_alpha must be positive, got {c.markov_alpha!r}")
     if fs.is_remote(c.tfds_data_dir):
         errors.append(_REMOTE_DATA_DIR.format(c.tfds_data_dir))
+    from llamax.data import chat
+
+    if c.chat_train_on not in chat.TRAIN_ON:
+        errors.append(f"data.chat_train_on must be one of {chat.TRAIN_ON}, got {c.chat_train_on!r}")
+    if c.chat_too_long not in chat.TOO_LONG:
+        errors.append(f"data.chat_too_long must be one of {chat.TOO_LONG}, got {c.chat_too_long!r}")
+    if c.source == "chat" and not c.files:
+        errors.append("data.source 'chat' needs data.files (jsonl files of dialogs or pairs)")
     fraction = c.validation_fraction
     if not (isinstance(fraction, int | float) and 0 <= fraction < 1):
         errors.append(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
@@ -69,13 +85,21 @@ def vocab_size(c: ml_collections.ConfigDict) -> int:
     check(c)
     if c.source == "markov":
         return c.markov_states
-    if c.source == "tfds":
+    if c.source in ("tfds", "chat"):
         from llamax.data.tokenizer import Tokenizer
 
         if not c.tokenizer:
-            raise ValueError("data.source 'tfds' needs data.tokenizer (a sentencepiece model)")
+            raise ValueError(
+                f"data.source {c.source!r} needs data.tokenizer (a sentencepiece model)"
+            )
         return Tokenizer(c.tokenizer).vocab_size
     raise ValueError(f"Unknown data.source {c.source!r}; expected one of {SOURCES}")
+
+
+def fields(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """What each batch of this data holds (every field int32 [rows, seq_len])."""
+    base = ("tokens", "segment_ids", "positions")
+    return (*base, "loss_mask") if c.source == "chat" else base
 
 
 class _StatelessIterator:
@@ -147,6 +171,18 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         return _StatelessIterator(
             MarkovSource(c.markov_states, c.markov_alpha, c.seed, split), rows, seq_len
         )
+    if c.source == "chat":
+        from llamax.data import chat
+
+        vocab_size(c)  # checks the tokenizer exists
+        records = chat.split_records(chat.read_records(c.files), split, c.validation_fraction)
+        dataset = chat.make_dataset(
+            records, fs.expand(c.tokenizer), seq_len, len(rows),
+            seed=c.seed + (0 if split == "train" else 1),
+            shard=(jax.process_index(), jax.process_count()), train_on=c.chat_train_on,
+            too_long=c.chat_too_long,
+        )  # fmt: skip
+        return iter(dataset)
     if c.source != "tfds":
         raise ValueError(f"Unknown data.source {c.source!r}; expected one of {SOURCES}")
     from llamax.data import corpus, pipeline

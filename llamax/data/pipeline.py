@@ -152,6 +152,19 @@ class _Documents:
         return self.tokenizer.encode_pieces(text, self.add_bos, self.add_eos)
 
 
+def record_indices(
+    count: int, seed: int, shard: tuple[int, int], num_epochs: int | None
+) -> grain.MapDataset:
+    """This process's share (`shard`: its index, the process count) of `count` record indices,
+    shuffled over all records (seeded; as `MapDataset.source(records).shuffle(seed)` shuffles
+    them), reshuffled and repeated each epoch (`num_epochs=None`: forever)."""
+    index, processes = shard
+    if not 0 <= index < processes:
+        raise ValueError(f"process_index {index} not in [0, {processes})")
+    ds = grain.MapDataset.range(count).shuffle(seed=seed).repeat(num_epochs)
+    return ds[index::processes]
+
+
 def make_dataset(
     source,
     tokenizer_path: str,
@@ -166,12 +179,8 @@ def make_dataset(
     add_eos: bool = True,
 ) -> grain.IterDataset:
     """Batches of `batch_size` packed rows for one process; `num_epochs=None` repeats forever."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     documents = _Documents(source, tokenizer_path, text_field, add_bos, add_eos)
-    # Indices shuffled as `MapDataset.source(source).shuffle(seed)` shuffles the records.
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)  # reshuffles each epoch
-    ds = ds[process_index::process_count].map(documents.ahead)
+    ds = record_indices(len(source), seed, (process_index, process_count), num_epochs)
+    ds = ds.map(documents.ahead)
     packed = PackedDataset(ds.to_iter_dataset(READ_AHEAD), documents.pieces, seq_len)
     return packed.batch(batch_size, drop_remainder=num_epochs is None)
