@@ -42,6 +42,15 @@ CASES = [
     # v5p: with libtpu 0.0.52 these compile on some runs and fail on others (see the docs).
     ("llama2_70b", "v5p-64", 1, "xla"),
 ]
+# Fine-tuning: chat SFT (every parameter) and LoRA (r 64 on every matrix) over a bfloat16 or an
+# int8 base; a LoRA config needs an init_from to compile, which it never reads.
+FINETUNE_CASES = [
+    ("llama2_7b_chat_sft", "v5e-16", 1, "auto"),
+    ("llama2_7b_lora", "v5e-4", 1, "auto"),
+    ("llama2_7b_lora", "v5e-1", 1, "auto"),
+    ("llama2_7b_lora_int8", "v5e-4", 1, "auto"),
+    ("llama2_7b_lora_int8", "v5e-1", 1, "auto"),
+]
 # The memory side of the remat trade-off: 7B on v4-32 (16 chips of 32 GiB), 1 sequence each.
 REMAT_CASES = [
     ("llama2_7b", "v4-32", 1, "splash", policy)
@@ -61,6 +70,8 @@ def config_for(name: str, tpu: str, per_device: int, attention: str, remat: str 
     chips = aot.parse_slice(tpu).chips
     c.train.batch_size, c.train.grad_accum_steps = per_device * chips, 1
     c.model.attention, c.model.remat_policy = attention, remat
+    if c.lora.rank:
+        c.init_from = "/unused"
     return c
 
 
@@ -71,6 +82,7 @@ def command(name, tpu, per_device, attention, remat="full") -> str:
         f"--config.train.batch_size={per_device * chips} --config.train.grad_accum_steps=1 "
         f"--config.model.attention={attention}"
         + ("" if remat == "full" else f" --config.model.remat_policy={remat}")
+        + (" --config.init_from=/unused" if "lora" in name else "")
     )
 
 
@@ -126,7 +138,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "tpu_fit.md"))
     args = parser.parse_args()
     tables, commands, results = [], [], {}
-    for cases in (CASES, REMAT_CASES):
+    for cases in (CASES, REMAT_CASES, FINETUNE_CASES):
         rows = []
         for case in cases:
             if args.only not in case[0]:
@@ -141,7 +153,7 @@ def main() -> None:
             results[case] = r
             commands.append(f"    {r['command']}")
         tables.append(_table(rows))
-    table, remat_table = tables
+    table, remat_table, finetune_table = tables
     maxtext = _versus_maxtext(results)
     when = time.strftime("%Y-%m-%d")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
@@ -175,6 +187,15 @@ about a third more FLOPs per step); the others keep more activations to recomput
 every matmul output; `none`: everything).
 
 {remat_table}
+
+## Fine-tuning
+
+Chat SFT trains every parameter: the pretraining step with other data. LoRA trains adapters
+of rank 64 on every layer matrix (configs/llama2_7b_lora.py, the QLoRA paper's settings) with
+optimizer state for them alone, over the frozen base in bfloat16 or with int8 matrices
+(`lora.base_dtype`, docs/finetuning.md); `init_from` is never read by a compile.
+
+{finetune_table}
 
 Each row, reproduced:
 

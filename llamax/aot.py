@@ -94,6 +94,9 @@ def topology_devices(tpu: Slice, num_slices: int = 1) -> list:
             os.environ.setdefault(key, value)
 
     _, _, chip_config, host_bounds = CHIPS[tpu.generation]
+    # A slice smaller than a host (v5e-1) is a host of fewer chips.
+    grid = (*tpu.grid, 1, 1)[:3]
+    host_bounds = tuple(min(h, g) for h, g in zip(host_bounds, grid, strict=True))
     try:
         desc = topologies.get_topology_desc(
             tpu.topology, "tpu", chip_config_name=chip_config,

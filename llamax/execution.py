@@ -23,6 +23,7 @@ from llamax import attention
 
 # Floating-point dtypes for computation and parameter storage.
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
 # What `nn.remat` saves inside a layer for the backward pass ("none": no remat at all).
 # "none" runs the layers without remat; "full" saves only each layer's input (jax's default).
 REMAT_POLICIES = {
@@ -57,6 +58,9 @@ class Execution:
     # Documents per packed row that cuDNN's packed layout takes in one call; a batch with a
     # row of more gets a dense mask for that call (the same result, slower).
     attention_max_segments: int = 32
+    # How the layers' matrices (wq ... w3) are stored: "none" (param_dtype), or "int8" with a
+    # float32 scale per output channel, dequantized inside each layer (a frozen LoRA base).
+    weight_quantization: str = "none"
 
     def __post_init__(self):
         errors = []
@@ -73,6 +77,11 @@ class Execution:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 errors.append(f"{name} must be a positive integer, got {value!r}")
+        if self.weight_quantization not in QUANTIZATIONS:
+            errors.append(
+                f"weight_quantization must be one of {QUANTIZATIONS}, got "
+                f"{self.weight_quantization!r}"
+            )
         if not errors:
             errors += attention.check_backend(
                 self.attention, self.attention_block_q, self.attention_block_kv

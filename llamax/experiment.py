@@ -17,10 +17,11 @@ import json
 
 import ml_collections
 
-from llamax import checkpoint, optim
+from llamax import checkpoint, lora, optim
 from llamax import data as data_lib
 from llamax.config import ROPE_KEYS, LlamaConfig
-from llamax.execution import Execution
+from llamax.execution import DTYPES, Execution
+from llamax.lora import LoraConfig
 
 # Execution settings a training run may set; `scan_layers` is not one of them, since every
 # training checkpoint has its layers stacked.
@@ -34,6 +35,9 @@ TRAIN_EXECUTION_FIELDS = (
     "attention_block_kv",
     "attention_max_segments",
 )
+# How a LoRA run may hold its frozen base: a float dtype, or int8 layer matrices (the rest in
+# bfloat16).
+BASE_DTYPES = (*DTYPES, "int8")
 # Types of the LlamaConfig fields whose default is None, for their placeholders.
 _OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "ffn_dim": int}
 # Every key of a rotary scaling (llamax.config.ROPE_KEYS) with its type.
@@ -79,6 +83,16 @@ def default_config() -> ml_collections.ConfigDict:
     # the batches) is refused unless this is true; see `changes`.
     c.train.accept_changes = False
     c.checkpoint = checkpoint.default_config()
+    # LoRA: train low-rank adapters of the `targets` weights (comma-separated among wq wk wv
+    # wo w1 w2 w3) on the frozen `init_from` base, held in `base_dtype`; rank 0: train every
+    # parameter (full fine-tuning, pretraining).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.targets = "wq,wv"
+    c.lora.dropout = 0.0
+    c.lora.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    c.lora.base_dtype = "bfloat16"
     c.cluster = ml_collections.ConfigDict()
     # Seconds without a heartbeat after which JAX's coordinator counts a process of a
     # multi-process run as lost (JAX's default: 100).
@@ -110,6 +124,17 @@ def check(c: ml_collections.ConfigDict) -> None:
         value = c.train[key]
         if not (isinstance(value, int | float) and value >= 0 and value != float("inf")):
             errors.append(f"train.{key} must be a finite number >= 0, got {value!r}")
+    if c.lora.rank:
+        try:
+            lora_config(c)
+        except ValueError as e:
+            errors.append(f"lora: {e}")
+        if not c.init_from:
+            errors.append("lora.rank > 0 trains adapters on a frozen base: set init_from")
+        if c.lora.base_dtype not in BASE_DTYPES:
+            errors.append(
+                f"lora.base_dtype must be one of {BASE_DTYPES}, got {c.lora.base_dtype!r}"
+            )
     timeout = c.cluster.heartbeat_timeout_seconds
     if not (isinstance(timeout, int | float) and 0 < timeout < float("inf")):
         errors.append(f"cluster.heartbeat_timeout_seconds must be positive, got {timeout!r}")
@@ -155,7 +180,8 @@ def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], li
             continue  # spelled differently, compared as resolved above
         elif key != "model.preset" and old[key] != new[key]:
             change = f"{key}: {old[key]!r} -> {new[key]!r}"
-            (free if key.startswith(FREE_TO_CHANGE) else altering).append(change)
+            is_free = key.startswith(FREE_TO_CHANGE) and not (key == "init_from" and c.lora.rank)
+            (free if is_free else altering).append(change)  # a LoRA run's base is its model
     return altering, free
 
 
@@ -179,9 +205,19 @@ def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
     return LlamaConfig.preset(c.model.preset, **overrides)
 
 
+def lora_config(c: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The run's LoRA adapters (None: every parameter trains)."""
+    return lora.from_section(c.lora.to_dict())
+
+
 def execution_config(c: ml_collections.ConfigDict) -> Execution:
-    """How the run computes: the `model` section's execution keys."""
-    return Execution(**{name: c.model[name] for name in TRAIN_EXECUTION_FIELDS})
+    """How the run computes: the `model` section's execution keys, and int8 layer matrices
+    for a LoRA run with `lora.base_dtype = "int8"`."""
+    quantized = bool(c.lora.rank) and c.lora.base_dtype == "int8"
+    return Execution(
+        **{name: c.model[name] for name in TRAIN_EXECUTION_FIELDS},
+        weight_quantization="int8" if quantized else "none",
+    )
 
 
 # ----- recipes -----
@@ -233,4 +269,39 @@ def context_extension_recipe(preset: str, seq_len: int) -> ml_collections.Config
     c.train.grad_accum_steps = 1
     c.train.eval_every = 200
     c.checkpoint.every = 200
+    return c
+
+
+def chat_sft_recipe(preset: str) -> ml_collections.ConfigDict:
+    """Llama 2-Chat's supervised fine-tuning (Touvron et al. 2023, section 3.1) for a preset:
+    from a converted base (`init_from`), chat data (`data.files`) with the loss on the answers,
+    packed; AdamW with a cosine schedule from 2e-5 (to 10%, no warm-up: the paper gives neither),
+    weight decay 0.1, 64 sequences of 4,096 tokens per step. Two epochs of the paper's 27,540
+    dialogs, at about one dialog per row, are 860 steps; set `train.steps` to 2 x your rows per
+    epoch / 64."""
+    c = llama2_recipe(preset, learning_rate=2e-5)
+    c.data.source = "chat"
+    c.data.tfds_name = ""
+    c.data.chat_train_on = "answers"
+    c.data.validation_fraction = 0.02
+    c.optimizer.warmup_steps = 0
+    c.train.steps = 860
+    c.train.batch_size = 64
+    c.train.grad_accum_steps = 1
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.checkpoint.every = 100
+    return c
+
+
+def lora_recipe(preset: str, rank: int, alpha: float, targets: str) -> ml_collections.ConfigDict:
+    """LoRA on the chat SFT recipe's data and batches: adapters of `rank` on `targets` (alpha,
+    dropout 0.05) over the frozen bfloat16 base, AdamW at 2e-4 (cosine to 10%, 3% warm-up),
+    no weight decay (Hu et al. 2021 and the QLoRA paper's Llama settings, Dettmers et al.
+    2023: r 64, alpha 16, every linear layer, 2e-4)."""
+    c = chat_sft_recipe(preset)
+    c.lora.rank, c.lora.alpha, c.lora.targets, c.lora.dropout = rank, alpha, targets, 0.05
+    c.optimizer.learning_rate = 2e-4
+    c.optimizer.warmup_steps = 26
+    c.optimizer.weight_decay = 0.0
     return c

@@ -39,12 +39,12 @@ def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0, loss_mask=
     return nll.sum(), z_loss * z.sum(), valid.sum().astype(jnp.float32)
 
 
-def lm_loss(params, model, batch, z_loss: float = 0.0):
+def lm_loss(params, model, batch, z_loss: float = 0.0, rngs=None):
     """Next-token prediction on packed documents (pretraining, continued training), and with a
     `loss_mask` in the batch (chat data: 1 on the tokens to learn) on the masked-in targets
     only (supervised fine-tuning): (summed loss to differentiate, (summed nll, target count))."""
     logits = model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
     )
     nll, z, count = next_token_loss(
         logits, batch["tokens"], batch["segment_ids"], z_loss, batch.get("loss_mask")

@@ -33,6 +33,8 @@ from llamax import rope, sharding
 from llamax.attention import attend
 from llamax.config import LlamaConfig
 from llamax.execution import REMAT_POLICIES, Execution
+from llamax.lora import AXES, LoraConfig, dequantize_int8
+from llamax.lora import init_a as lora_init_a
 
 Cache = dict[str, Any]
 
@@ -44,8 +46,42 @@ def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def _matrix(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...]):
+    """Layer matrix `name` in the compute dtype: a parameter, or with int8 weight quantization
+    an int8 parameter times its per-output-channel scale `<name>_scale`."""
+    e = module.execution
+    if e.weight_quantization == "none":
+        return _param(module, name, axes, shape).astype(e.compute_dtype)
+    n_out = AXES[name][1]
+    zeros = nn.initializers.zeros
+    q = module.param(name, nn.with_logical_partitioning(zeros, axes), shape, jnp.int8)
+    scale = module.param(f"{name}_scale", nn.with_logical_partitioning(nn.initializers.ones,
+                         axes[-n_out:]), shape[-n_out:], jnp.float32)  # fmt: skip
+    return dequantize_int8(q, scale, name, e.compute_dtype)
+
+
 def _constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:
     return nn.with_logical_constraint(x, axes)
+
+
+def _adapted(module: nn.Module, name: str, x, y, axes: tuple[str, ...], shape, in_ndim: int):
+    """`y`, the projection of `x` [B, T, in...] by the weight `name` (axes and shape [in...,
+    out...]), plus its LoRA update s (drop(x) A) B where `module.lora` targets the weight."""
+    lora = module.lora
+    if lora is None or name not in lora.targets:
+        return y
+    dt, wt = module.execution.compute_dtype, module.execution.weight_dtype
+    in_axes, out_axes = axes[:in_ndim], axes[in_ndim:]
+    a_init = nn.with_logical_partitioning(lora_init_a, (*in_axes, "lora_rank"))
+    b_init = nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", *out_axes))
+    a = module.param(f"{name}_lora_a", a_init, (*shape[:in_ndim], lora.rank), wt)
+    b = module.param(f"{name}_lora_b", b_init, (lora.rank, *shape[in_ndim:]), wt)
+    if lora.dropout and module.has_rng("dropout"):  # training passes a dropout key
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    h = jnp.tensordot(x, a.astype(dt), axes=in_ndim)
+    update = jnp.tensordot(h, b.astype(dt), axes=1) * jnp.asarray(lora.scale, dt)
+    return y + update.astype(y.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -71,20 +107,25 @@ class Attention(nn.Module):
 
     config: LlamaConfig
     execution: Execution = Execution()
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer, kv):
         c, e = self.config, self.execution
         d, n, k, h = c.dim, c.n_heads, c.kv_heads, c.head_dim
         dt = e.compute_dtype
-        wq = _param(self, "wq", ("embed", "heads", "head_dim"), (d, n, h)).astype(dt)
-        wk = _param(self, "wk", ("embed", "kv_heads", "head_dim"), (d, k, h)).astype(dt)
-        wv = _param(self, "wv", ("embed", "kv_heads", "head_dim"), (d, k, h)).astype(dt)
-        wo = _param(self, "wo", ("heads", "head_dim", "embed"), (n, h, d)).astype(dt)
+        wq = _matrix(self, "wq", ("embed", "heads", "head_dim"), (d, n, h))
+        wk = _matrix(self, "wk", ("embed", "kv_heads", "head_dim"), (d, k, h))
+        wv = _matrix(self, "wv", ("embed", "kv_heads", "head_dim"), (d, k, h))
+        wo = _matrix(self, "wo", ("heads", "head_dim", "embed"), (n, h, d))
 
-        q = checkpoint_name(jnp.einsum("BTD,DNH->BTNH", x, wq), "query_proj")
-        key = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wk), "key_proj")
-        value = checkpoint_name(jnp.einsum("BTD,DKH->BTKH", x, wv), "value_proj")
+        q_axes, kv_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        q = _adapted(self, "wq", x, jnp.einsum("BTD,DNH->BTNH", x, wq), q_axes, (d, n, h), 1)
+        key = _adapted(self, "wk", x, jnp.einsum("BTD,DKH->BTKH", x, wk), kv_axes, (d, k, h), 1)
+        value = _adapted(self, "wv", x, jnp.einsum("BTD,DKH->BTKH", x, wv), kv_axes, (d, k, h), 1)
+        q = checkpoint_name(q, "query_proj")
+        key = checkpoint_name(key, "key_proj")
+        value = checkpoint_name(value, "value_proj")
         q = _constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         key = _constrain(
             rope.apply_rotary(key, cos, sin), ("batch", "length", "kv_heads", "head_dim")
@@ -115,8 +156,10 @@ class Attention(nn.Module):
             e.attention_block_q, e.attention_block_kv, e.attention_max_segments,
         )  # fmt: skip
         # As one [N*H, D] matmul: XLA's CPU layout pass otherwise transposes wo on every call.
-        out = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))
-        out = checkpoint_name(out, "out_proj")
+        y = jnp.einsum("BTE,ED->BTD", out.reshape(*out.shape[:2], n * h), wo.reshape(n * h, d))
+        out = checkpoint_name(
+            _adapted(self, "wo", out, y, ("heads", "head_dim", "embed"), (n, h, d), 2), "out_proj"
+        )
         return out, kv
 
 
@@ -125,18 +168,23 @@ class FeedForward(nn.Module):
 
     config: LlamaConfig
     execution: Execution = Execution()
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         c = self.config
-        d, f, dt = c.dim, c.hidden_dim, self.execution.compute_dtype
-        w1 = _param(self, "w1", ("embed", "mlp"), (d, f)).astype(dt)
-        w3 = _param(self, "w3", ("embed", "mlp"), (d, f)).astype(dt)
-        w2 = _param(self, "w2", ("mlp", "embed"), (f, d)).astype(dt)
-        gate = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w1), "mlp_gate")
-        up = checkpoint_name(jnp.einsum("BTD,DF->BTF", x, w3), "mlp_up")
+        d, f = c.dim, c.hidden_dim
+        w1 = _matrix(self, "w1", ("embed", "mlp"), (d, f))
+        w3 = _matrix(self, "w3", ("embed", "mlp"), (d, f))
+        w2 = _matrix(self, "w2", ("mlp", "embed"), (f, d))
+        gate = _adapted(
+            self, "w1", x, jnp.einsum("BTD,DF->BTF", x, w1), ("embed", "mlp"), (d, f), 1
+        )
+        up = _adapted(self, "w3", x, jnp.einsum("BTD,DF->BTF", x, w3), ("embed", "mlp"), (d, f), 1)
+        gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
         hidden = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", hidden, w2)
+        out = jnp.einsum("BTF,FD->BTD", hidden, w2)
+        return _adapted(self, "w2", hidden, out, ("mlp", "embed"), (f, d), 1)
 
 
 class Block(nn.Module):
@@ -145,12 +193,13 @@ class Block(nn.Module):
 
     config: LlamaConfig
     execution: Execution = Execution()
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, carry, cos, sin, q_segment_ids, kv_segment_ids, cache_index, layer):
         x, kv = carry
         c, e = self.config, self.execution
-        h, kv = Attention(c, e, name="attention")(
+        h, kv = Attention(c, e, self.lora, name="attention")(
             RMSNorm(c, e, name="attention_norm")(x),
             cos,
             sin,
@@ -161,7 +210,7 @@ class Block(nn.Module):
             kv,
         )
         x = x + h
-        x = x + FeedForward(c, e, name="feed_forward")(RMSNorm(c, e, name="ffn_norm")(x))
+        x = x + FeedForward(c, e, self.lora, name="feed_forward")(RMSNorm(c, e, name="ffn_norm")(x))
         return (_constrain(x, ("batch", "length", "embed")), kv), None
 
 
@@ -172,10 +221,14 @@ class Llama(nn.Module):
     `layers_0`, `layers_1`, ... (see `unstack_layers`) and a per-layer cache
     (`init_cache(..., stacked=False)`): generation uses it, because slicing a layer out of
     stacked weights and caches copies it, on every decode step.
+
+    `lora` adds low-rank adapters to the weights it targets (`llamax.lora`); training passes a
+    `dropout` rng for the adapters' dropout.
     """
 
     config: LlamaConfig
     execution: Execution = Execution()
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -220,19 +273,19 @@ class Llama(nn.Module):
             layers = nn.scan(
                 block,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * 5 + (0,),
                 length=c.n_layers,
                 unroll=e.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, e, name="layers")
+            )(c, e, self.lora, name="layers")
             layer_ids = jnp.arange(c.n_layers, dtype=jnp.int32)
             (x, kv), _ = layers((x, kv), cos, sin, segment_ids, kv_segment_ids, index, layer_ids)
         else:
             per_layer = []
             for i in range(c.n_layers):
                 layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i]}
-                (x, layer_kv), _ = block(c, e, name=f"layers_{i}")(
+                (x, layer_kv), _ = block(c, e, self.lora, name=f"layers_{i}")(
                     (x, layer_kv), cos, sin, segment_ids, kv_segment_ids, index, None
                 )
                 per_layer.append(layer_kv)

@@ -22,9 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llamax import fs, sharding
+from llamax import fs, lora, sharding
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
+from llamax.lora import LoraConfig
 from llamax.model import Llama, abstract_params
 
 
@@ -139,6 +140,42 @@ def restore_params(path: str, abstract, shardings, what: str = "checkpoint"):
         return checkpointer.restore(item, args=target), step
 
 
+def lora_run(path: str) -> tuple[LoraConfig, str] | None:
+    """(its LoRA config, its base) when `path` is the workdir of a LoRA run, else None."""
+    recorded = fs.join(path, "config.json")
+    if not fs.isfile(recorded):
+        return None
+    c = fs.read_json(recorded)
+    adapters = lora.from_section((c.get("lora") or {}) if isinstance(c, dict) else {})
+    return None if adapters is None else (adapters, c["init_from"])
+
+
+def base_fingerprint(path: str) -> dict:
+    """What identifies a LoRA run's base: its path, latest step, and the checksum of its
+    `manifest.json` (a converted checkpoint's; None for a training workdir)."""
+    manifest = fs.join(fs.expand(path), "manifest.json")
+    return {
+        "path": fs.absolute(fs.expand(path)),
+        "step": latest(path, "init_from")[1],
+        "manifest_sha256": fs.sha256(manifest) if fs.isfile(manifest) else None,
+    }
+
+
+def check_same_base(recorded: dict | None, path: str) -> None:
+    """A resumed LoRA run must train on the base it started on: the recorded checksum (else
+    the step) must match the base now at `path`."""
+    if not recorded:
+        return
+    now = base_fingerprint(path)
+    key = "manifest_sha256" if recorded.get("manifest_sha256") else "step"
+    if recorded.get(key) != now[key]:
+        raise ValueError(
+            f"The LoRA adapters in this workdir were trained on the base {recorded['path']} "
+            f"({key} {recorded.get(key)}), but init_from {path} has {key} {now[key]}: "
+            "adapters only fit the base they were trained on. Point init_from at that base."
+        )
+
+
 def load_pretrained(
     path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None, **execution
 ):
@@ -146,6 +183,18 @@ def load_pretrained(
     checkpoint's parameters, in their stored dtype, on `mesh` (default: one device), and the
     model computing in `dtype`. The attention backend is `auto` (the platform's fused kernel
     where it applies); `execution` overrides any `Execution` field (`attention="xla"`, ...)."""
+    adapted = lora_run(path)
+    if adapted is not None:  # a LoRA run: its base, with the adapters merged in
+        adapters_config, base_path = adapted
+        model, base = load_pretrained(base_path, dtype, mesh, **execution)
+        boxed = abstract_params(Llama(model.config, model.execution, adapters_config))
+        boxed = lora.split(boxed)[1]
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), nn.unbox(boxed)
+        )
+        mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+        adapters, _ = restore_params(path, abstract, sharding.tree_shardings(boxed, mesh))
+        return model, lora.merge(lora.combine(base, adapters), adapters_config)
     config = read_model_config(path)
     stored = np.dtype(jax.tree.leaves(saved_params(path))[0].dtype).name
     run = Execution(dtype=dtype, param_dtype=stored, attention="auto")

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llamax import checkpoint, experiment, losses, optim, pretrained, sharding, step
+from llamax import checkpoint, experiment, lora, losses, optim, pretrained, sharding, step
 from llamax import data as data_lib
 from llamax.model import Llama, abstract_params
 from llamax.step import TrainState
@@ -53,21 +53,42 @@ def check_batch_layout(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
 
 
-def state_shardings(model: Llama, tx: optax.GradientTransformation, mesh: Mesh):
-    """The abstract train state (shapes and dtypes) and its shardings; no memory used."""
-    boxed = abstract_params(model)
+def state_shardings(
+    model: Llama, tx: optax.GradientTransformation, mesh: Mesh, frozen_dtype: str = "float32"
+):
+    """The abstract train state (shapes and dtypes) and its shardings; no memory used. With
+    LoRA the parameters are the adapters and `frozen` the base, in `frozen_dtype`."""
+    boxed, frozen = abstract_params(model), None
+    if model.lora is not None:
+        frozen, boxed = lora.split(boxed)
     param_shardings = sharding.tree_shardings(boxed, mesh)
     # optax mirrors the boxed parameters in its moments, so they get the same logical names.
     opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+    shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings,
+        frozen=None if frozen is None else sharding.tree_shardings(frozen, mesh),
+    )  # fmt: skip
     params = flax.linen.unbox(boxed)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
         opt_state=jax.eval_shape(tx.init, params),
+        frozen=None if frozen is None else _frozen_abstract(frozen, frozen_dtype),
     )
     return abstract, shardings
+
+
+def _frozen_abstract(boxed, dtype: str):
+    """The frozen base's shapes in `dtype`; with "int8", int8 matrices (and their float32
+    scales) as the model declares them and the rest in bfloat16."""
+    floats = "bfloat16" if dtype == "int8" else dtype
+
+    def cast(path, x):
+        keep = x.dtype == jnp.int8 or str(getattr(path[-1], "key", "")).endswith("_scale")
+        return jax.ShapeDtypeStruct(x.shape, x.dtype if keep else floats)
+
+    return jax.tree_util.tree_map_with_path(cast, flax.linen.unbox(boxed))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -82,7 +103,7 @@ class Setup:
     batch_sharding: NamedSharding
     fields: tuple[str, ...]  # what a batch holds, each int32 [batch_size, seq_len]
     train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
-    eval_step: Callable  # (params, batch) -> (summed nll, target count)
+    eval_step: Callable  # (full_params(state), batch) -> (summed nll, target count)
 
     @property
     def batch_shape(self) -> tuple[int, int]:
@@ -111,16 +132,24 @@ class Setup:
         """The abstract state placed on its shardings: what ahead-of-time compiles take."""
         return pretrained.with_shardings(self.abstract, self.shardings)
 
-    def init_state(self, rng: jax.Array, params=None) -> TrainState:
-        """The train state born sharded: random parameters, or `params` (`init_from`)."""
+    def init_state(self, rng: jax.Array, params=None, frozen=None) -> TrainState:
+        """The train state born sharded: random parameters, or `params` (`init_from`); with
+        LoRA, fresh adapters on the `frozen` base."""
 
-        def init(r, p):
+        def init(r, p, frozen):
             if p is None:
                 p = flax.linen.unbox(self.model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
-            return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=self.tx.init(p))
+                if frozen is not None:  # the adapters only: XLA drops the base's initialization
+                    p = lora.split(p)[1]
+            return TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                              opt_state=self.tx.init(p), frozen=frozen)  # fmt: skip
 
         with sharding.use_mesh(self.mesh):
-            return jax.jit(init, out_shardings=self.shardings)(rng, params)
+            return jax.jit(init, out_shardings=self.shardings)(rng, params, frozen)
+
+    def full_params(self, state: TrainState):
+        """Every parameter of the model: LoRA's adapters joined to the base."""
+        return state.params if state.frozen is None else lora.combine(state.frozen, state.params)
 
     def restore_or_init(
         self, checkpoints: checkpoint.Checkpoints, data_iter
@@ -129,12 +158,19 @@ class Setup:
         workdir's latest checkpoint (with the data position), else `init_from`'s parameters,
         else a fresh initialization."""
         latest = checkpoints.latest_step()
+        frozen = self._frozen_base()
         if latest is not None:
             state, data_state, meta = checkpoints.restore(latest, self.abstract, self.shardings)
             data_iter.set_state(data_state)
             log.info("resuming from the checkpoint of step %d in %s", latest, checkpoints.directory)
+            if frozen is not None:
+                pretrained.check_same_base(meta.get("lora_base"), self.c.init_from)
+                state = state.replace(frozen=frozen)
             return state, meta
         rng = jax.random.key(self.c.train.seed)
+        if frozen is not None:
+            log.info("LoRA adapters (%s) on the frozen base %s", self.model.lora, self.c.init_from)
+            return self.init_state(rng, frozen=frozen), {}
         if not self.c.init_from:
             return self.init_state(rng), {}
         params, from_step = pretrained.restore_params(
@@ -143,16 +179,43 @@ class Setup:
         log.info("initialized from the parameters of %s (step %d)", self.c.init_from, from_step)
         return self.init_state(rng, params), {}
 
+    def _frozen_base(self):
+        """LoRA's base, read from `init_from` onto its shardings (None without LoRA)."""
+        if self.abstract.frozen is None:
+            return None
+        if self.model.execution.weight_quantization == "none":
+            base, _ = pretrained.restore_params(
+                self.c.init_from, self.abstract.frozen, self.shardings.frozen, what="init_from"
+            )
+            return base
+        # int8: read in bfloat16 (the layout the checkpoint has), then quantized on the mesh.
+        plain = self.model.clone(execution=self.model.execution.replace(weight_quantization="none"))
+        boxed = lora.split(abstract_params(plain))[0]
+        base, _ = pretrained.restore_params(
+            self.c.init_from, _frozen_abstract(boxed, "bfloat16"),
+            sharding.tree_shardings(boxed, self.mesh), what="init_from",
+        )  # fmt: skip
+        with sharding.use_mesh(self.mesh):
+            return jax.jit(lora.quantize, out_shardings=self.shardings.frozen)(base)
+
+    def run_meta(self) -> dict:
+        """What a checkpoint records about how its parameters relate to others: a LoRA run's
+        base (its path and manifest checksum)."""
+        if self.abstract.frozen is None:
+            return {}
+        return {"lora_base": pretrained.base_fingerprint(self.c.init_from)}
+
 
 def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     """Everything a training loop over config `c` needs on `mesh`; nothing is allocated."""
     t = c.train
     experiment.check(c)
     check_batch_layout(c, mesh)
-    model = Llama(experiment.model_config(c), experiment.execution_config(c))
+    adapters = experiment.lora_config(c)
+    model = Llama(experiment.model_config(c), experiment.execution_config(c), adapters)
     tx = optim.make_optimizer(c.optimizer, t.steps)
     schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
-    abstract, shardings = state_shardings(model, tx, mesh)
+    abstract, shardings = state_shardings(model, tx, mesh, c.lora.base_dtype)
     logical = sharding.mesh_axes(("batch", "length"), (t.batch_size, t.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, logical)
     fields, loss_fn = data_lib.fields(c.data), partial(losses.lm_loss, z_loss=t.z_loss)
@@ -166,14 +229,20 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
             loss_fn=loss_fn,
             grad_accum_steps=t.grad_accum_steps,
             grad_shardings=shardings.params,
+            dropout_seed=t.seed,
         ),
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
+    full = (
+        shardings.params
+        if shardings.frozen is None
+        else lora.combine(shardings.frozen, shardings.params)
+    )
     eval_step = jax.jit(
         partial(step.eval_step, model=model, loss_fn=loss_fn),
-        in_shardings=(shardings.params, batch_shardings),
+        in_shardings=(full, batch_shardings),
     )
     return Setup(
         c, mesh, model, tx, schedule, abstract, shardings, batch_sharding, fields,

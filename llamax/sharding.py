@@ -36,6 +36,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("embed", "fsdp"),
     ("head_dim", None),
+    ("lora_rank", None),  # LoRA adapters: split along their base weight's other axes
 )
 
 

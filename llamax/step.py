@@ -16,15 +16,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# (params, model, batch) -> (summed loss to differentiate, (summed nll, target count))
+from llamax import lora
+
+# (params, model, batch, rngs=None) -> (summed loss to differentiate, (summed nll, count))
 LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any
+    params: Any  # what trains: every parameter, or LoRA's adapters
     opt_state: Any
+    # Parameters that do not train (LoRA's base): joined to `params` for the loss, passed
+    # through the step unchanged, never checkpointed with the run.
+    frozen: Any = None
 
 
 def train_step(
@@ -37,30 +42,44 @@ def train_step(
     loss_fn: LossFn,
     grad_accum_steps: int = 1,
     grad_shardings=None,
+    dropout_seed: int = 0,
 ):
     """One optimizer step on the global batch, accumulated over `grad_accum_steps` micro-batches.
 
     The loss is the mean over every valid target token of the whole global batch, so
-    accumulation gives the gradient of one big batch.
+    accumulation gives the gradient of one big batch. The gradient is of `state.params` only
+    (with LoRA: the adapters; `state.frozen` joins them for the loss). A model with LoRA
+    dropout gets a dropout key from `dropout_seed`, the step and the micro-batch.
     """
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    dropout = getattr(model, "lora", None) is not None and model.lora.dropout > 0
+    step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+
+    def loss_of(params, micro, index):
+        if state.frozen is not None:
+            params = lora.combine(state.frozen, params)
+        rngs = {"dropout": jax.random.fold_in(step_key, index)} if dropout else None
+        return loss_fn(params, model, micro, rngs=rngs)
+
+    grad_fn = jax.grad(loss_of, has_aux=True)
     if grad_accum_steps == 1:
-        grads, (nll, count) = grad_fn(state.params, model, batch)
+        grads, (nll, count) = grad_fn(state.params, batch, 0)
     else:
         a = grad_accum_steps
 
         def split(x):  # micro-batch i takes rows i, i + A, ...: every device keeps its rows
             return x.reshape(x.shape[0] // a, a, *x.shape[1:]).swapaxes(0, 1)  # [A, B/A, T]
 
-        def accumulate(carry, micro):
-            g, (nll, count) = grad_fn(state.params, model, micro)
+        def accumulate(carry, indexed):
+            index, micro = indexed
+            g, (nll, count) = grad_fn(state.params, micro, index)
             return jax.tree.map(jnp.add, carry, (g, nll, count)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         if grad_shardings is not None:
             zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, nll, count), _ = jax.lax.scan(accumulate, init, jax.tree.map(split, batch))
+        micro = (jnp.arange(a), jax.tree.map(split, batch))
+        (grads, nll, count), _ = jax.lax.scan(accumulate, init, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -73,7 +92,8 @@ def train_step(
         "learning_rate": schedule(state.step),
         "target_tokens": count,
     }
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
+    return new, metrics
 
 
 def eval_step(params, batch: dict, *, model, loss_fn: LossFn):

@@ -57,13 +57,14 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                     if save_now:  # the save before this one is done, or its failure raised
                         saves.finish_saving()
                     if log_now:
-                        eval_loss = held_out(state.params) if eval_now else None
+                        eval_loss = held_out(s.full_params(state)) if eval_now else None
                         train_log.write(done, latest, eval_loss)
                     if save_now:
                         # The metrics up to this step reach the workdir (on object storage,
                         # an upload) before the checkpoint does, so none are lost by a kill.
                         train_log.flush()
-                        meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved}
+                        meta = {"step": done, "tokens_seen": tokens_seen, "config": resolved,
+                                **s.run_meta()}  # fmt: skip
                         saves.save(done, state, train_iter.get_state(), meta)
                     if preempted:
                         log.warning("preempted: saved the checkpoint of step %d; exiting", done)

@@ -13,14 +13,14 @@ from conftest import REPO
 
 # Bottom to top, as docs/architecture.md draws them. A new module is placed here first.
 LAYERS = {
-    "model": ["sharding", "attention", "execution", "config", "rope", "model"],
+    "model": ["sharding", "attention", "execution", "config", "rope", "lora", "model"],
     "parts": [
         "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
         "generation",
         "evaluate", "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
         "data.chat",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
-        "convert.manifest", "convert.core",
+        "convert.manifest", "convert.core", "convert.peft",
     ],
     "experiment": ["experiment"],
     "setup": ["setup"],

@@ -14,7 +14,8 @@ import llamax
 from llamax import model as model_lib
 from llamax import sharding
 
-MODEL_AXES = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers"}
+MODEL_AXES = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
+              "lora_rank"}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -1,9 +1,14 @@
-"""`llamax-convert --from meta|hf|llamax --to llamax|hf|meta --input DIR --output DIR`.
+"""`llamax-convert --from meta|hf|llamax|peft --to llamax|hf|meta|peft --input DIR --output DIR`.
 
     llamax-convert --from meta --to llamax --input llama-2-7b --output ckpt/llama2-7b
     llamax-convert --from llamax --to hf --input ckpt/llama2-7b --output hf/llama2-7b
     llamax-convert --from llamax --to meta --shards 2 --input ckpt/x --output meta/x
     llamax-convert --verify ckpt/llama2-7b
+
+LoRA (docs/finetuning.md): a LoRA run's workdir reads as its base with the adapters merged
+in (`--from llamax --input RUN --to llamax|hf|meta`); `--to peft` writes its adapters alone
+in Hugging Face PEFT's format; `--from peft --input ADAPTERS --base CKPT` merges PEFT adapters
+into a llamax checkpoint.
 
 The output appears only when complete (written to a temporary directory, then renamed), with
 a manifest.json that `--verify` checks. Ctrl-C or SIGTERM stop the conversion and remove the
@@ -25,8 +30,9 @@ from llamax.execution import DTYPES
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--from", dest="src", choices=FORMATS)
-    parser.add_argument("--to", dest="dst", choices=FORMATS)
+    parser.add_argument("--from", dest="src", choices=(*FORMATS, "peft"))
+    parser.add_argument("--to", dest="dst", choices=(*FORMATS, "peft"))
+    parser.add_argument("--base", help="--from peft: the llamax checkpoint the adapters fit")
     parser.add_argument("--input")
     parser.add_argument("--output")
     parser.add_argument("--shards", type=int, default=1, help="model-parallel shards (--to meta)")
@@ -54,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as on Ctrl-C
     try:
         convert.convert(
-            args.src, args.dst, args.input, args.output, args.shards, args.dtype, args.tokenizer
-        )
+            args.src, args.dst, args.input, args.output, args.shards, args.dtype,
+            args.tokenizer, args.base,
+        )  # fmt: skip
     except (ValueError, OSError) as e:  # bad input; a missing, existing or unwritable path
         return error("llamax-convert", e)
     except KeyboardInterrupt:

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from llamax import fs
+from llamax import fs, pretrained
 from llamax.config import LlamaConfig
-from llamax.convert import hf, manifest, meta, native
+from llamax.convert import hf, manifest, meta, native, peft
 from llamax.convert.formats import FormatError
 from llamax.execution import DTYPES
 
@@ -25,10 +25,17 @@ FORMATS = ("meta", "hf", "llamax")
 _READERS = {"meta": meta.read, "hf": hf.read, "llamax": native.read}
 
 
-def read(fmt: str, directory: str) -> tuple[LlamaConfig, native.Tensors]:
-    """The config and lazy tensors (Hugging Face names) of a checkpoint in format `fmt`."""
+def read(fmt: str, directory: str, base: str | None = None) -> tuple[LlamaConfig, native.Tensors]:
+    """The config and lazy tensors (Hugging Face names) of a checkpoint in format `fmt`; for
+    `peft`, the llamax checkpoint `base` with the adapters in `directory` merged in."""
+    if fmt == "peft":
+        if not base:
+            raise ValueError("--from peft needs --base: the llamax checkpoint the adapters fit")
+        config, tensors = native.read(base)
+        adapters, lora = peft.import_adapters(directory, config)
+        return config, peft.merged_tensors(config, tensors, adapters, lora)
     if fmt not in _READERS:
-        raise ValueError(f"Unknown format {fmt!r}; expected one of {FORMATS}")
+        raise ValueError(f"Unknown format {fmt!r}; expected one of {(*FORMATS, 'peft')}")
     return _READERS[fmt](directory)
 
 
@@ -52,17 +59,29 @@ def convert(
     shards: int = 1,
     dtype: str | None = None,
     tokenizer: str | None = None,
+    base: str | None = None,
 ) -> LlamaConfig:
     """Converts `input_dir` (format `src`) to `output_dir` (format `dst`) with parameters in
-    `dtype` (default: the input's, or float32 when it is not a float type), atomically."""
-    if dst not in FORMATS or src not in FORMATS:
-        raise ValueError(f"Formats must be among {FORMATS}; got --from {src} --to {dst}")
+    `dtype` (default: the input's, or float32 when it is not a float type), atomically.
+    `--from peft` merges PEFT adapters into the llamax checkpoint `base`; `--to peft` writes
+    a LoRA run's adapters alone."""
+    if dst == "peft":
+        if src != "llamax":
+            raise ValueError("--to peft writes the adapters of a llamax LoRA run: --from llamax")
+        if fs.exists(output_dir):
+            raise FileExistsError(f"Output {output_dir} exists; remove it or choose another path")
+        adapters, lora, base_path = native.read_adapters(input_dir)
+        peft.export_adapters(adapters, lora, output_dir, base_model=base_path)
+        log.info("wrote the adapters of %s (%s) to %s", input_dir, lora, output_dir)
+        return pretrained.read_model_config(input_dir)
+    if dst not in FORMATS or src not in (*FORMATS, "peft"):
+        raise ValueError(f"Formats must be among {FORMATS} (and peft); got --from {src} --to {dst}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if fs.exists(output_dir):
         raise FileExistsError(f"Output {output_dir} exists; remove it or choose another path")
     start = time.perf_counter()
-    config, tensors = read(src, input_dir)
+    config, tensors = read(src, input_dir, base)
     source_dtype = tensors["model.norm.weight"]().dtype.name
     dtype = dtype or (source_dtype if source_dtype in DTYPES else "float32")
     tensors = {k: (lambda f=f: np.asarray(f(), dtype=dtype)) for k, f in tensors.items()}
