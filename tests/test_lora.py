@@ -211,6 +211,22 @@ def _files(directory):
 
 
 @pytest.fixture(scope="module")
+def base_step_loss(base_run, tmp_path_factory):
+    """The loss of one step of full fine-tuning from `base_run` on the LoRA runs' data: the
+    base's own loss on their first batch."""
+    from conftest import load_config
+
+    from llamax import train
+    from llamax.metrics import read_metrics
+
+    full = load_config("tiny", **{**LORA_RUN, "lora.rank": 0, "train.steps": 1})
+    full.init_from = base_run
+    path = str(tmp_path_factory.mktemp("full") / "run")
+    train.run(full, path)
+    return read_metrics(path)[0]["loss"], path
+
+
+@pytest.fixture(scope="module")
 def lora_run(base_run, tmp_path_factory):
     """8 steps of LoRA on `base_run`, checkpoints at steps 4 and 8."""
     from conftest import load_config
@@ -226,7 +242,7 @@ def lora_run(base_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_lora_run_trains_only_adapters_and_resumes_exactly_on_another_mesh(
-    base_run, lora_run, tmp_path
+    base_run, lora_run, base_step_loss, tmp_path
 ):
     from conftest import load_config
 
@@ -247,12 +263,7 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly_on_another_mesh(
     assert straight[-1]["loss"] < straight[0]["loss"]
 
     # Step 1's loss is the base's: a full fine-tuning run from the same base sees it too.
-    full = load_config("tiny", **{**LORA_RUN, "lora.rank": 0, "train.steps": 1})
-    full.init_from = base_run
-    train.run(full, str(tmp_path / "full"))
-    np.testing.assert_allclose(
-        straight[0]["loss"], read_metrics(str(tmp_path / "full"))[0]["loss"], rtol=2e-3
-    )
+    np.testing.assert_allclose(straight[0]["loss"], base_step_loss[0], rtol=2e-3)
 
     # Stopped after the checkpoint of step 4, resumed on a data x fsdp x tensor mesh: the
     # same steps after it.
@@ -273,7 +284,7 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly_on_another_mesh(
 
     # Another base is a change of the run, and even when accepted, refused at resume.
     other = load_config("tiny", **LORA_RUN)
-    other.init_from = str(tmp_path / "full")
+    other.init_from = base_step_loss[1]
     with pytest.raises(ValueError, match="would change init_from"):
         train.run(other, resumed_dir)
     other.train.accept_changes = True
@@ -351,14 +362,14 @@ def test_int8_quantization_is_per_channel_absmax(rng):
 
 
 @pytest.mark.slow
-def test_lora_on_an_int8_base(base_run, tmp_path):
+def test_lora_on_an_int8_base(base_run, base_step_loss, tmp_path):
     from conftest import load_config
 
     from llamax import setup, train
     from llamax.convert import native
     from llamax.metrics import read_metrics
 
-    c = load_config("tiny", **{**LORA_RUN, "lora.base_dtype": "int8", "train.steps": 6})
+    c = load_config("tiny", **{**LORA_RUN, "lora.base_dtype": "int8", "train.steps": 3})
     c.init_from = base_run
     s = setup.build(c, setup.make_mesh(c))
     attention = s.abstract.frozen["layers"]["attention"]
@@ -369,11 +380,8 @@ def test_lora_on_an_int8_base(base_run, tmp_path):
     adapters, _, _ = native.read_adapters(str(tmp_path / "run"))  # trained: B moved off zero
     assert np.abs(adapters["layers"]["attention"]["wq_lora_b"]).max() > 0
     # Step 1 is the int8 base's loss: close to the float base's.
-    bf16 = read_metrics(str(tmp_path / "run"))[0]["loss"]
-    full = load_config("tiny", **{**LORA_RUN, "lora.rank": 0, "train.steps": 1})
-    full.init_from = base_run
-    train.run(full, str(tmp_path / "full"))
-    np.testing.assert_allclose(bf16, read_metrics(str(tmp_path / "full"))[0]["loss"], rtol=2e-2)
+    int8_step = read_metrics(str(tmp_path / "run"))[0]["loss"]
+    np.testing.assert_allclose(int8_step, base_step_loss[0], rtol=2e-2)
 
 
 @pytest.mark.parametrize(

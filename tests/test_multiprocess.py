@@ -14,12 +14,19 @@ OVERRIDES = {"train.steps": 4, "train.log_every": 1, "train.eval_every": 0,
 FLAGS = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.train.progress_bar=false"]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The losses of the run in one process of 8 devices."""
+    workdir = str(tmp_path_factory.mktemp("one"))
+    train.run(load_config("tiny", **OVERRIDES), workdir)
+    return [r["loss"] for r in read_metrics(workdir)]
+
+
 @pytest.mark.slow  # a cluster of two training processes
-@pytest.mark.parametrize("launcher", ["flags", "torchrun", "slurm"])
-def test_two_processes_match_one(launcher, tmp_path):
-    reference = load_config("tiny", **OVERRIDES)
-    train.run(reference, str(tmp_path / "one"))
-    want = [r["loss"] for r in read_metrics(str(tmp_path / "one"))]
+# (clusters started by flags train in tests/test_checkpoint.py and tests/test_failures.py)
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_processes_match_one(launcher, one_process, tmp_path):
+    want = one_process
 
     workdir = str(tmp_path / "two")
     procs = start_cluster(workdir, FLAGS, launcher=launcher)

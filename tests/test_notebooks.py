@@ -16,13 +16,15 @@ SHOWS = {
     "01_quickstart.ipynb": (["164,160 parameters", "'fsdp'", "def main("], 1),
     "02_convert_and_chat.ipynb": (["manifest verified", "max |llamax - transformers|", "->"], 0),
     "03_position_interpolation.ipynb": ([], 2),
+    "04_lora_chat.ipynb": (["Velmor ->", "adapter_model.safetensors"], 0),
 }
 
 
 def test_expected_notebooks():
     names = [os.path.basename(p) for p in NOTEBOOKS]
     assert names == [
-        "01_quickstart.ipynb", "02_convert_and_chat.ipynb", "03_position_interpolation.ipynb"
+        "01_quickstart.ipynb", "02_convert_and_chat.ipynb", "03_position_interpolation.ipynb",
+        "04_lora_chat.ipynb",
     ]  # fmt: skip
 
 
