@@ -188,7 +188,8 @@ class Setup:
                 self.c.init_from, self.abstract.frozen, self.shardings.frozen, what="init_from"
             )
             return base
-        # int8: read in bfloat16 (the layout the checkpoint has), then quantized on the mesh.
+        # int8: read as the float weights the checkpoint holds (in bfloat16), then quantized
+        # on the mesh.
         plain = self.model.clone(execution=self.model.execution.replace(weight_quantization="none"))
         boxed = lora.split(abstract_params(plain))[0]
         base, _ = pretrained.restore_params(
