@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from conftest import load_config
 
 from llamax import losses, train
@@ -151,6 +152,90 @@ def test_resume_gives_the_same_batches_and_counts_skips(tokenizer_path):
     skipped = it2.get_state()["skipped"]
     assert skipped.get("not JSON", 0) >= 1 and skipped.get("roles", 0) >= 1
     assert skipped.get("too long", 0) >= 1
+
+
+class LlamaxTestChat(tfds.core.GeneratorBasedBuilder):
+    """Dialogs in a tfds dataset: a `messages` sequence of {role, content} (RECORDS: split ->
+    jsonl records, set by the test before building)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RECORDS: dict = {}
+
+    def _info(self):
+        turn = {"role": tfds.features.Text(), "content": tfds.features.Text()}
+        features = tfds.features.FeaturesDict({"messages": tfds.features.Sequence(turn)})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(r) for split, r in self.RECORDS.items()}
+
+    def _generate_examples(self, records):
+        for i, record in enumerate(records):
+            yield i, json.loads(record)
+
+
+class LlamaxTestChatJson(LlamaxTestChat):
+    """Records kept as JSON text in a `text` feature (here prompt/completion pairs)."""
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({"text": tfds.features.Text()})
+        return tfds.core.DatasetInfo(builder=self, features=features)
+
+    def _generate_examples(self, records):
+        for i, record in enumerate(records):
+            yield i, {"text": record.decode()}
+
+
+def _pairs(n, seed):
+    rng = np.random.default_rng(seed)
+    return [json.dumps({"prompt": f"Q{i}: " + " ".join(rng.choice(list("abcde"), 4)) + " =",
+                        "completion": f" {i * 7}"}).encode() for i in range(n)]  # fmt: skip
+
+
+@pytest.mark.parametrize("builder", [LlamaxTestChat, LlamaxTestChatJson])
+def test_chat_data_from_a_tfds_dataset(builder, tmp_path, tokenizer_path):
+    """A prepared tfds dataset's splits give the examples (tokens and masks) of their records,
+    each whole, every record of the split reached: dialogs as a sequence feature, and pairs
+    as JSON in a text feature."""
+    make = _records if builder is LlamaxTestChat else _pairs
+    builder.RECORDS = {"train": make(24, 0), "validation": make(6, 1)}
+    builder(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    c = load_config("tiny", **{
+        "data.source": "chat", "data.tfds_name": builder.name,
+        "data.tfds_data_dir": str(tmp_path), "data.tokenizer": tokenizer_path,
+    })  # fmt: skip
+    tok = Tokenizer(tokenizer_path)
+    for split, records in builder.RECORDS.items():
+        expected = {}
+        for r in records:
+            tokens, mask = chat.example_tokens(r, tok)
+            expected[tuple(tokens.tolist())] = mask.tolist()
+        rows, seen = make_iterator(c.data, split, 128, range(2)), set()
+        for _ in range(40):
+            batch = next(rows)
+            for row in range(2):
+                seg = batch["segment_ids"][row]
+                for s in set(seg.tolist()) - {0}:
+                    tokens = tuple(batch["tokens"][row][seg == s].tolist())
+                    assert batch["loss_mask"][row][seg == s].tolist() == expected[tokens]
+                    seen.add(tokens)
+            if seen == set(expected):
+                break
+        assert seen == set(expected), split
+    if builder is LlamaxTestChatJson:  # neither messages, nor a pair, nor the text field
+        c.data.text_field = "dialog"
+        with pytest.raises(ValueError, match=r"features \['text'\]; chat data needs"):
+            make_iterator(c.data, "train", 48, range(2))
+
+
+@pytest.mark.parametrize("files, tfds_name", [("", ""), ("chat.jsonl", "my_chat")])
+def test_chat_data_needs_files_or_a_tfds_dataset(files, tfds_name):
+    from llamax import data
+
+    c = load_config("tiny", **{"data.source": "chat", "data.files": files,
+                               "data.tfds_name": tfds_name})  # fmt: skip
+    with pytest.raises(ValueError, match="needs data.files .* or data.tfds_name .* one of"):
+        data.check(c.data)
 
 
 def test_truncate_keeps_the_first_seq_len_tokens(tokenizer_path):

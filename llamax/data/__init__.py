@@ -8,8 +8,10 @@ for checkpoints.
 - `tfds`: text through tensorflow-datasets (a local corpus built from `data.files`, or a
   catalog dataset `data.tfds_name`), tokenized with the sentencepiece model `data.tokenizer`,
   packed by the grain pipeline (`llamax.data.pipeline`).
-- `chat`: dialogs and prompt/completion pairs from jsonl files (`data.files`) for supervised
-  fine-tuning, in Meta's chat format with a loss mask (`llamax.data.chat`).
+- `chat`: dialogs and prompt/completion pairs for supervised fine-tuning, from jsonl files
+  (`data.files`, a validation share held out by `data.validation_fraction`) or a prepared tfds
+  dataset (`data.tfds_name`, its own train and validation splits), in Meta's chat format with
+  a loss mask (`llamax.data.chat`).
 - `markov`: a synthetic Markov chain with a known entropy rate, for tests.
 """
 
@@ -71,8 +73,12 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"data.chat_train_on must be one of {chat.TRAIN_ON}, got {c.chat_train_on!r}")
     if c.chat_too_long not in chat.TOO_LONG:
         errors.append(f"data.chat_too_long must be one of {chat.TOO_LONG}, got {c.chat_too_long!r}")
-    if c.source == "chat" and not c.files:
-        errors.append("data.source 'chat' needs data.files (jsonl files of dialogs or pairs)")
+    if c.source == "chat" and bool(c.files) == bool(c.tfds_name):
+        errors.append(
+            "data.source 'chat' needs data.files (jsonl files of dialogs or pairs) or "
+            f"data.tfds_name (a prepared tfds dataset), one of the two; got files {c.files!r} "
+            f"and tfds_name {c.tfds_name!r}"
+        )
     fraction = c.validation_fraction
     if not (isinstance(fraction, int | float) and 0 <= fraction < 1):
         errors.append(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
@@ -175,7 +181,14 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         from llamax.data import chat
 
         vocab_size(c)  # checks the tokenizer exists
-        records = chat.split_records(chat.read_records(c.files), split, c.validation_fraction)
+        if c.tfds_name:
+            from llamax.data import corpus
+
+            builder = corpus.catalog_builder(c.tfds_name, local_data_dir(c.tfds_data_dir))
+            source = corpus.data_source(builder, split)
+            records = chat.TfdsRecords(source, c.text_field, f"tfds dataset {c.tfds_name!r}")
+        else:
+            records = chat.split_records(chat.read_records(c.files), split, c.validation_fraction)
         dataset = chat.make_dataset(
             records, fs.expand(c.tokenizer), seq_len, len(rows),
             seed=c.seed + (0 if split == "train" else 1),

@@ -1,7 +1,9 @@
 """Chat and prompt/completion data for supervised fine-tuning: Meta's chat format with a loss
 mask per token, packed into rows, resumable.
 
-Records are JSON objects, one per line of `.jsonl` (or `.jsonl.gz`) files:
+Records are JSON objects, one per line of `.jsonl` (or `.jsonl.gz`) files, or the examples of
+a prepared tfds dataset (`TfdsRecords`: the same fields as features, or one JSON record in a
+text feature):
 - a dialog, `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`:
   an optional system prompt, then user and assistant turns alternating, ending with the
   assistant's; formatted token for token as Meta's `Llama.chat_completion` formats the
@@ -181,6 +183,51 @@ def split_records(records: list[bytes], split: str, validation_fraction: float) 
             f"{validation_fraction})"
         )
     return chosen
+
+
+def _text(value) -> str:
+    """A tfds text value (UTF-8 bytes, or a numpy scalar of them) as a string."""
+    value = value.item() if isinstance(value, np.ndarray | np.generic) else value
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def tfds_record(example: dict, text_field: str = "text") -> dict | str:
+    """A tfds example as a chat record: a `messages` feature (a sequence of `{role, content}`,
+    which tfds returns as a dict of arrays), `prompt` and `completion` features, or else a
+    text feature `text_field` holding one record's JSON."""
+    if "messages" in example:
+        turns = example["messages"]
+        if isinstance(turns, dict):  # tfds.features.Sequence of a FeaturesDict
+            roles, contents = turns.get("role", ()), turns.get("content", ())
+            if len(roles) != len(contents):
+                raise BadRecord("malformed", "each message needs a role and a content")
+            return {"messages": [{"role": _text(r), "content": _text(c)}
+                                 for r, c in zip(roles, contents, strict=True)]}  # fmt: skip
+        return {"messages": [{k: _text(v) for k, v in turn.items()} for turn in turns]}
+    if "prompt" in example and "completion" in example:
+        return {"prompt": _text(example["prompt"]), "completion": _text(example["completion"])}
+    return _text(example[text_field])
+
+
+class TfdsRecords(Sequence):
+    """One split of a prepared tfds dataset (random access, ArrayRecord) as chat records."""
+
+    def __init__(self, source, text_field: str = "text", name: str = "the tfds dataset"):
+        self.source, self.text_field = source, text_field
+        features = set(source[0])
+        if not ("messages" in features or {"prompt", "completion"} <= features
+                or text_field in features):  # fmt: skip
+            raise ValueError(
+                f"{name} has the features {sorted(features)}; chat data needs `messages` (a "
+                "sequence of {role, content}), `prompt` and `completion`, or a text feature "
+                f"data.text_field ({text_field!r}) holding one JSON record"
+            )
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        return tfds_record(self.source[int(index)], self.text_field)
 
 
 class _Examples:
