@@ -50,3 +50,56 @@ def lm_loss(params, model, batch, z_loss: float = 0.0, rngs=None):
         logits, batch["tokens"], batch["segment_ids"], z_loss, batch.get("loss_mask")
     )
     return nll + z, (nll, count)
+
+
+# ----- preferences: reward models (Llama 2's ranking loss) and DPO -----
+
+# Llama 2's preference ratings, clearest first, and the margin m(rating) its reward models
+# subtract from the score gap (Touvron et al. 2023, section 3.2.2 and Table 28): the "small"
+# and "large" margin tables, or none. A pair without a rating takes margin 0.
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
+MARGINS = {
+    "none": (0.0, 0.0, 0.0, 0.0),
+    "small": (1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0),
+    "large": (3.0, 2.0, 1.0, 0.0),
+}
+
+
+def rating_margins(ratings: jnp.ndarray, table: str = "small") -> jnp.ndarray:
+    """The margin of each pair: `ratings` are indices into RATINGS, -1 where a pair has none."""
+    if table not in MARGINS:
+        raise ValueError(f"Unknown margin table {table!r}; expected one of {sorted(MARGINS)}")
+    values = jnp.asarray((*MARGINS[table], 0.0), jnp.float32)  # index -1: no rating
+    return values[ratings]
+
+
+def ranking_loss(chosen, rejected, margin=0.0, centering: float = 0.0, valid=None):
+    """Llama 2's reward-model loss, summed over pairs, and the pair count: per pair
+    `-log sigmoid(r_chosen - r_rejected - margin) + centering * (r_chosen + r_rejected)^2`
+    (the second term, reward centering, keeps scores near 0; its mean over pairs is what the
+    sum divided by the count gives). `valid` masks out padding pairs."""
+    chosen, rejected = chosen.astype(jnp.float32), rejected.astype(jnp.float32)
+    per_pair = -jax.nn.log_sigmoid(chosen - rejected - margin)
+    per_pair = per_pair + centering * (chosen + rejected) ** 2
+    if valid is None:
+        valid = jnp.ones(per_pair.shape, bool)
+    return jnp.where(valid, per_pair, 0.0).sum(), valid.sum().astype(jnp.float32)
+
+
+def sequence_logprobs(logits, tokens, segment_ids, loss_mask) -> jnp.ndarray:
+    """log pi(response | prompt) of each row [B]: the log-probabilities of the masked-in
+    tokens (the response), each predicted from the tokens before it in its segment."""
+    valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    valid &= loss_mask[:, 1:] != 0
+    nll, _ = token_nll(logits[:, :-1], tokens[:, 1:])
+    return -jnp.where(valid, nll, 0.0).sum(axis=-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
+    """Direct preference optimization (Rafailov et al. 2023) per pair, from the summed response
+    log-probabilities under the policy and the reference: `-log sigmoid(beta * ((pi_c -
+    ref_c) - (pi_r - ref_r)))`, and the implicit rewards `beta * (pi - ref)` of the chosen
+    and the rejected responses (their difference is the margin; accuracy is margin > 0)."""
+    chosen_reward = beta * (policy_chosen - reference_chosen)
+    rejected_reward = beta * (policy_rejected - reference_rejected)
+    return -jax.nn.log_sigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
