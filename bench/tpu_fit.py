@@ -42,14 +42,15 @@ CASES = [
     # v5p: with libtpu 0.0.52 these compile on some runs and fail on others (see the docs).
     ("llama2_70b", "v5p-64", 1, "xla"),
 ]
-# Fine-tuning: chat SFT (every parameter) and LoRA (r 64 on every matrix) over a bfloat16 or an
-# int8 base; a LoRA config needs an init_from to compile, which it never reads.
+# Fine-tuning: chat SFT (every parameter) and LoRA (r 64 on every matrix) over a bfloat16, an
+# int8 or an nf4 base; a LoRA config needs an init_from to compile, which it never reads.
 FINETUNE_CASES = [
     ("llama2_7b_chat_sft", "v5e-16", 1, "auto"),
     ("llama2_7b_lora", "v5e-4", 1, "auto"),
     ("llama2_7b_lora", "v5e-1", 1, "auto"),
     ("llama2_7b_lora_int8", "v5e-4", 1, "auto"),
     ("llama2_7b_lora_int8", "v5e-1", 1, "auto"),
+    ("llama2_7b_qlora_nf4", "v5e-1", 1, "auto"),
 ]
 # The memory side of the remat trade-off: 7B on v4-32 (16 chips of 32 GiB), 1 sequence each.
 REMAT_CASES = [
@@ -192,8 +193,9 @@ every matmul output; `none`: everything).
 
 Chat SFT trains every parameter: the pretraining step with other data. LoRA trains adapters
 of rank 64 on every layer matrix (configs/llama2_7b_lora.py, the QLoRA paper's settings) with
-optimizer state for them alone, over the frozen base in bfloat16 or with int8 matrices
-(`lora.base_dtype`, docs/finetuning.md); `init_from` is never read by a compile.
+optimizer state for them alone, over the frozen base in bfloat16 or with int8 or 4-bit NF4
+matrices (`lora.base_dtype`, docs/finetuning.md; configs/llama2_7b_qlora_nf4.py is QLoRA's
+recipe); `init_from` is never read by a compile.
 
 {finetune_table}
 

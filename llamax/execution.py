@@ -19,11 +19,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llamax import attention
+from llamax import attention, lora
 
 # Floating-point dtypes for computation and parameter storage.
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8")
+# How the layers' matrices may be stored: "none" (param_dtype) or a format of llamax.lora.
+QUANTIZATIONS = ("none", *lora.QUANTIZATIONS)
 # What `nn.remat` saves inside a layer for the backward pass ("none": no remat at all).
 # "none" runs the layers without remat; "full" saves only each layer's input (jax's default).
 REMAT_POLICIES = {
@@ -58,8 +59,10 @@ class Execution:
     # Documents per packed row that cuDNN's packed layout takes in one call; a batch with a
     # row of more gets a dense mask for that call (the same result, slower).
     attention_max_segments: int = 32
-    # How the layers' matrices (wq ... w3) are stored: "none" (param_dtype), or "int8" with a
-    # float32 scale per output channel, dequantized inside each layer (a frozen LoRA base).
+    # How the layers' matrices (wq ... w3) are stored: "none" (param_dtype), "int8" with a
+    # float32 scale per output channel, or "nf4" (4-bit NormalFloat, two codes a byte) with a
+    # float32 absmax per 64 inputs of an output channel; dequantized inside each layer to the
+    # compute dtype (a frozen LoRA base; llamax.lora.layout).
     weight_quantization: str = "none"
 
     def __post_init__(self):

@@ -35,9 +35,9 @@ TRAIN_EXECUTION_FIELDS = (
     "attention_block_kv",
     "attention_max_segments",
 )
-# How a LoRA run may hold its frozen base: a float dtype, or int8 layer matrices (the rest in
-# bfloat16).
-BASE_DTYPES = (*DTYPES, "int8")
+# How a LoRA run may hold its frozen base: a float dtype, or its layer matrices quantized (int8,
+# or nf4: QLoRA's 4-bit NormalFloat; llamax.lora), the rest in bfloat16.
+BASE_DTYPES = (*DTYPES, *lora.QUANTIZATIONS)
 # Types of the LlamaConfig fields whose default is None, for their placeholders.
 _OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "ffn_dim": int}
 # Every key of a rotary scaling (llamax.config.ROPE_KEYS) with its type.
@@ -211,12 +211,12 @@ def lora_config(c: ml_collections.ConfigDict) -> LoraConfig | None:
 
 
 def execution_config(c: ml_collections.ConfigDict) -> Execution:
-    """How the run computes: the `model` section's execution keys, and int8 layer matrices
-    for a LoRA run with `lora.base_dtype = "int8"`."""
-    quantized = bool(c.lora.rank) and c.lora.base_dtype == "int8"
+    """How the run computes: the `model` section's execution keys, and quantized layer
+    matrices for a LoRA run with a quantized `lora.base_dtype` ("int8", "nf4")."""
+    quantized = bool(c.lora.rank) and c.lora.base_dtype in lora.QUANTIZATIONS
     return Execution(
         **{name: c.model[name] for name in TRAIN_EXECUTION_FIELDS},
-        weight_quantization="int8" if quantized else "none",
+        weight_quantization=c.lora.base_dtype if quantized else "none",
     )
 
 

@@ -33,7 +33,7 @@ from llamax import rope, sharding
 from llamax.attention import attend
 from llamax.config import LlamaConfig
 from llamax.execution import REMAT_POLICIES, Execution
-from llamax.lora import AXES, LoraConfig, dequantize_int8
+from llamax.lora import LoraConfig, dequantize, layout
 from llamax.lora import init_a as lora_init_a
 
 Cache = dict[str, Any]
@@ -47,17 +47,18 @@ def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int
 
 
 def _matrix(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...]):
-    """Layer matrix `name` in the compute dtype: a parameter, or with int8 weight quantization
-    an int8 parameter times its per-output-channel scale `<name>_scale`."""
+    """Layer matrix `name` in the compute dtype: a parameter, or with weight quantization
+    (int8, nf4) its codes times their scales `<name>_scale`, dequantized here, inside the layer
+    (`llamax.lora.layout` says how each is stored and what logical axes shard it)."""
     e = module.execution
     if e.weight_quantization == "none":
         return _param(module, name, axes, shape).astype(e.compute_dtype)
-    n_out = AXES[name][1]
-    zeros = nn.initializers.zeros
-    q = module.param(name, nn.with_logical_partitioning(zeros, axes), shape, jnp.int8)
+    code = layout(name, shape, axes, e.weight_quantization)
+    zeros = nn.initializers.constant(code.zero)
+    q = module.param(name, nn.with_logical_partitioning(zeros, code.axes), code.shape, code.dtype)
     scale = module.param(f"{name}_scale", nn.with_logical_partitioning(nn.initializers.ones,
-                         axes[-n_out:]), shape[-n_out:], jnp.float32)  # fmt: skip
-    return dequantize_int8(q, scale, name, e.compute_dtype)
+                         code.scale_axes), code.scale_shape, jnp.float32)  # fmt: skip
+    return dequantize(q, scale, name, e.compute_dtype)
 
 
 def _constrain(x: jnp.ndarray, axes: tuple[str, ...]) -> jnp.ndarray:

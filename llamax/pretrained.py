@@ -161,40 +161,100 @@ def base_fingerprint(path: str) -> dict:
     }
 
 
-def check_same_base(recorded: dict | None, path: str) -> None:
-    """A resumed LoRA run must train on the base it started on: the recorded checksum (else
-    the step) must match the base now at `path`."""
+def check_same_base(recorded: dict | None, path: str, what: str = "init_from") -> None:
+    """LoRA adapters meet the base they were trained on (a resumed run, or adapters loaded on
+    a base): the recorded checksum (else the step) must match the base now at `path`; `what`
+    names the caller's input in the error."""
     if not recorded:
         return
     now = base_fingerprint(path)
     key = "manifest_sha256" if recorded.get("manifest_sha256") else "step"
     if recorded.get(key) != now[key]:
         raise ValueError(
-            f"The LoRA adapters in this workdir were trained on the base {recorded['path']} "
-            f"({key} {recorded.get(key)}), but init_from {path} has {key} {now[key]}: "
-            "adapters only fit the base they were trained on. Point init_from at that base."
+            f"The LoRA adapters were trained on the base {recorded['path']} "
+            f"({key} {recorded.get(key)}), but {what} {path} has {key} {now[key]}: "
+            f"adapters only fit the base they were trained on. Point {what} at that base."
         )
 
 
+def _recorded_base(path: str) -> dict | None:
+    """The base fingerprint a LoRA run's latest checkpoint recorded (None if it has none)."""
+    directory, step = latest(path)
+    item = epath.Path(directory) / str(step) / "meta"
+    if not item.exists():
+        return None
+    meta = ocp.JsonCheckpointHandler().restore(item, ocp.args.JsonRestore())
+    return meta.get("lora_base") if isinstance(meta, dict) else None
+
+
+def read_adapters(path: str, config: LlamaConfig) -> tuple[dict, LoraConfig]:
+    """LoRA adapters for a base of `config` (float32 numpy, layers stacked) and their config:
+    a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`), or the
+    workdir of a llamax LoRA run (its latest checkpoint); clear errors for anything else and
+    for adapters of another model's shapes."""
+    from llamax.convert import peft
+
+    if fs.isfile(fs.join(path, peft.CONFIG_FILE)):
+        return peft.import_adapters(path, config)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"adapters: no directory at {path}")
+    if lora_run(path) is None:
+        raise ValueError(
+            f"adapters: {path} is neither a PEFT adapter directory (no {peft.CONFIG_FILE}) "
+            "nor the workdir of a llamax LoRA run (lora.rank > 0)"
+        )
+    adapters, adapters_config, _ = run_adapters(path)
+    want = lora.split(abstract_params(Llama(config, Execution(), adapters_config)))[1]
+    check_shapes(adapters, nn.unbox(want), path)
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), adapters), adapters_config
+
+
+def run_adapters(path: str) -> tuple[dict, LoraConfig, str]:
+    """(adapters as numpy arrays, layers stacked; LoRA config; base path) of a LoRA run's
+    latest checkpoint, read leaf by leaf."""
+    adapted = lora_run(path)
+    if adapted is None:
+        raise ValueError(f"{path} is not the workdir of a LoRA run (lora.rank > 0)")
+    adapters_config, base = adapted
+    model = Llama(read_model_config(path), Execution(), adapters_config)
+    want = nn.unbox(lora.split(abstract_params(model))[1])
+    open_leaf = open_param_leaves(path)
+
+    def read(keys, x):
+        name = _path_name(keys).replace("/", ".")
+        leaf = open_leaf(name)
+        if tuple(leaf.shape) != tuple(x.shape):
+            raise ValueError(f"{path}: adapter {name} has shape {tuple(leaf.shape)}, the "
+                             f"run's config implies {tuple(x.shape)}")  # fmt: skip
+        return np.asarray(leaf.read().result())
+
+    return jax.tree_util.tree_map_with_path(read, want), adapters_config, base
+
+
 def load_pretrained(
-    path: str, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None, **execution
+    path: str,
+    dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    adapters: str | None = None,
+    **execution,
 ):
     """`(model, params)` from a converted checkpoint or a training run's workdir: the latest
     checkpoint's parameters, in their stored dtype, on `mesh` (default: one device), and the
     model computing in `dtype`. The attention backend is `auto` (the platform's fused kernel
-    where it applies); `execution` overrides any `Execution` field (`attention="xla"`, ...)."""
+    where it applies); `execution` overrides any `Execution` field (`attention="xla"`, ...).
+
+    LoRA: `adapters` (a PEFT adapter directory or a LoRA run's workdir) are merged into the
+    base `path`'s weights (W + s A B, in float32); a LoRA run's workdir given as `path` reads as
+    its recorded base with its adapters. Adapters of a llamax run must meet the base they
+    were trained on (its manifest checksum, else its step)."""
     adapted = lora_run(path)
     if adapted is not None:  # a LoRA run: its base, with the adapters merged in
-        adapters_config, base_path = adapted
-        model, base = load_pretrained(base_path, dtype, mesh, **execution)
-        boxed = abstract_params(Llama(model.config, model.execution, adapters_config))
-        boxed = lora.split(boxed)[1]
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, np.float32), nn.unbox(boxed)
-        )
-        mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-        adapters, _ = restore_params(path, abstract, sharding.tree_shardings(boxed, mesh))
-        return model, lora.merge(lora.combine(base, adapters), adapters_config)
+        if adapters:
+            raise ValueError(
+                f"{path} is a LoRA run (adapters on the base {adapted[1]}): load it alone, or "
+                "give its base as the checkpoint and the run as the adapters"
+            )
+        return load_pretrained(adapted[1], dtype, mesh, adapters=path, **execution)
     config = read_model_config(path)
     stored = np.dtype(jax.tree.leaves(saved_params(path))[0].dtype).name
     run = Execution(dtype=dtype, param_dtype=stored, attention="auto")
@@ -202,7 +262,14 @@ def load_pretrained(
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
     boxed = abstract_params(model)
     params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
-    return model, params
+    if not adapters:
+        return model, params
+    tree, adapters_config = read_adapters(adapters, config)
+    if lora_run(adapters) is not None:
+        check_same_base(_recorded_base(adapters), path, "the base")
+    boxed = lora.split(abstract_params(Llama(config, model.execution, adapters_config)))[1]
+    tree = jax.device_put(tree, sharding.tree_shardings(boxed, mesh))
+    return model, lora.merge(lora.combine(params, tree), adapters_config)
 
 
 def open_param_leaves(path: str) -> Callable[[str], Any]:
@@ -231,15 +298,20 @@ def open_param_leaves(path: str) -> Callable[[str], Any]:
 
 
 def load_with_tokenizer(
-    path: str, tokenizer: str | None = None, dtype: str = "float32", **execution
+    path: str,
+    tokenizer: str | None = None,
+    dtype: str = "float32",
+    adapters: str | None = None,
+    **execution,
 ):
-    """`(model, params, tokenizer)` for generating or evaluating with a checkpoint: its own
-    `tokenizer.model` (converted checkpoints and training workdirs keep one), or `tokenizer`,
-    refused when it is not the checkpoint's (a different file gives other ids: perplexities
-    that mean nothing) or has more ids than the model."""
+    """`(model, params, tokenizer)` for generating or evaluating with a checkpoint (and LoRA
+    `adapters` merged in, as `load_pretrained`): its own `tokenizer.model` (converted
+    checkpoints and training workdirs keep one), or `tokenizer`, refused when it is not the
+    checkpoint's (a different file gives other ids: perplexities that mean nothing) or has
+    more ids than the model."""
     from llamax.data.tokenizer import Tokenizer
 
-    model, params = load_pretrained(path, dtype=dtype, **execution)
+    model, params = load_pretrained(path, dtype=dtype, adapters=adapters, **execution)
     own = fs.join(path, "tokenizer.model")
     if tokenizer and fs.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
         raise ValueError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import flax
@@ -80,12 +80,13 @@ def state_shardings(
 
 
 def _frozen_abstract(boxed, dtype: str):
-    """The frozen base's shapes in `dtype`; with "int8", int8 matrices (and their float32
-    scales) as the model declares them and the rest in bfloat16."""
-    floats = "bfloat16" if dtype == "int8" else dtype
+    """The frozen base's shapes in `dtype`; quantized ("int8", "nf4"), the matrices' codes and
+    float32 scales as the model declares them and the rest in bfloat16."""
+    floats = "bfloat16" if dtype in lora.QUANTIZATIONS else dtype
 
     def cast(path, x):
-        keep = x.dtype == jnp.int8 or str(getattr(path[-1], "key", "")).endswith("_scale")
+        name = str(getattr(path[-1], "key", ""))
+        keep = dtype in lora.QUANTIZATIONS and (name in lora.AXES or name.endswith("_scale"))
         return jax.ShapeDtypeStruct(x.shape, x.dtype if keep else floats)
 
     return jax.tree_util.tree_map_with_path(cast, flax.linen.unbox(boxed))
@@ -188,16 +189,36 @@ class Setup:
                 self.c.init_from, self.abstract.frozen, self.shardings.frozen, what="init_from"
             )
             return base
-        # int8: read as the float weights the checkpoint holds (in bfloat16), then quantized
-        # on the mesh.
+        # Quantized: read as the float weights the checkpoint holds (in bfloat16), then
+        # quantized on the mesh one matrix at a time, each float matrix let go once quantized
+        # (so that the float base and the quantized one never exist whole at once).
+        quantization = self.model.execution.weight_quantization
         plain = self.model.clone(execution=self.model.execution.replace(weight_quantization="none"))
         boxed = lora.split(abstract_params(plain))[0]
         base, _ = pretrained.restore_params(
             self.c.init_from, _frozen_abstract(boxed, "bfloat16"),
             sharding.tree_shardings(boxed, self.mesh), what="init_from",
         )  # fmt: skip
+
+        def visit(tree, shardings):  # empties `tree` (the restored dicts) as it goes
+            out = {}
+            while tree:
+                name, value = tree.popitem()
+                if isinstance(value, Mapping):
+                    out[name] = visit(value, shardings[name])
+                elif name in lora.AXES:
+                    quantize = jax.jit(
+                        partial(lora.quantize_matrix, name=name, quantization=quantization),
+                        out_shardings=(shardings[name], shardings[f"{name}_scale"]),
+                    )
+                    out[name], out[f"{name}_scale"] = quantize(value)
+                else:
+                    out[name] = value
+                del value
+            return out
+
         with sharding.use_mesh(self.mesh):
-            return jax.jit(lora.quantize, out_shardings=self.shardings.frozen)(base)
+            return visit(base, self.shardings.frozen)
 
     def run_meta(self) -> dict:
         """What a checkpoint records about how its parameters relate to others: a LoRA run's

@@ -13,7 +13,7 @@ from conftest import REPO
 
 # Bottom to top, as docs/architecture.md draws them. A new module is placed here first.
 LAYERS = {
-    "model": ["sharding", "attention", "execution", "config", "rope", "lora", "model"],
+    "model": ["sharding", "attention", "lora", "execution", "config", "rope", "model"],
     "parts": [
         "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
         "generation",

@@ -27,9 +27,9 @@ def _unbox(tree):
 
 def lora_params(lora, base, seed=0, std=0.05):
     """The base's parameters with random adapters (B not zero, so that they count)."""
-    model = llamax.Llama(CONFIG, lora=lora)
-    init = _unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
-    _, adapters = lora_lib.split(init)
+    _, adapters = lora_lib.split(
+        _unbox(llamax.model.abstract_params(llamax.Llama(CONFIG, lora=lora)))
+    )
     rng = np.random.default_rng(seed)
     adapters = jax.tree.map(
         lambda x: jnp.asarray(std * rng.normal(size=x.shape), x.dtype), adapters
@@ -293,21 +293,22 @@ def test_lora_run_trains_only_adapters_and_resumes_exactly_on_another_mesh(
 
 
 @pytest.mark.slow
-def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(base_run, lora_run, tmp_path, rng):
+def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(
+    base_run, lora_run, base_step_loss, tmp_path, rng, capsys
+):
     """llamax-generate/-eval's loader merges a LoRA run's adapters into its base; the run
     converts to a merged Hugging Face model and to PEFT adapters that `peft` loads on the
     converted base, all with the same logits; PEFT adapters merge back into a llamax
-    checkpoint."""
+    checkpoint; a base plus adapters (PEFT's, or the run's) loads as the merged model."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     from llamax import convert, pretrained
-    from llamax.convert import native
 
     model, merged = pretrained.load_pretrained(lora_run)
     assert model.lora is None
     _, base = pretrained.load_pretrained(base_run)
-    adapters, lora, base_path = native.read_adapters(lora_run)
+    adapters, lora, base_path = pretrained.run_adapters(lora_run)
     assert base_path == base_run and lora.targets == ("wq", "wv", "w2") and lora.rank == 4
     tokens = rng.integers(0, model.config.vocab_size, (2, 16), dtype=np.int32)
     unmerged = llamax.Llama(model.config, lora=lora).apply(
@@ -333,62 +334,266 @@ def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(base_run, lora_run,
     with pytest.raises(ValueError, match="not the workdir of a LoRA run"):
         convert.convert("llamax", "peft", base_run, str(tmp_path / "y"))
 
+    # --adapters of llamax-generate and llamax-eval: PEFT's directory or the run, on the base.
+    for adapters in (out["peft"], lora_run):
+        loaded, params = pretrained.load_pretrained(base_run, adapters=adapters)
+        np.testing.assert_allclose(loaded.apply({"params": params}, tokens), unmerged, atol=1e-4)
+    with pytest.raises(ValueError, match="is a LoRA run .*give its base as the checkpoint"):
+        pretrained.load_pretrained(lora_run, adapters=out["peft"])
+    with pytest.raises(ValueError, match="neither a PEFT adapter directory"):
+        pretrained.load_pretrained(base_run, adapters=out["hf_base"])
+    with pytest.raises(ValueError, match="adapters only fit the base they were trained on"):
+        pretrained.load_pretrained(base_step_loss[1], adapters=lora_run)
+    from llamax.cli import eval as eval_cli
+    from llamax.cli import generate
 
-def test_int8_quantization_is_per_channel_absmax(rng):
-    base = _unbox(
-        llamax.Llama(CONFIG).init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
-    )
-    quantized = lora_lib.quantize(base)
+    missing = str(tmp_path / "nothing")
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", base_run, "--adapters", missing, "--prompt", "x"]) == 2
+    assert eval_cli.main(["passkey", "--checkpoint", base_run, "--adapters", missing,
+                          "--lengths", "64", "--output", str(tmp_path / "e")]) == 2  # fmt: skip
+    assert capsys.readouterr().err.count(f"adapters: no directory at {missing}") == 2
+
+
+def _init(model, seed):
+    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 4), jnp.int32))["params"])
+    return _unbox(init(jax.random.key(seed)))
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A random plain model's parameters."""
+    return _init(llamax.Llama(CONFIG), 1)
+
+
+quantize = jax.jit(lora_lib.quantize, static_argnums=1)  # eagerly, op by op, it takes seconds
+
+
+def test_int8_quantization_is_per_channel_absmax(base):
+    quantized = quantize(base, "int8")
     attention = quantized["layers"]["attention"]
     assert attention["wq"].dtype == jnp.int8 and attention["wq_scale"].shape == (2, 4, 16)
     assert attention["wo_scale"].shape == (2, 64)  # wo is [L, N, H, D]: one scale per D
     assert quantized["tok_embeddings"].dtype == base["tok_embeddings"].dtype  # not a matrix
     for name in ("wq", "wo"):
         w = np.asarray(base["layers"]["attention"][name])
-        back = lora_lib.dequantize_int8(attention[name], attention[f"{name}_scale"], name)
+        back = lora_lib.dequantize(attention[name], attention[f"{name}_scale"], name)
         inputs = (1,) if name == "wq" else (1, 2)
         scale = np.expand_dims(np.asarray(attention[f"{name}_scale"]), inputs)
         assert np.all(np.abs(np.asarray(back) - w) <= scale / 2 + 1e-7)
         assert np.abs(np.asarray(attention[name])).max() == 127
 
-    # The int8 model computes with exactly the dequantized weights.
-    tokens = rng.integers(0, CONFIG.vocab_size, (2, 12), dtype=np.int32)
-    int8 = llamax.Llama(CONFIG, llamax.Execution(weight_quantization="int8"))
-    dequantized = lora_lib.merge(quantized, LoraConfig())  # no adapters: dequantizes only
-    np.testing.assert_array_equal(
-        int8.apply({"params": quantized}, tokens),
-        llamax.Llama(CONFIG).apply({"params": dequantized}, tokens),
+
+NF4 = np.asarray(lora_lib.NF4, np.float32)
+
+
+def test_nf4_codes_are_qloras_normal_float_quantiles():
+    """QLoRA's construction (Dettmers et al. 2023, section 3; bitsandbytes' create_normal_map):
+    8 quantiles of N(0, 1) at evenly spaced probabilities from 1 - delta down to 1/2 for the
+    positive half and 7 for the negative one, delta = (1/30 + 1/32) / 2, with an exact 0, over
+    the largest."""
+    from scipy.stats import norm
+
+    top = 1 - (1 / 30 + 1 / 32) / 2
+    positive = norm.ppf(np.linspace(top, 0.5, 9)[:-1])
+    negative = -norm.ppf(np.linspace(top, 0.5, 8)[:-1])
+    want = np.sort(np.concatenate([negative, [0.0], positive])) / positive.max()
+    assert len(lora_lib.NF4) == 16 and lora_lib.NF4[7] == 0.0
+    np.testing.assert_allclose(lora_lib.NF4, want, rtol=0, atol=1e-6)
+    assert all(float(np.float32(v)) == v for v in lora_lib.NF4)  # float32 values, as stored
+
+
+def test_nf4_rounds_at_bitsandbytes_thresholds():
+    """bitsandbytes' dQuantizeNF4 (csrc/kernels.cu) gives code k + 1 to x > t_k (float32
+    literals): a value on a threshold takes the lower code, the next float up the higher."""
+    thresholds = np.float32(
+        [
+            -0.8480964004993439,
+            -0.6106329262256622,
+            -0.4599952697753906,
+            -0.33967943489551544,
+            -0.23460740596055984,
+            -0.13791173323988914,
+            -0.045525018125772476,
+            0.03979014977812767,
+            0.1202552504837513,
+            0.2035212516784668,
+            0.2920137718319893,
+            0.3893125355243683,
+            0.5016634166240692,
+            0.6427869200706482,
+            0.8614784181118011,
+        ]
     )
+    above = np.nextafter(thresholds, np.float32(2))
+    w = np.concatenate([[1.0], thresholds, above, np.zeros(33)]).astype(np.float32)[:, None]
+    q, absmax = lora_lib.quantize_matrix(w, "w1", "nf4")
+    assert absmax[0, 0] == 1.0
+    codes = np.stack([np.asarray(q) >> 4, np.asarray(q) & 15], axis=1).reshape(-1)
+    np.testing.assert_array_equal(codes[1:16], np.arange(15))
+    np.testing.assert_array_equal(codes[16:31], np.arange(1, 16))
+
+
+def nf4_reference(w, name):
+    """NumPy NF4 of matrix `name`: each output channel's inputs (row-major over the input
+    axes) in blocks of 64, each value the nearest code to value / block absmax (the lower on a
+    tie), codes packed in pairs of neighbouring inputs, the first in the high nibble. Returns
+    (packed, absmax, dequantized)."""
+    n_in, n_out = lora_lib.AXES[name]
+    lead = w.ndim - n_in - n_out
+    out = w.shape[lead + n_in :]
+    blocks = w.reshape(*w.shape[:lead], -1, 64, *out)
+    absmax = np.abs(blocks).max(axis=lead + 1)
+    x = blocks / np.expand_dims(np.where(absmax > 0, absmax, 1), lead + 1)
+    codes = np.argmin(np.abs(x[..., None] - NF4), axis=-1)  # the first of equal distances
+    dequantized = (NF4[codes] * np.expand_dims(absmax, lead + 1)).reshape(w.shape)
+    codes = codes.reshape(w.shape).astype(np.uint8)
+    last = lead + n_in - 1
+    packed = (np.take(codes, range(0, w.shape[last], 2), axis=last) << 4) | np.take(
+        codes, range(1, w.shape[last], 2), axis=last
+    )
+    return packed, absmax, dequantized
+
+
+def test_nf4_quantization_is_blockwise_normal_float(base):
+    quantized = quantize(base, "nf4")
+    attention, mlp = quantized["layers"]["attention"], quantized["layers"]["feed_forward"]
+    # Two codes a byte along the last input axis; an absmax per 64 inputs of an output channel.
+    assert attention["wq"].dtype == jnp.uint8 and attention["wq"].shape == (2, 32, 4, 16)
+    assert attention["wq_scale"].dtype == jnp.float32
+    assert attention["wq_scale"].shape == (2, 1, 4, 16)
+    assert attention["wo"].shape == (2, 4, 8, 64) and attention["wo_scale"].shape == (2, 1, 64)
+    assert mlp["w2"].shape == (2, 96, 64) and mlp["w2_scale"].shape == (2, 3, 64)
+    assert quantized["tok_embeddings"].dtype == base["tok_embeddings"].dtype  # not a matrix
+    half_gap = np.diff(NF4).max() / 2
+    for group, name in [("attention", "wq"), ("attention", "wo"), ("feed_forward", "w2")]:
+        w = np.asarray(base["layers"][group][name])
+        q, absmax = quantized["layers"][group][name], quantized["layers"][group][f"{name}_scale"]
+        want_q, want_absmax, want_back = nf4_reference(w, name)
+        np.testing.assert_array_equal(q, want_q)
+        np.testing.assert_array_equal(absmax, want_absmax)
+        back = np.asarray(lora_lib.dequantize(q, absmax, name))
+        np.testing.assert_array_equal(back, want_back)
+        # Within half the largest gap between codes, times the block's absmax.
+        bound = np.repeat(want_absmax, 64, axis=1).reshape(w.shape) * half_gap
+        assert np.all(np.abs(back - w) <= bound * (1 + 1e-6))
+        assert np.abs(back - w).max() > 0.2 * bound.max()  # rounded, not stored
+
+    # One layer's matrix too (no leading layer axis), and a block of zeros.
+    w = np.asarray(base["layers"]["feed_forward"]["w1"][0]).copy()
+    w[:64, 5] = 0.0
+    q, absmax = lora_lib.quantize_matrix(w, "w1", "nf4")
+    want_q, want_absmax, want_back = nf4_reference(w, "w1")
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(absmax, want_absmax)
+    np.testing.assert_array_equal(lora_lib.dequantize(q, absmax, "w1"), want_back)
+    assert absmax[0, 5] == 0 and not np.any(want_back[:64, 5])
+
+
+def test_nf4_packs_every_pair_of_codes():
+    """Inputs 2k and 2k+1 hold codes k // 16 and k % 16 (every block has -1 and 1, so its absmax
+    is 1): the 256 bytes are 0..255 in order, and they dequantize to exactly the inputs."""
+    k = np.arange(256)
+    w = np.stack([NF4[k // 16], NF4[k % 16]], axis=1).reshape(512, 1)
+    w = np.concatenate([w, 3 * w], axis=1)  # and a second channel of another scale
+    q, absmax = lora_lib.quantize_matrix(w, "w2", "nf4")
+    assert q.dtype == jnp.uint8 and q.shape == (256, 2)
+    np.testing.assert_array_equal(q[:, 0], k)
+    np.testing.assert_array_equal(absmax, [[1.0, 3.0]] * 8)
+    np.testing.assert_array_equal(lora_lib.dequantize(q, absmax, "w2"), w)
+
+
+def test_nf4_needs_inputs_in_whole_blocks():
+    odd = llamax.LlamaConfig.preset("tiny", n_layers=1, dim=96, n_heads=6, n_kv_heads=2)
+    model = llamax.Llama(odd, llamax.Execution(weight_quantization="nf4"))
+    with pytest.raises(
+        ValueError, match=r"matrix wq \[96, 6, 16\] has 96 inputs .* multiple of 64"
+    ):
+        llamax.model.abstract_params(model)
+    with pytest.raises(ValueError, match="matrix w2"):
+        lora_lib.quantize_matrix(jnp.ones((100, 64)), "w2", "nf4")
+    with pytest.raises(
+        ValueError, match=r"weight_quantization must be one of \('none', 'int8', 'nf4'\)"
+    ):
+        llamax.Execution(weight_quantization="int4")
+
+
+@pytest.mark.parametrize("quantization", lora_lib.QUANTIZATIONS)
+def test_a_quantized_base_computes_with_its_dequantized_weights(quantization, base, rng):
+    """The quantized model's logits are the plain model's on the dequantized weights; the
+    model declares what `quantize` makes; LoRA's step 0 on the quantized base is that base
+    exactly, and its merge (dequantized, then W + s A B) gives the unmerged logits."""
+    quantized = quantize(base, quantization)
+    execution = llamax.Execution(weight_quantization=quantization)
+    model = llamax.Llama(CONFIG, execution)
+    declared = _unbox(llamax.model.abstract_params(model))
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert shapes(declared) == shapes(quantized)
+    tokens = rng.integers(0, CONFIG.vocab_size, (2, 12), dtype=np.int32)
+    plain = llamax.Llama(CONFIG)
+
+    def logits(model, params):
+        return jax.jit(model.apply)({"params": params}, tokens)
+
+    got = logits(model, quantized)
+    dequantized = lora_lib.merge(quantized, LoraConfig())  # no adapters: dequantizes only
+    assert set(dequantized["layers"]["attention"]) == {"wq", "wk", "wv", "wo"}
+    np.testing.assert_array_equal(got, logits(plain, dequantized))
+    assert np.abs(got - logits(plain, base)).max() > 1e-4
+
+    lora = LoraConfig(rank=4, alpha=16, targets=ALL)
+    adapted = llamax.Llama(CONFIG, execution, lora=lora)
+    fresh = lora_lib.split(_init(adapted, 2))[1]
+    np.testing.assert_array_equal(logits(adapted, lora_lib.combine(quantized, fresh)), got)
+
+    params, _ = lora_params(lora, quantized)
+    unmerged = logits(adapted, params)
+    merged = logits(plain, lora_lib.merge(params, lora))
+    np.testing.assert_allclose(merged, unmerged, atol=1e-4)
+    assert np.abs(unmerged - got).max() > 1e-2  # the adapters change the logits
 
 
 @pytest.mark.slow
-def test_lora_on_an_int8_base(base_run, base_step_loss, tmp_path):
+@pytest.mark.parametrize("quantization", lora_lib.QUANTIZATIONS)
+def test_lora_on_a_quantized_base(quantization, base_run, base_step_loss, tmp_path):
+    """A LoRA run on an int8 or nf4 base: the base held quantized, step 1's loss close to the
+    float base's, the loss falling, the adapters trained, the quantized base bit for bit what
+    quantizing the base gives, untouched by training."""
     from conftest import load_config
 
-    from llamax import setup, train
-    from llamax.convert import native
+    from llamax import pretrained, setup, train
     from llamax.metrics import read_metrics
 
-    c = load_config("tiny", **{**LORA_RUN, "lora.base_dtype": "int8", "train.steps": 3})
+    overrides = {**LORA_RUN, "lora.base_dtype": quantization, "train.eval_every": 0}
+    c = load_config("tiny", **overrides)
     c.init_from = base_run
     s = setup.build(c, setup.make_mesh(c))
     attention = s.abstract.frozen["layers"]["attention"]
-    assert attention["wq"].dtype == jnp.int8 and attention["wq_scale"].dtype == jnp.float32
+    dtype = {"int8": jnp.int8, "nf4": jnp.uint8}[quantization]
+    assert attention["wq"].dtype == dtype and attention["wq_scale"].dtype == jnp.float32
     assert s.abstract.frozen["norm"]["scale"].dtype == jnp.bfloat16
-    train.run(c, str(tmp_path / "run"))
-    assert all(np.isfinite(r["loss"]) for r in read_metrics(str(tmp_path / "run")))
-    adapters, _, _ = native.read_adapters(str(tmp_path / "run"))  # trained: B moved off zero
+    state = train.run(c, str(tmp_path / "run"))
+    losses = [r["loss"] for r in read_metrics(str(tmp_path / "run"))]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    adapters, _, _ = pretrained.run_adapters(str(tmp_path / "run"))  # trained: B moved off zero
     assert np.abs(adapters["layers"]["attention"]["wq_lora_b"]).max() > 0
-    # Step 1 is the int8 base's loss: close to the float base's.
-    int8_step = read_metrics(str(tmp_path / "run"))[0]["loss"]
-    np.testing.assert_allclose(int8_step, base_step_loss[0], rtol=2e-2)
+    # Step 1 is the quantized base's loss: close to the float base's.
+    np.testing.assert_allclose(losses[0], base_step_loss[0], rtol=2e-2)
+
+    # The base after training: bit for bit the base read from init_from and quantized.
+    _, float_base = pretrained.load_pretrained(base_run)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lora_lib.split(float_base)[0])
+    want = quantize(bf16, quantization)
+    assert jax.tree.structure(state.frozen) == jax.tree.structure(want)
+    jax.tree.map(np.testing.assert_array_equal, state.frozen, want)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [({"lora.rank": 4}, "set init_from"),
      ({"lora.rank": 4, "lora.targets": "wq,wx"}, "targets must be distinct names"),
-     ({"lora.rank": 4, "lora.base_dtype": "int4"}, "lora.base_dtype must be one of"),
+     ({"lora.rank": 4, "lora.base_dtype": "int4"},
+      r"lora.base_dtype must be one of \('float32', 'bfloat16', 'float16', 'int8', 'nf4'\)"),
      ({"lora.rank": -1}, "rank must be a positive integer")],
 )  # fmt: skip
 def test_bad_lora_settings_are_named(overrides, message):

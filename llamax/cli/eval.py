@@ -5,11 +5,14 @@
     llamax-eval perplexity --checkpoint ckpt/x --lengths 4096 --tfds pg19 --split test \\
         --tfds-data-dir gs://bucket/tensorflow_datasets --output eval/x
     llamax-eval passkey --checkpoint ckpt/x --lengths 4096,8192,16384 --output eval/x
+    llamax-eval perplexity --checkpoint ckpt/base --adapters peft/x --lengths 4096 ...
 
 Each writes `perplexity.json` and `perplexity.png` (perplexity against context length), or
 `passkey.json` and `passkey.png` (accuracy by length and depth), into `--output`.
-`--rope-scaling` evaluates the checkpoint with another rotary scaling than its own, e.g.
-dynamic NTK without fine-tuning: `--rope-scaling '{"rope_type": "dynamic", "factor": 4}'`.
+`--adapters` merges LoRA adapters (a PEFT adapter directory or a llamax LoRA run's workdir)
+into the checkpoint's weights first. `--rope-scaling` evaluates the checkpoint with another
+rotary scaling than its own, e.g. dynamic NTK without fine-tuning:
+`--rope-scaling '{"rope_type": "dynamic", "factor": 4}'`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--checkpoint", required=True, help="converted checkpoint or workdir")
+    common.add_argument("--adapters", help="LoRA adapters on the checkpoint: PEFT dir or run")
     common.add_argument("--lengths", type=_ints, required=True, help="e.g. 2048,4096,8192")
     common.add_argument("--output", required=True, help="directory for the JSON and PNG")
     common.add_argument("--tokenizer", help="default: CHECKPOINT/tokenizer.model")
@@ -81,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, params, tokenizer = load_with_tokenizer(
-            args.checkpoint, args.tokenizer, dtype=args.dtype, attention=args.attention
+            args.checkpoint,
+            args.tokenizer,
+            dtype=args.dtype,
+            adapters=args.adapters,
+            attention=args.attention,
         )
         if "rope_scaling" in vars(args):  # given, possibly as null
             config = model.config.replace(rope_scaling=args.rope_scaling)
             model = llamax.Llama(config, model.execution)
         fs.makedirs(args.output)
-        label = args.label or os.path.basename(fs.absolute(args.checkpoint))
+        label = args.label or os.path.basename(fs.absolute(args.adapters or args.checkpoint))
         if args.command == "perplexity":
             texts = data.documents(
                 args.text, args.tfds, args.tfds_data_dir, args.split, args.text_field
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in results:
                 print(f"context {r['length']}: perplexity {r['perplexity']:.3f} "
                       f"({r['tokens_scored']} tokens)")  # fmt: skip
-            out = {"checkpoint": args.checkpoint, "label": label, "results": results,
+            out = {"checkpoint": args.checkpoint, "adapters": args.adapters, "label": label,
+                   "results": results,
                    "rope_scaling": model.config.to_dict()["rope_scaling"]}  # fmt: skip
             evaluate.write_json(fs.join(args.output, "perplexity.json"), out)
             curve = {r["length"]: r["perplexity"] for r in results}
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             for n, row in result["accuracy"].items():
                 print(f"context {n}: " + ", ".join(f"depth {d}: {a:.0%}" for d, a in row.items()))
-            result.update(checkpoint=args.checkpoint, label=label)
+            result.update(checkpoint=args.checkpoint, adapters=args.adapters, label=label)
             evaluate.write_json(fs.join(args.output, "passkey.json"), result)
             evaluate.plot_passkey(result, fs.join(args.output, "passkey.png"), label)
     except (ValueError, OSError) as e:

@@ -1,7 +1,8 @@
-"""`llamax-generate --checkpoint DIR --prompt TEXT [--chat] [--system TEXT]`.
+"""`llamax-generate --checkpoint DIR [--adapters DIR] --prompt TEXT [--chat] [--system TEXT]`.
 
-Loads a converted checkpoint (or a training run's workdir) with its `tokenizer.model`,
-and prints the continuation of the prompt; with `--chat`, the prompt is the user's turn of a
+Loads a converted checkpoint (or a training run's workdir) with its `tokenizer.model`, LoRA
+adapters merged in when given (a PEFT adapter directory or a llamax LoRA run's workdir), and
+prints the continuation of the prompt; with `--chat`, the prompt is the user's turn of a
 Llama 2 chat dialog formatted exactly as Meta's `chat_completion` does.
 """
 
@@ -17,6 +18,7 @@ from llamax.cli import add_execution_flags, error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--adapters", help="LoRA adapters on the checkpoint: PEFT dir or run")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action="store_true", help="format as a Llama 2 chat turn")
     parser.add_argument("--system", help="system prompt (with --chat)")
@@ -38,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, params, tokenizer = load_with_tokenizer(
-            args.checkpoint, args.tokenizer, dtype=args.dtype, attention=args.attention
+            args.checkpoint,
+            args.tokenizer,
+            dtype=args.dtype,
+            adapters=args.adapters,
+            attention=args.attention,
         )
         if args.chat:
             dialog = [{"role": "system", "content": args.system}] if args.system else []

@@ -70,7 +70,7 @@ def convert(
             raise ValueError("--to peft writes the adapters of a llamax LoRA run: --from llamax")
         if fs.exists(output_dir):
             raise FileExistsError(f"Output {output_dir} exists; remove it or choose another path")
-        adapters, lora, base_path = native.read_adapters(input_dir)
+        adapters, lora, base_path = pretrained.run_adapters(input_dir)
         peft.export_adapters(adapters, lora, output_dir, base_model=base_path)
         log.info("wrote the adapters of %s (%s) to %s", input_dir, lora, output_dir)
         return pretrained.read_model_config(input_dir)

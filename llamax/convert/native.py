@@ -45,7 +45,7 @@ def read(path: str) -> tuple[LlamaConfig, Tensors]:
     if pretrained.lora_run(path) is not None:
         from llamax.convert import peft
 
-        adapters, adapters_config, base = read_adapters(path)
+        adapters, adapters_config, base = pretrained.run_adapters(path)
         config, tensors = read(base)
         return config, peft.merged_tensors(config, tensors, adapters, adapters_config)
     config = pretrained.read_model_config(path)
@@ -86,24 +86,6 @@ def read(path: str) -> tuple[LlamaConfig, Tensors]:
                 hf.layer_to_hf(load(f"layers.{m}.{lf}", i), k, config)
             )
     return config, tensors
-
-
-def read_adapters(path: str):
-    """(adapters as numpy arrays, layers stacked; LoRA config; base path) of a LoRA run."""
-    from llamax.convert import peft
-
-    adapted = pretrained.lora_run(path)
-    if adapted is None:
-        raise ValueError(f"{path} is not the workdir of a LoRA run (lora.rank > 0)")
-    adapters_config, base = adapted
-    open_leaf = pretrained.open_param_leaves(path)
-    layers: dict = {}
-    for target in adapters_config.targets:
-        module = layers.setdefault(peft.MODULES[target][0], {})
-        for x in "ab":
-            name = f"layers.{peft.MODULES[target][0]}.{target}_lora_{x}"
-            module[f"{target}_lora_{x}"] = np.asarray(open_leaf(name).read().result())
-    return {"layers": layers}, adapters_config, base
 
 
 class LazyArray:
