@@ -39,6 +39,7 @@ ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
     ),
 }  # fmt: skip
 ROPE_TYPES = tuple(ROPE_KEYS)
+HEADS = ("lm", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,11 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     # Hugging Face's dict form, e.g. {"rope_type": "linear", "factor": 4.0}; None: no scaling.
     rope_scaling: Mapping[str, Any] | None = None
+    # What the last layer's normalized output feeds (HEADS): "lm", the next-token logits over
+    # the vocabulary (`output`, [dim, vocab]); or "score", one scalar per position (`score`,
+    # [dim, 1], no bias): a reward model, Hugging Face's LlamaForSequenceClassification with
+    # one label.
+    head: str = "lm"
 
     def __post_init__(self):
         if self.rope_scaling is not None:
@@ -89,6 +95,8 @@ class LlamaConfig:
                 errors.append(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.rope_scaling is not None:
             errors += self._rope_scaling_errors()
+        if self.head not in HEADS:
+            errors.append(f"head must be one of {HEADS}, got {self.head!r}")
         if errors:
             raise ValueError("Invalid LlamaConfig: " + "; ".join(errors))
 
@@ -151,7 +159,8 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Parameter count from the shapes alone (equals `jax.eval_shape` of `init`)."""
         layer = self.layer_matmul_params + 2 * self.dim  # and the two norms
-        return self.n_layers * layer + 2 * self.vocab_size * self.dim + self.dim
+        head = self.vocab_size * self.dim if self.head == "lm" else self.dim
+        return self.n_layers * layer + self.vocab_size * self.dim + head + self.dim
 
     def replace(self, **changes) -> LlamaConfig:
         unknown = sorted(set(changes) - set(FIELDS))

@@ -17,7 +17,7 @@ import json
 
 import ml_collections
 
-from llamax import checkpoint, lora, optim
+from llamax import checkpoint, lora, losses, optim
 from llamax import data as data_lib
 from llamax.config import ROPE_KEYS, LlamaConfig
 from llamax.execution import DTYPES, Execution
@@ -93,6 +93,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
     c.lora.base_dtype = "bfloat16"
+    # A reward model (`model.head = "score"`, trained on `data.source = "preference"`): Llama
+    # 2's ranking loss with the margin table ("none", "small", "large": losses.MARGINS) by the
+    # pairs' ratings, plus `centering` * the mean squared sum of a pair's scores.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.margins = "small"
+    c.reward.centering = 0.0
     c.cluster = ml_collections.ConfigDict()
     # Seconds without a heartbeat after which JAX's coordinator counts a process of a
     # multi-process run as lost (JAX's default: 100).
@@ -135,6 +141,21 @@ def check(c: ml_collections.ConfigDict) -> None:
             errors.append(
                 f"lora.base_dtype must be one of {BASE_DTYPES}, got {c.lora.base_dtype!r}"
             )
+    head = c.model.head or LlamaConfig.preset(c.model.preset).head
+    if (head == "score") != (c.data.source == "preference"):
+        errors.append(
+            "a reward model (model.head 'score') trains on preference pairs (data.source "
+            f"'preference') and preference pairs train a reward model; got model.head {head!r} "
+            f"and data.source {c.data.source!r}"
+        )
+    if head == "score" and c.lora.rank:
+        errors.append("lora.rank > 0: LoRA reward models are not built; train every parameter")
+    if c.reward.margins not in losses.MARGINS:
+        errors.append(f"reward.margins must be one of {sorted(losses.MARGINS)}, got "
+                      f"{c.reward.margins!r}")  # fmt: skip
+    centering = c.reward.centering
+    if not (isinstance(centering, int | float) and 0 <= centering < float("inf")):
+        errors.append(f"reward.centering must be a finite number >= 0, got {centering!r}")
     timeout = c.cluster.heartbeat_timeout_seconds
     if not (isinstance(timeout, int | float) and 0 < timeout < float("inf")):
         errors.append(f"cluster.heartbeat_timeout_seconds must be positive, got {timeout!r}")
@@ -288,6 +309,31 @@ def chat_sft_recipe(preset: str) -> ml_collections.ConfigDict:
     c.train.steps = 860
     c.train.batch_size = 64
     c.train.grad_accum_steps = 1
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.checkpoint.every = 100
+    return c
+
+
+def reward_recipe(preset: str) -> ml_collections.ConfigDict:
+    """Llama 2's reward models (Touvron et al. 2023, section 3.2.2): the chat model's body with a
+    score head (`model.head = "score"`, from an SFT or chat checkpoint in `init_from`), trained
+    on preference pairs (`data.source = "preference"`, one pair of two segments per row of
+    4,096 tokens) with the ranking loss and the small margin table; one epoch, AdamW with a
+    cosine schedule from 1e-5 (5e-6 for 70B) to 10% after a warm-up of 3% of the steps (at
+    least 5), 512 pairs per step. 1,000 steps is one epoch of 512,000 pairs: set `train.steps`
+    (and `optimizer.warmup_steps`, 3% of it) to one epoch of yours."""
+    c = llama2_recipe(preset, learning_rate=5e-6 if preset == "llama2-70b" else 1e-5)
+    c.model.head = "score"
+    c.data.source = "preference"
+    c.data.tfds_name = ""
+    c.data.pairs_per_row = 1
+    c.data.validation_fraction = 0.02
+    c.reward.margins = "small"
+    c.optimizer.warmup_steps = 30
+    c.train.steps = 1000
+    c.train.batch_size = 512
+    c.train.grad_accum_steps = 4
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.checkpoint.every = 100

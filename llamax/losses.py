@@ -73,6 +73,18 @@ def rating_margins(ratings: jnp.ndarray, table: str = "small") -> jnp.ndarray:
     return values[ratings]
 
 
+def segment_last_values(values, segment_ids, num_segments: int):
+    """Each segment's value at its last token, for segments 1..`num_segments` of each row
+    ([B, S]), and whether the row has that segment ([B, S]): where a reward model's score is
+    read, one sequence per segment (packed or padded; segment 0 is padding)."""
+    following = jnp.concatenate([segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+    last = (segment_ids != following) & (segment_ids != 0)
+    ids = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+    hit = (segment_ids[..., None] == ids) & last[..., None]  # [B, T, S]
+    values = jnp.where(hit, values[..., None].astype(jnp.float32), 0.0).sum(axis=1)
+    return values, hit.any(axis=1)
+
+
 def ranking_loss(chosen, rejected, margin=0.0, centering: float = 0.0, valid=None):
     """Llama 2's reward-model loss, summed over pairs, and the pair count: per pair
     `-log sigmoid(r_chosen - r_rejected - margin) + centering * (r_chosen + r_rejected)^2`
@@ -103,3 +115,20 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     chosen_reward = beta * (policy_chosen - reference_chosen)
     rejected_reward = beta * (policy_rejected - reference_rejected)
     return -jax.nn.log_sigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
+
+
+def reward_loss(params, model, batch, margins: str = "none", centering: float = 0.0,
+                pairs_per_row: int = 1, rngs=None):  # fmt: skip
+    """A reward model's ranking loss on rows of preference pairs (`llamax.data.preference`:
+    pair k of a row is segments 2k + 1, chosen, and 2k + 2, rejected; its rating on its
+    tokens): each response scored at its last token, Llama 2's loss with the `margins` table
+    by rating, summed over the global batch's pairs: (summed loss, (summed loss, pairs))."""
+    scores = model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
+    )
+    values, present = segment_last_values(scores, batch["segment_ids"], 2 * pairs_per_row)
+    ratings, _ = segment_last_values(batch["rating"], batch["segment_ids"], 2 * pairs_per_row)
+    margin = rating_margins(ratings[:, 0::2].astype(jnp.int32) - 1, margins)
+    valid = present[:, 0::2] & present[:, 1::2]
+    total, count = ranking_loss(values[:, 0::2], values[:, 1::2], margin, centering, valid)
+    return total, (total, count)

@@ -52,7 +52,8 @@ PEAK_FLOPS: dict[str, float] = {
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of the model at this sequence length."""
-    matmul_params = config.n_layers * config.layer_matmul_params + config.vocab_size * config.dim
+    head = config.vocab_size * config.dim if config.head == "lm" else config.dim  # score: [D, 1]
+    matmul_params = config.n_layers * config.layer_matmul_params + head
     causal_attention = 6 * config.n_layers * seq_len * config.dim  # 12 * L * T * D, halved
     return 6 * matmul_params + causal_attention
 

@@ -216,7 +216,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens int32 [B, T] -> float32 logits [B, T, V] (and the updated cache, if one is given).
+    """tokens int32 [B, T] -> float32 logits [B, T, V] (and the updated cache, if one is given);
+    with `config.head == "score"` (a reward model), float32 scores [B, T] instead.
 
     `execution.scan_layers=False` runs the layers as a Python loop over separate parameters
     `layers_0`, `layers_1`, ... (see `unstack_layers`) and a per-layer cache
@@ -294,6 +295,12 @@ class Llama(nn.Module):
                 kv = {name: tuple(layer_kv[name] for layer_kv in per_layer) for name in ("k", "v")}
 
         x = RMSNorm(c, e, name="norm")(x)
+        if c.head == "score":  # a reward model: one scalar per position
+            if cache is not None:
+                raise ValueError("A model with a score head (a reward model) does not generate")
+            score = _param(self, "score", ("embed", "labels"), (c.dim, 1))
+            out = jnp.einsum("BTD,DL->BTL", x, score.astype(e.compute_dtype))
+            return _constrain(out[..., 0].astype(jnp.float32), ("batch", "length"))
         output = _param(self, "output", ("embed", "vocab"), (c.dim, c.vocab_size))
         # In the compute dtype, then float32 for the softmax (MaxText's default): float32
         # output from the matmul would double the largest activation, [B, T, V].

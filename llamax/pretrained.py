@@ -302,16 +302,21 @@ def load_with_tokenizer(
     tokenizer: str | None = None,
     dtype: str = "float32",
     adapters: str | None = None,
+    head: str = "lm",
     **execution,
 ):
     """`(model, params, tokenizer)` for generating or evaluating with a checkpoint (and LoRA
     `adapters` merged in, as `load_pretrained`): its own `tokenizer.model` (converted
     checkpoints and training workdirs keep one), or `tokenizer`, refused when it is not the
     checkpoint's (a different file gives other ids: perplexities that mean nothing) or has
-    more ids than the model."""
+    more ids than the model. The model must have the `head` the caller needs (`LlamaConfig.
+    head`: "lm" to generate and evaluate, "score" to score)."""
     from llamax.data.tokenizer import Tokenizer
 
     model, params = load_pretrained(path, dtype=dtype, adapters=adapters, **execution)
+    if model.config.head != head:
+        kinds = {"lm": "a language model", "score": "a reward model (a score head)"}
+        raise ValueError(f"{path} is {kinds[model.config.head]}; this needs {kinds[head]}")
     own = fs.join(path, "tokenizer.model")
     if tokenizer and fs.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
         raise ValueError(

@@ -174,11 +174,37 @@ class Setup:
             return self.init_state(rng, frozen=frozen), {}
         if not self.c.init_from:
             return self.init_state(rng), {}
-        params, from_step = pretrained.restore_params(
-            self.c.init_from, self.abstract.params, self.shardings.params, what="init_from"
-        )
+        params, from_step = self._pretrained_params(rng)
         log.info("initialized from the parameters of %s (step %d)", self.c.init_from, from_step)
         return self.init_state(rng, params), {}
+
+    def _pretrained_params(self, rng: jax.Array):
+        """(`init_from`'s parameters on their shardings, its step). A reward model started
+        from a language model (as Llama 2's start from its chat models) takes the body and a
+        new score head, initialized as the model initializes it."""
+        init_from, config = self.c.init_from, self.model.config
+        saved = pretrained.saved_params(init_from, "init_from")
+        if config.head != "score" or "output" not in saved or "score" in saved:
+            return pretrained.restore_params(
+                init_from, self.abstract.params, self.shardings.params, what="init_from"
+            )
+        lm = abstract_params(self.model.clone(config=config.replace(head="lm")))
+        output = flax.linen.unbox(lm)["output"]
+        output = jax.ShapeDtypeStruct(output.shape, self.abstract.params["score"].dtype)
+        abstract = {**self.abstract.params, "output": output}
+        shardings = {**self.shardings.params,
+                     "output": sharding.tree_shardings(lm, self.mesh)["output"]}  # fmt: skip
+        del abstract["score"], shardings["score"]
+        params, from_step = pretrained.restore_params(init_from, abstract, shardings, "init_from")
+        del params["output"]
+
+        def score(r):
+            zeros = jnp.zeros((1, 1), jnp.int32)
+            return flax.linen.unbox(self.model.init(r, zeros)["params"])["score"]
+
+        params["score"] = jax.jit(score, out_shardings=self.shardings.params["score"])(rng)
+        log.info("a reward model on the language model %s: its body, a new score head", init_from)
+        return params, from_step
 
     def _frozen_base(self):
         """LoRA's base, read from `init_from` onto its shardings (None without LoRA)."""
@@ -228,6 +254,16 @@ class Setup:
         return {"lora_base": pretrained.base_fingerprint(self.c.init_from)}
 
 
+def objective(c: ml_collections.ConfigDict) -> step.LossFn:
+    """The loss a run minimizes: next-token prediction (pretraining, continued training, SFT),
+    or a reward model's ranking loss on preference pairs."""
+    if c.data.source == "preference":
+        r = c.reward
+        return partial(losses.reward_loss, margins=r.margins, centering=r.centering,
+                       pairs_per_row=c.data.pairs_per_row)  # fmt: skip
+    return partial(losses.lm_loss, z_loss=c.train.z_loss)
+
+
 def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     """Everything a training loop over config `c` needs on `mesh`; nothing is allocated."""
     t = c.train
@@ -240,7 +276,7 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     abstract, shardings = state_shardings(model, tx, mesh, c.lora.base_dtype)
     logical = sharding.mesh_axes(("batch", "length"), (t.batch_size, t.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, logical)
-    fields, loss_fn = data_lib.fields(c.data), partial(losses.lm_loss, z_loss=t.z_loss)
+    fields, loss_fn = data_lib.fields(c.data), objective(c)
     batch_shardings = dict.fromkeys(fields, batch_sharding)
     train_step = jax.jit(
         partial(

@@ -37,6 +37,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("head_dim", None),
     ("lora_rank", None),  # LoRA adapters: split along their base weight's other axes
+    ("labels", None),  # a reward model's score head [embed, 1]
 )
 
 

@@ -224,7 +224,7 @@ def test_chat_data_from_a_tfds_dataset(builder, tmp_path, tokenizer_path):
         assert seen == set(expected), split
     if builder is LlamaxTestChatJson:  # neither messages, nor a pair, nor the text field
         c.data.text_field = "dialog"
-        with pytest.raises(ValueError, match=r"features \['text'\]; chat data needs"):
+        with pytest.raises(ValueError, match=r"\['text'\]; these records need `messages` or"):
             make_iterator(c.data, "train", 48, range(2))
 
 
@@ -236,6 +236,12 @@ def test_chat_data_needs_files_or_a_tfds_dataset(files, tfds_name):
                                "data.tfds_name": tfds_name})  # fmt: skip
     with pytest.raises(ValueError, match="needs data.files .* or data.tfds_name .* one of"):
         data.check(c.data)
+
+
+def test_data_with_no_usable_record_is_an_error_not_a_hang(tokenizer_path):
+    records = [b"{oops", json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode()]
+    with pytest.raises(ValueError, match="none of the 2 records is usable"):
+        _batches(records, tokenizer_path, 1)
 
 
 def test_truncate_keeps_the_first_seq_len_tokens(tokenizer_path):

@@ -18,7 +18,7 @@ LAYERS = {
         "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
         "generation",
         "evaluate", "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
-        "data.chat",
+        "data.chat", "data.preference",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
         "convert.manifest", "convert.core", "convert.peft",
     ],

@@ -59,6 +59,32 @@ def test_step_zero_is_the_base_exactly(rng):
     np.testing.assert_array_equal(got, want)
 
 
+def test_the_adapters_gradient_is_the_chain_rule_of_the_weights(rng):
+    """At B = 0 the gradient of B is s A^T dL/dW (W's gradient in the plain model) for every
+    target, layers stacked: the adapters are wired into each matrix as LoRA's update, and A's
+    gradient is 0 there."""
+    lora = LoraConfig(rank=4, alpha=8, targets=ALL)
+    model = llamax.Llama(CONFIG, lora=lora)
+    init = _unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    base, adapters = lora_lib.split(init)
+    tokens = rng.integers(0, CONFIG.vocab_size, (2, 12), dtype=np.int32)
+
+    def loss(params, m):
+        return jax.nn.log_softmax(m.apply({"params": params}, tokens))[..., 3].sum()
+
+    weights = jax.grad(loss)(base, llamax.Llama(CONFIG))["layers"]
+    grads = jax.grad(lambda a: loss(lora_lib.combine(base, a), model))(adapters)["layers"]
+    for target in ALL:
+        module = peft_lib.MODULES[target][0]
+        w, a = weights[module][target], adapters["layers"][module][f"{target}_lora_a"]
+        n_in = lora_lib.AXES[target][0]
+        flat_w = w.reshape(CONFIG.n_layers, int(np.prod(w.shape[1 : 1 + n_in])), -1)
+        want = lora.scale * jnp.einsum("lir,lio->lro", a.reshape(CONFIG.n_layers, -1, 4), flat_w)
+        got = grads[module][f"{target}_lora_b"]
+        np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5, rtol=1e-4)
+        assert not np.any(grads[module][f"{target}_lora_a"])
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merged_equals_unmerged(rslora, rng):
     base = _unbox(

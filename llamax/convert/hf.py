@@ -82,6 +82,20 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     )
     if base.hidden_dim != hf["intermediate_size"]:
         base = base.replace(ffn_dim=hf["intermediate_size"])
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForSequenceClassification" in architectures:
+        labels = hf.get("num_labels", len(hf.get("id2label") or {0: ""}))
+        if labels != 1:
+            raise ValueError(
+                f"A LlamaForSequenceClassification with {labels} labels: llamax's score head "
+                "(a reward model) has one"
+            )
+        base = base.replace(head="score")
+    elif not set(architectures) & {"LlamaForCausalLM", "LlamaModel"}:
+        raise ValueError(
+            f"Unknown Llama architecture {architectures}: llamax reads LlamaForCausalLM and "
+            "LlamaForSequenceClassification (one label)"
+        )
     return base.replace(**overrides)
 
 
@@ -110,6 +124,12 @@ def hf_config(config: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
         "eos_token_id": 2,
         "torch_dtype": dtype,
     }
+    if c.head == "score":
+        # A reward model: transformers reads its score at each row's last token that is not
+        # `pad_token_id`; 0 is Llama's <unk>, which its tokenizer (with byte fallback) never
+        # gives, so that token is the sequence's last, where llamax reads it.
+        out.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+                   id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=0)  # fmt: skip
     if c.rope_type == "ntk":
         # transformers has no static NTK type: it is the default rotary embedding with the
         # scaled base, which gives the same frequencies (llamax.rope.ntk_theta).
@@ -183,6 +203,10 @@ def llamax_layer_shape(kind: str, c: LlamaConfig) -> tuple[int, ...]:
     }[kind]
 
 
+# The head's parameter by `LlamaConfig.head`: (llamax's name [dim, out], Hugging Face's [out, dim]).
+HEAD = {"lm": ("output", "lm_head.weight"), "score": ("score", "score.weight")}
+
+
 def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     d, f, h = c.dim, c.hidden_dim, c.head_dim
     per_layer = {
@@ -196,7 +220,7 @@ def expected_hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     shapes = {
         "model.embed_tokens.weight": (c.vocab_size, d),
         "model.norm.weight": (d,),
-        "lm_head.weight": (c.vocab_size, d),
+        HEAD[c.head][1]: (c.vocab_size, d) if c.head == "lm" else (1, d),
     }
     for i in range(c.n_layers):
         for hf_name, kind in LAYER_MAP.values():
@@ -234,7 +258,7 @@ def params_from_hf(state_dict: Mapping[str, Any], config: LlamaConfig, dtype=np.
         "tok_embeddings": get("model.embed_tokens.weight"),
         "layers": layers,
         "norm": {"scale": get("model.norm.weight")},
-        "output": get("lm_head.weight").T,
+        HEAD[config.head][0]: get(HEAD[config.head][1]).T,
     }
 
 
@@ -243,7 +267,7 @@ def params_to_hf(params: Mapping[str, Any], config: LlamaConfig) -> dict[str, np
     out = {
         "model.embed_tokens.weight": np.asarray(params["tok_embeddings"]),
         "model.norm.weight": np.asarray(params["norm"]["scale"]),
-        "lm_head.weight": np.asarray(params["output"]).T,
+        HEAD[config.head][1]: np.asarray(params[HEAD[config.head][0]]).T,
     }
     for (module, leaf), (hf_name, kind) in LAYER_MAP.items():
         stacked = np.asarray(params["layers"][module][leaf])

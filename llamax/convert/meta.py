@@ -245,6 +245,11 @@ def write(
         import torch
     except ImportError as e:
         raise ImportError("Writing Meta's .pth shards needs PyTorch: pip install torch") from e
+    if config.head != "lm":
+        raise ValueError(
+            f"Meta's format holds language models only; this model has a {config.head!r} head "
+            "(a reward model): convert it to hf (LlamaForSequenceClassification) or llamax"
+        )
     check_shard_count(config, shards)
     h = config.head_dim
     freqs = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))

@@ -53,7 +53,7 @@ def read(path: str) -> tuple[LlamaConfig, Tensors]:
     expected = {
         "tok_embeddings": (config.vocab_size, config.dim),
         "norm.scale": (config.dim,),
-        "output": (config.dim, config.vocab_size),
+        hf.HEAD[config.head][0]: (config.dim, config.vocab_size if config.head == "lm" else 1),
     }
     for (module, leaf), (_, kind) in hf.LAYER_MAP.items():
         expected[f"layers.{module}.{leaf}"] = (
@@ -78,7 +78,7 @@ def read(path: str) -> tuple[LlamaConfig, Tensors]:
     tensors: Tensors = {
         "model.embed_tokens.weight": lambda: load("tok_embeddings"),
         "model.norm.weight": lambda: load("norm.scale"),
-        "lm_head.weight": lambda: hf.transpose(load("output")),
+        hf.HEAD[config.head][1]: lambda: hf.transpose(load(hf.HEAD[config.head][0])),
     }
     for (module, leaf), (hf_name, kind) in hf.LAYER_MAP.items():
         for i in range(config.n_layers):
@@ -191,8 +191,10 @@ def write(config: LlamaConfig, tensors: Tensors, directory: str, dtype: str) -> 
         "tok_embeddings", (v, d), lambda _: tensors["model.embed_tokens.weight"]()
     )
     params["norm"] = {"scale": lazy("norm/scale", (d,), lambda _: tensors["model.norm.weight"]())}
-    params["output"] = lazy("output", (d, v), lambda _: hf.transpose(tensors["lm_head.weight"]()))
-    save_args.update(tok_embeddings=ocp.SaveArgs(), output=ocp.SaveArgs())
+    head, hf_head = hf.HEAD[config.head]
+    out = v if config.head == "lm" else 1
+    params[head] = lazy(head, (d, out), lambda _: hf.transpose(tensors[hf_head]()))
+    save_args.update({"tok_embeddings": ocp.SaveArgs(), head: ocp.SaveArgs()})
     save_args["norm"] = {"scale": ocp.SaveArgs()}
 
     handler = StreamingNumpyHandler()

@@ -12,6 +12,8 @@ for checkpoints.
   (`data.files`, a validation share held out by `data.validation_fraction`) or a prepared tfds
   dataset (`data.tfds_name`, its own train and validation splits), in Meta's chat format with
   a loss mask (`llamax.data.chat`).
+- `preference`: pairs of responses to a prompt, the chosen and the rejected, with an optional
+  rating, for reward models (`llamax.data.preference`), from files or a tfds dataset as chat.
 - `markov`: a synthetic Markov chain with a known entropy rate, for tests.
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 from llamax import fs
 from llamax.data.markov import MarkovSource
 
-SOURCES = ("tfds", "chat", "markov")
+SOURCES = ("tfds", "chat", "preference", "markov")
 log = logging.getLogger("llamax")
 
 
@@ -50,6 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
     # or "truncate": its first seq_len tokens).
     c.chat_train_on = "answers"
     c.chat_too_long = "drop"
+    # preference: how many pairs (chosen + rejected, two segments) may share a row.
+    c.pairs_per_row = 1
     # markov: a random chain over `markov_states` symbols, Dirichlet(`markov_alpha`) rows.
     c.markov_states = 32
     c.markov_alpha = 0.3
@@ -73,12 +77,14 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"data.chat_train_on must be one of {chat.TRAIN_ON}, got {c.chat_train_on!r}")
     if c.chat_too_long not in chat.TOO_LONG:
         errors.append(f"data.chat_too_long must be one of {chat.TOO_LONG}, got {c.chat_too_long!r}")
-    if c.source == "chat" and bool(c.files) == bool(c.tfds_name):
+    if c.source in ("chat", "preference") and bool(c.files) == bool(c.tfds_name):
         errors.append(
-            "data.source 'chat' needs data.files (jsonl files of dialogs or pairs) or "
+            f"data.source {c.source!r} needs data.files (jsonl files of records) or "
             f"data.tfds_name (a prepared tfds dataset), one of the two; got files {c.files!r} "
             f"and tfds_name {c.tfds_name!r}"
         )
+    if not (isinstance(c.pairs_per_row, int) and c.pairs_per_row >= 1):
+        errors.append(f"data.pairs_per_row must be an integer >= 1, got {c.pairs_per_row!r}")
     fraction = c.validation_fraction
     if not (isinstance(fraction, int | float) and 0 <= fraction < 1):
         errors.append(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
@@ -91,7 +97,7 @@ def vocab_size(c: ml_collections.ConfigDict) -> int:
     check(c)
     if c.source == "markov":
         return c.markov_states
-    if c.source in ("tfds", "chat"):
+    if c.source in ("tfds", "chat", "preference"):
         from llamax.data.tokenizer import Tokenizer
 
         if not c.tokenizer:
@@ -105,6 +111,10 @@ def vocab_size(c: ml_collections.ConfigDict) -> int:
 def fields(c: ml_collections.ConfigDict) -> tuple[str, ...]:
     """What each batch of this data holds (every field int32 [rows, seq_len])."""
     base = ("tokens", "segment_ids", "positions")
+    if c.source == "preference":
+        from llamax.data.preference import FIELDS
+
+        return (*base, "loss_mask", *FIELDS)
     return (*base, "loss_mask") if c.source == "chat" else base
 
 
@@ -170,6 +180,24 @@ def tfds_builder(c: ml_collections.ConfigDict):
     return corpus.build_corpus(c.files, data_dir, c.text_field, c.validation_fraction)
 
 
+def _records(c: ml_collections.ConfigDict, split: str, accepted=None) -> Sequence:
+    """A split of the records of `chat` or `preference` data: a prepared tfds dataset's split,
+    or the train or held-out share of the jsonl files' lines."""
+    from llamax.data import chat
+
+    vocab_size(c)  # checks the tokenizer exists
+    if not c.tfds_name:
+        return chat.split_records(chat.read_records(c.files), split, c.validation_fraction)
+    from llamax.data import corpus
+
+    builder = corpus.catalog_builder(c.tfds_name, local_data_dir(c.tfds_data_dir))
+    source = corpus.data_source(builder, split)
+    name = f"tfds dataset {c.tfds_name!r}"
+    if accepted is None:
+        return chat.TfdsRecords(source, c.text_field, name)
+    return chat.TfdsRecords(source, c.text_field, name, accepted)
+
+
 def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: Sequence[int]):
     """This process's rows of each global batch; `rows` are their indices in the global batch
     (stateless sources use them; the grain pipeline only needs how many)."""
@@ -177,23 +205,22 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         return _StatelessIterator(
             MarkovSource(c.markov_states, c.markov_alpha, c.seed, split), rows, seq_len
         )
+    seed = c.seed + (0 if split == "train" else 1)
+    shard = (jax.process_index(), jax.process_count())
     if c.source == "chat":
         from llamax.data import chat
 
-        vocab_size(c)  # checks the tokenizer exists
-        if c.tfds_name:
-            from llamax.data import corpus
-
-            builder = corpus.catalog_builder(c.tfds_name, local_data_dir(c.tfds_data_dir))
-            source = corpus.data_source(builder, split)
-            records = chat.TfdsRecords(source, c.text_field, f"tfds dataset {c.tfds_name!r}")
-        else:
-            records = chat.split_records(chat.read_records(c.files), split, c.validation_fraction)
         dataset = chat.make_dataset(
-            records, fs.expand(c.tokenizer), seq_len, len(rows),
-            seed=c.seed + (0 if split == "train" else 1),
-            shard=(jax.process_index(), jax.process_count()), train_on=c.chat_train_on,
-            too_long=c.chat_too_long,
+            _records(c, split), fs.expand(c.tokenizer), seq_len, len(rows), seed, shard,
+            train_on=c.chat_train_on, too_long=c.chat_too_long,
+        )  # fmt: skip
+        return iter(dataset)
+    if c.source == "preference":
+        from llamax.data import preference
+
+        dataset = preference.make_dataset(
+            _records(c, split, ({"prompt", "chosen", "rejected"},)), fs.expand(c.tokenizer),
+            seq_len, len(rows), seed, shard, pairs_per_row=c.pairs_per_row,
         )  # fmt: skip
         return iter(dataset)
     if c.source != "tfds":
@@ -207,9 +234,9 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         fs.expand(c.tokenizer),
         seq_len,
         len(rows),
-        seed=c.seed + (0 if split == "train" else 1),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        seed=seed,
+        process_index=shard[0],
+        process_count=shard[1],
         text_field=c.text_field,
         add_bos=c.add_bos,
         add_eos=c.add_eos,

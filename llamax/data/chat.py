@@ -38,6 +38,7 @@ import json
 import logging
 import zlib
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import grain
@@ -64,7 +65,7 @@ class BadRecord(ValueError):
         self.reason = reason
 
 
-def _exchanges(dialog: Sequence[dict]) -> tuple[list[tuple[str, str]], str | None]:
+def exchanges(dialog: Sequence[dict]) -> tuple[list[tuple[str, str]], str | None]:
     """A dialog as (question, answer) pairs and the last question still awaiting an answer
     (None when it ends with an answer), the system prompt merged into the first question."""
     if not isinstance(dialog, list | tuple) or not dialog:
@@ -93,7 +94,7 @@ def dialog_tokens(dialog: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[in
     """Token ids of a dialog in Meta's chat format, and the loss mask (1 on each answer and its
     EOS). A dialog ending with a user turn ends with that question awaiting its answer (what
     generation continues); one ending with the assistant's is a whole training example."""
-    pairs, last = _exchanges(dialog)
+    pairs, last = exchanges(dialog)
     ids: list[int] = []
     mask: list[int] = []
     for question, answer in pairs:
@@ -113,11 +114,8 @@ def dialog_tokens(dialog: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[in
     return ids, mask
 
 
-def example_tokens(
-    record: Any, tokenizer: Tokenizer, train_on: str = "answers"
-) -> tuple[np.ndarray, np.ndarray]:
-    """One record (a dialog or a prompt/completion pair, parsed or as its JSON line) as int32
-    tokens and its int32 loss mask; `BadRecord` for one that cannot be an example."""
+def parse(record: Any) -> dict:
+    """A record as a dict: parsed when given as its JSON line; `BadRecord` if it is not one."""
     if isinstance(record, bytes | str):
         try:
             record = json.loads(record)
@@ -125,8 +123,17 @@ def example_tokens(
             raise BadRecord("not JSON", f"not JSON: {str(e)[:100]}") from None
     if not isinstance(record, dict):
         raise BadRecord("malformed", "a record must be a JSON object")
+    return record
+
+
+def example_tokens(
+    record: Any, tokenizer: Tokenizer, train_on: str = "answers"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One record (a dialog or a prompt/completion pair, parsed or as its JSON line) as int32
+    tokens and its int32 loss mask; `BadRecord` for one that cannot be an example."""
+    record = parse(record)
     if "messages" in record:
-        pairs, last = _exchanges(record["messages"])
+        pairs, last = exchanges(record["messages"])
         if last is not None:
             raise BadRecord("roles", "a training dialog must end with the assistant's turn")
         if any(not answer.strip() for _, answer in pairs):
@@ -185,57 +192,54 @@ def split_records(records: list[bytes], split: str, validation_fraction: float) 
     return chosen
 
 
-def _text(value) -> str:
-    """A tfds text value (UTF-8 bytes, or a numpy scalar of them) as a string."""
+def _plain(value):
+    """A tfds value as JSON would have it: text (UTF-8 bytes) as str, numpy scalars as Python
+    numbers, arrays as lists, and a sequence of a FeaturesDict (which tfds returns as a dict
+    of arrays) as a list of dicts."""
+    if isinstance(value, dict):
+        columns = {k: _plain(v) for k, v in value.items()}
+        if len({len(c) for c in columns.values()}) > 1:
+            raise BadRecord("malformed", f"the sequence's features differ in length: {columns}")
+        return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    if isinstance(value, list | tuple) or (isinstance(value, np.ndarray) and value.ndim):
+        return [_plain(x) for x in value]
     value = value.item() if isinstance(value, np.ndarray | np.generic) else value
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def tfds_record(example: dict, text_field: str = "text") -> dict | str:
-    """A tfds example as a chat record: a `messages` feature (a sequence of `{role, content}`,
-    which tfds returns as a dict of arrays), `prompt` and `completion` features, or else a
-    text feature `text_field` holding one record's JSON."""
-    if "messages" in example:
-        turns = example["messages"]
-        if isinstance(turns, dict):  # tfds.features.Sequence of a FeaturesDict
-            roles, contents = turns.get("role", ()), turns.get("content", ())
-            if len(roles) != len(contents):
-                raise BadRecord("malformed", "each message needs a role and a content")
-            return {"messages": [{"role": _text(r), "content": _text(c)}
-                                 for r, c in zip(roles, contents, strict=True)]}  # fmt: skip
-        return {"messages": [{k: _text(v) for k, v in turn.items()} for turn in turns]}
-    if "prompt" in example and "completion" in example:
-        return {"prompt": _text(example["prompt"]), "completion": _text(example["completion"])}
-    return _text(example[text_field])
+    return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
 class TfdsRecords(Sequence):
-    """One split of a prepared tfds dataset (random access, ArrayRecord) as chat records."""
+    """One split of a prepared tfds dataset (random access, ArrayRecord) as records: each
+    example with one of the `accepted` sets of features as a dict of them (`_plain` values),
+    or else the JSON record held in its text feature `text_field`."""
 
-    def __init__(self, source, text_field: str = "text", name: str = "the tfds dataset"):
-        self.source, self.text_field = source, text_field
+    def __init__(self, source, text_field: str = "text", name: str = "the tfds dataset",
+                 accepted=({"messages"}, {"prompt", "completion"})):  # fmt: skip
+        self.source, self.text_field, self.accepted = source, text_field, accepted
         features = set(source[0])
-        if not ("messages" in features or {"prompt", "completion"} <= features
-                or text_field in features):  # fmt: skip
+        if not any(a <= features for a in accepted) and text_field not in features:
+            wanted = " or ".join(", ".join(f"`{f}`" for f in sorted(a)) for a in accepted)
             raise ValueError(
-                f"{name} has the features {sorted(features)}; chat data needs `messages` (a "
-                "sequence of {role, content}), `prompt` and `completion`, or a text feature "
-                f"data.text_field ({text_field!r}) holding one JSON record"
+                f"{name} has the features {sorted(features)}; these records need {wanted}, or a "
+                f"text feature data.text_field ({text_field!r}) holding one JSON record"
             )
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index):
-        return tfds_record(self.source[int(index)], self.text_field)
+        example = self.source[int(index)]
+        if any(a <= set(example) for a in self.accepted):
+            return {k: _plain(v) for k, v in example.items()}
+        return _plain(example[self.text_field])
 
 
 class _Examples:
-    """Record index -> {"tokens", "loss_mask"} or {"skip": reason}; runs on grain's threads."""
+    """Record index -> an example (`encode(record, tokenizer)`: a dict of int32 arrays with
+    `tokens` and `loss_mask`) or {"skip": reason}; runs on grain's threads."""
 
-    def __init__(self, records, tokenizer_path, seq_len, train_on, too_long):
+    def __init__(self, records, tokenizer_path, seq_len, encode, too_long):
         self.records, self.tokenizer_path, self.seq_len = records, tokenizer_path, seq_len
-        self.train_on, self.too_long = train_on, too_long
+        self.encode, self.too_long = encode, too_long
         self._tokenizer = None
 
     @property
@@ -246,36 +250,53 @@ class _Examples:
 
     def __call__(self, index) -> dict[str, Any]:
         try:
-            tokens, mask = example_tokens(self.records[int(index)], self.tokenizer, self.train_on)
+            example = self.encode(self.records[int(index)], self.tokenizer)
         except BadRecord as e:
             detail = str(e) if str(e).startswith(e.reason) else f"{e.reason}: {e}"
             return {"skip": e.reason, "index": int(index), "detail": detail}
-        if tokens.size > self.seq_len:
-            if self.too_long == "drop" or not mask[: self.seq_len].any():
-                detail = f"too long: {tokens.size} tokens > seq_len {self.seq_len}"
+        n = example["tokens"].size
+        if n > self.seq_len:
+            if self.too_long == "drop" or not example["loss_mask"][: self.seq_len].any():
+                detail = f"too long: {n} tokens > seq_len {self.seq_len}"
                 return {"skip": "too long", "index": int(index), "detail": detail}
-            tokens, mask = tokens[: self.seq_len], mask[: self.seq_len]
-        return {"tokens": tokens, "loss_mask": mask}
+            example = {k: v[: self.seq_len] for k, v in example.items()}
+        return example
+
+
+def _chat_example(record, tokenizer: Tokenizer, train_on: str) -> dict[str, np.ndarray]:
+    tokens, mask = example_tokens(record, tokenizer, train_on)
+    return {"tokens": tokens, "loss_mask": mask}
 
 
 class PackedExamples(grain.IterDataset):
-    """Rows of `seq_len` tokens packed from whole examples."""
+    """Rows of `seq_len` tokens packed from whole examples, at most `per_row` of them a row.
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
+    An example is int32 arrays of one length: `tokens`, `loss_mask`, any of `fields`, and
+    optionally `segments` (its parts, numbered from 1: a preference pair is two, chosen and
+    rejected) with `positions` (restarting at each part); without them it is one segment with
+    positions from 0. Segment ids run on across a row's examples."""
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int, fields=(), per_row=None,
+                 records: int | None = None):  # fmt: skip
         super().__init__(parent)
-        self.seq_len = seq_len
+        self.seq_len, self.fields, self.per_row = seq_len, tuple(fields), per_row
+        self.records = records  # more skips in a row than this: no record is usable
 
     def __iter__(self) -> _PackedExamplesIterator:
-        return _PackedExamplesIterator(self._parent.__iter__(), self.seq_len)
+        return _PackedExamplesIterator(
+            self._parent.__iter__(), self.seq_len, self.fields, self.per_row, self.records
+        )
 
     def __str__(self) -> str:
         return f"PackedExamples(seq_len={self.seq_len})"
 
 
 class _PackedExamplesIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, fields=(), per_row=None,
+                 records: int | None = None):  # fmt: skip
         super().__init__(parent)
-        self.seq_len = seq_len
+        self.seq_len, self.fields, self.per_row, self.records = seq_len, fields, per_row, records
+        self._skips_in_a_row = 0
         self._pending: dict | None = None  # an example waiting for the next row
         self._pending_state = None  # the stream's state before it
         self.skipped: collections.Counter = collections.Counter()
@@ -289,6 +310,12 @@ class _PackedExamplesIterator(grain.DatasetIterator):
                 return None
             if "skip" in element:
                 self.skipped[element["skip"]] += 1
+                self._skips_in_a_row += 1
+                if self.records is not None and self._skips_in_a_row > self.records:
+                    raise ValueError(
+                        f"data: none of the {self.records} records is usable (skipped so far: "
+                        f"{dict(self.skipped)}; the warnings above say why)"
+                    )
                 total = sum(self.skipped.values())
                 if total <= 10 or total % 1000 == 0:
                     log.warning(
@@ -297,23 +324,26 @@ class _PackedExamplesIterator(grain.DatasetIterator):
                     )  # fmt: skip
                 continue
             self._pending, self._pending_state = element, state
+            self._skips_in_a_row = 0
         return self._pending
 
     def __next__(self) -> dict[str, np.ndarray]:
         t = self.seq_len
-        fields = ("tokens", "segment_ids", "positions", "loss_mask")
+        fields = ("tokens", "segment_ids", "positions", "loss_mask", *self.fields)
         row = {k: np.zeros(t, np.int32) for k in fields}
-        filled = segment = 0
+        filled = segment = examples = 0
         while (example := self._take()) is not None:
             n = example["tokens"].size
-            if filled + n > t:
+            if filled + n > t or examples == self.per_row:
                 break  # it starts the next row
-            segment += 1
-            row["tokens"][filled : filled + n] = example["tokens"]
-            row["loss_mask"][filled : filled + n] = example["loss_mask"]
-            row["segment_ids"][filled : filled + n] = segment
-            row["positions"][filled : filled + n] = np.arange(n)
+            parts = example.get("segments", np.ones(n, np.int32))
+            for k in ("tokens", "loss_mask", *self.fields):
+                row[k][filled : filled + n] = example[k]
+            row["segment_ids"][filled : filled + n] = segment + parts
+            row["positions"][filled : filled + n] = example.get("positions", np.arange(n))
+            segment += int(parts.max())
             filled += n
+            examples += 1
             self._pending = None
         if filled == 0:
             raise StopIteration
@@ -347,7 +377,18 @@ def make_dataset(
         raise ValueError(f"data.chat_train_on must be one of {TRAIN_ON}, got {train_on!r}")
     if too_long not in TOO_LONG:
         raise ValueError(f"data.chat_too_long must be one of {TOO_LONG}, got {too_long!r}")
-    examples = _Examples(records, tokenizer_path, seq_len, train_on, too_long)
+    encode = partial(_chat_example, train_on=train_on)
+    return packed_dataset(records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs,
+                          encode, too_long)  # fmt: skip
+
+
+def packed_dataset(
+    records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs, encode,
+    too_long="drop", fields=(), per_row=None,
+) -> grain.IterDataset:  # fmt: skip
+    """Batches of rows packed from the examples `encode(record, tokenizer)` makes of `records`
+    (shuffled, sharded, repeated as `record_indices`); see `PackedExamples`."""
+    examples = _Examples(records, tokenizer_path, seq_len, encode, too_long)
     ds = record_indices(len(records), seed, shard, num_epochs).map(examples)
-    packed = PackedExamples(ds.to_iter_dataset(READ_AHEAD), seq_len)
+    packed = PackedExamples(ds.to_iter_dataset(READ_AHEAD), seq_len, fields, per_row, len(records))
     return packed.batch(batch_size, drop_remainder=num_epochs is None)

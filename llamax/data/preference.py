@@ -1,0 +1,117 @@
+"""Preference pairs for reward models: a prompt, the response people preferred (`chosen`) and
+the other (`rejected`), and optionally how much better it was (`rating`: one of Llama 2's four
+levels, `llamax.losses.RATINGS`, by name or index).
+
+Records are JSON objects, one per line of `.jsonl(.gz)` files, or the examples of a prepared
+tfds dataset (`chat.TfdsRecords`):
+
+    {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6", "rating": "better"}
+    {"prompt": [{"role": "system", "content": ...}, {"role": "user", "content": ...},
+                {"role": "assistant", "content": ...}, {"role": "user", "content": ...}],
+     "chosen": ..., "rejected": ...}
+
+A prompt is a question or a dialog ending with the user's turn; each response becomes the
+assistant's answer to it, formatted by `chat.dialog_tokens` (Meta's chat format) and closed by
+EOS. A pair is one example of two segments, chosen then rejected, each with positions from 0:
+a reward model reads each segment's score at its last token (`losses.segment_last_values`),
+so the pair shares a row without either seeing the other. Fields: `tokens`, `segment_ids`,
+`positions`; `loss_mask`, 1 on the final answer's tokens and its EOS (what DPO scores);
+`rating`, the rating's index + 1 on every token of the pair (0: none). Pairs are packed whole,
+at most `pairs_per_row` a row (`chat.PackedExamples`); a pair longer than a row is skipped and
+counted (cutting it would move the token its score is read at).
+
+Bad records are skipped, counted by reason and logged, as chat data's are: not JSON or not an
+object, a missing or non-string response, an empty response, identical responses, a prompt
+whose roles are out of order or that does not end with the user's turn, an unknown rating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llamax.data import chat
+from llamax.data.chat import BadRecord
+from llamax.data.tokenizer import Tokenizer
+from llamax.losses import RATINGS
+
+# Rating names: losses.RATINGS' own, and each half of the last one's, by index.
+_RATING_ALIASES = {name: i for i, name in enumerate(RATINGS)} | {"negligibly better": 3,
+                                                                  "unsure": 3}  # fmt: skip
+FIELDS = ("rating",)  # the fields a batch holds beyond chat data's
+
+
+def rating_index(value: Any) -> int:
+    """A record's rating as an index into losses.RATINGS, -1 for none."""
+    if value is None:
+        return -1
+    if isinstance(value, str) and value.strip().lower() in _RATING_ALIASES:
+        return _RATING_ALIASES[value.strip().lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
+        return value
+    raise BadRecord("rating", f"unknown rating {value!r}; expected one of {list(_RATING_ALIASES)}")
+
+
+def _final_answer(mask: list[int]) -> np.ndarray:
+    """The loss mask of the last answer only: its run of ones at the end of the dialog."""
+    mask = np.asarray(mask, np.int32)
+    zeros = np.flatnonzero(mask == 0)
+    start = zeros[-1] + 1 if zeros.size else 0
+    out = np.zeros_like(mask)
+    out[start:] = mask[start:]
+    return out
+
+
+def pair_example(record: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    """One record (parsed or its JSON line) as a two-segment example; `BadRecord` otherwise."""
+    record = chat.parse(record)
+    prompt = record.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif not isinstance(prompt, list):
+        raise BadRecord("malformed", "prompt must be a string or a list of messages")
+    responses = [record.get("chosen"), record.get("rejected")]
+    if not all(isinstance(r, str) for r in responses):
+        raise BadRecord("malformed", "chosen and rejected must be strings")
+    if not all(r.strip() for r in responses):
+        raise BadRecord("empty answer")
+    if responses[0].strip() == responses[1].strip():
+        raise BadRecord("identical responses")
+    _, waiting = chat.exchanges(prompt)
+    if waiting is None:
+        raise BadRecord("roles", "a prompt must end with the user's turn")
+    rating = rating_index(record.get("rating"))
+    parts = []
+    for response in responses:
+        dialog = [*prompt, {"role": "assistant", "content": response}]
+        ids, mask = chat.dialog_tokens(dialog, tokenizer)
+        parts.append((np.asarray(ids, np.int32), _final_answer(mask)))
+    (c, c_mask), (r, r_mask) = parts
+    n = c.size + r.size
+    return {
+        "tokens": np.concatenate([c, r]),
+        "loss_mask": np.concatenate([c_mask, r_mask]),
+        "segments": np.repeat(np.asarray([1, 2], np.int32), [c.size, r.size]),
+        "positions": np.concatenate([np.arange(c.size), np.arange(r.size)]).astype(np.int32),
+        "rating": np.full(n, rating + 1, np.int32),
+    }
+
+
+def make_dataset(
+    records: Sequence,
+    tokenizer_path: str,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    shard: tuple[int, int] = (0, 1),
+    num_epochs: int | None = None,
+    pairs_per_row: int = 1,
+):
+    """Batches of `batch_size` rows of packed pairs for this process (`shard`: its index, the
+    process count); `num_epochs=None` repeats forever."""
+    return chat.packed_dataset(
+        records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs, pair_example,
+        too_long="drop", fields=FIELDS, per_row=pairs_per_row,
+    )  # fmt: skip

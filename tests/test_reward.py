@@ -1,0 +1,259 @@
+"""Reward models: a Llama with a score head equals transformers' LlamaForSequenceClassification
+(one label) in float32, read at each sequence's last token, padded or packed; the converter
+carries it to and from Hugging Face and refuses what cannot hold it."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_params
+
+import llamax
+from llamax import losses
+
+CONFIG = llamax.LlamaConfig.preset("tiny", head="score")
+TOL = 1e-4
+
+
+def hf_reward_model(state_dict=None, config=CONFIG):
+    import torch
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForSequenceClassification
+
+    from llamax.convert.hf import hf_config
+
+    model = LlamaForSequenceClassification(
+        HFConfig(**hf_config(config), attn_implementation="eager")
+    )
+    if state_dict is None:  # random weights large enough that errors show (conftest.hf_model)
+        torch.manual_seed(0)
+        state_dict = {
+            k: 1.0 + 0.2 * torch.randn_like(v) if k.endswith("norm.weight")
+            else 0.15 * torch.randn_like(v)
+            for k, v in model.state_dict().items()
+        }  # fmt: skip
+    model.load_state_dict({k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.array(v))
+                           for k, v in state_dict.items()})  # fmt: skip
+    return model.eval().float()
+
+
+def hf_scores(model, tokens):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits
+
+
+def _sequences(rng, lengths, width):
+    """Rows right-padded with 0 (the exported pad id), real tokens never 0."""
+    tokens = np.zeros((len(lengths), width), np.int32)
+    segments = np.zeros_like(tokens)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(3, CONFIG.vocab_size, n)
+        segments[i, :n] = 1
+    return tokens, segments
+
+
+def test_scores_equal_transformers_sequence_classification(rng):
+    from llamax.convert.hf import params_to_hf
+
+    params = random_params(CONFIG, seed=3)
+    assert set(params) == {"tok_embeddings", "layers", "norm", "score"}
+    assert params["score"].shape == (CONFIG.dim, 1)
+    assert CONFIG.num_params() == sum(x.size for x in jax.tree.leaves(params))
+    hf = hf_reward_model(params_to_hf(params, CONFIG))
+    tokens, segments = _sequences(rng, [16, 11, 5], 16)
+    scores = llamax.Llama(CONFIG).apply({"params": params}, tokens, segment_ids=segments)
+    assert scores.shape == tokens.shape
+    ours, present = losses.segment_last_values(scores, segments, 1)
+    assert present.all()
+    np.testing.assert_allclose(ours[:, 0], hf_scores(hf, tokens)[:, 0].numpy(), atol=TOL)
+
+
+def test_packed_sequences_read_like_separate_rows(rng):
+    """Two sequences packed in one row (segments 1, 2, then padding) give the scores each has
+    alone: what lets chosen and rejected responses share a row."""
+    params = random_params(CONFIG, seed=4)
+    model = llamax.Llama(CONFIG)
+    a, b = rng.integers(3, CONFIG.vocab_size, 9), rng.integers(3, CONFIG.vocab_size, 6)
+    row = np.zeros((1, 20), np.int32)
+    segments, positions = np.zeros_like(row), np.zeros_like(row)
+    row[0, :9], row[0, 9:15] = a, b
+    segments[0, :9], segments[0, 9:15] = 1, 2
+    positions[0, :9], positions[0, 9:15] = np.arange(9), np.arange(6)
+    packed = model.apply({"params": params}, row, positions, segments)
+    got, present = losses.segment_last_values(packed, segments, 3)
+    assert present.tolist() == [[True, True, False]]
+    alone = [model.apply({"params": params}, x[None])[0, -1] for x in (a, b)]
+    np.testing.assert_allclose(got[0, :2], alone, atol=TOL)
+
+
+def test_reward_model_converts_to_and_from_hugging_face(tmp_path, rng):
+    from transformers import LlamaForSequenceClassification
+
+    from llamax import convert, pretrained
+
+    hf = hf_reward_model()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    convert.convert("hf", "llamax", str(tmp_path / "hf"), str(tmp_path / "llamax"))
+    model, params = pretrained.load_pretrained(str(tmp_path / "llamax"))
+    assert model.config.head == "score"
+    tokens, segments = _sequences(rng, [12, 7], 12)
+    ours = losses.segment_last_values(
+        model.apply({"params": params}, tokens, segment_ids=segments), segments, 1
+    )[0][:, 0]
+    np.testing.assert_allclose(ours, hf_scores(hf, tokens)[:, 0].numpy(), atol=TOL)
+
+    convert.convert("llamax", "hf", str(tmp_path / "llamax"), str(tmp_path / "back"))
+    back = LlamaForSequenceClassification.from_pretrained(tmp_path / "back", dtype="float32")
+    np.testing.assert_allclose(hf_scores(back, tokens).numpy(), hf_scores(hf, tokens), atol=TOL)
+    saved = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForSequenceClassification"]
+    assert saved["pad_token_id"] == 0 and saved["num_labels"] == 1
+    with pytest.raises(ValueError, match="Meta's format holds language models only"):
+        convert.convert("llamax", "meta", str(tmp_path / "llamax"), str(tmp_path / "meta"))
+    assert not (tmp_path / "meta").exists()
+    with pytest.raises(ValueError, match="is a reward model .*needs a language model"):
+        pretrained.load_with_tokenizer(str(tmp_path / "llamax"), "unused")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"num_labels": 3, "id2label": {"0": "a", "1": "b", "2": "c"}}, "with 3 labels"),
+     ({"architectures": ["LlamaForTokenClassification"]}, "Unknown Llama architecture")],
+)  # fmt: skip
+def test_hugging_face_heads_llamax_cannot_hold_are_named(change, message):
+    from llamax.convert.hf import config_from_hf, hf_config
+
+    with pytest.raises(ValueError, match=message):
+        config_from_hf({**hf_config(CONFIG), **change})
+
+
+def test_unknown_head_is_named():
+    with pytest.raises(ValueError, match="head must be one of"):
+        llamax.LlamaConfig.preset("tiny", head="value")
+
+
+# ----- preference pairs and the reward model's training -----
+
+
+def _pair(i, rating="better"):
+    """A question; the chosen answer gives it, the rejected one declines (learnable fast)."""
+    a, b = i % 7, (i * 3) % 5
+    return {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
+            "rejected": ["I do not know.", "No idea, sorry."][i % 2], "rating": rating}  # fmt: skip
+
+
+def test_a_pair_is_two_segments_in_the_chat_format(tokenizer_path):
+    from llamax.data import chat, preference
+    from llamax.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    prompt = [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+              {"role": "user", "content": "and 3+3?"}]  # fmt: skip
+    ex = preference.pair_example(
+        {"prompt": prompt, "chosen": "6", "rejected": "seven", "rating": "slightly better"}, tok
+    )
+    for segment, response in ((1, "6"), (2, "seven")):
+        ids, mask = chat.dialog_tokens([*prompt, {"role": "assistant", "content": response}], tok)
+        where = ex["segments"] == segment
+        assert ex["tokens"][where].tolist() == ids and ids[-1] == tok.eos_id
+        np.testing.assert_array_equal(ex["positions"][where], np.arange(len(ids)))
+        # The loss mask is the last answer's (and its EOS), not the earlier answer "4"'s.
+        answer = tok.encode(f" {response} ", bos=False, eos=True)
+        got = ex["tokens"][where][ex["loss_mask"][where] == 1].tolist()
+        assert got[-len(answer) :] == answer[-len(got) :] and sum(mask) > len(got)
+    assert set(ex["rating"].tolist()) == {3}  # "slightly better" is index 2, stored + 1
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [({"prompt": "q", "chosen": "a"}, "malformed"),
+     ({"prompt": "q", "chosen": "a", "rejected": " "}, "empty answer"),
+     ({"prompt": "q", "chosen": "a", "rejected": "a "}, "identical responses"),
+     ({"prompt": "q", "chosen": "a", "rejected": "b", "rating": "much better"}, "rating"),
+     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+       "chosen": "a", "rejected": "b"}, "roles")],
+)  # fmt: skip
+def test_bad_pairs_are_refused_with_their_reason(record, reason, tokenizer_path):
+    from llamax.data import preference
+    from llamax.data.chat import BadRecord
+    from llamax.data.tokenizer import Tokenizer
+
+    with pytest.raises(BadRecord) as e:
+        preference.pair_example(record, Tokenizer(tokenizer_path))
+    assert e.value.reason == reason
+
+
+def test_the_reward_loss_reads_each_pair_at_its_last_tokens(tokenizer_path):
+    """Two pairs packed in each row; the loss equals Llama 2's formula on the scores at each
+    response's last token, with the margins of their ratings."""
+    from llamax.data import preference
+
+    records = [json.dumps(_pair(i, r)).encode()
+               for i, r in enumerate(["better", None, "significantly better", 3] * 2)]  # fmt: skip
+    it = iter(preference.make_dataset(records, tokenizer_path, 256, 2, seed=0, pairs_per_row=2))
+    batch = {k: jax.numpy.asarray(v) for k, v in next(it).items()}
+    assert int(batch["segment_ids"].max()) == 4
+    config = CONFIG.replace(vocab_size=600)
+    model, params = llamax.Llama(config), random_params(config, seed=5)
+    total, (_, count) = losses.reward_loss(params, model, batch, "large", 0.1, pairs_per_row=2)
+    scores = np.asarray(model.apply({"params": params}, batch["tokens"], batch["positions"],
+                                    batch["segment_ids"]))  # fmt: skip
+    want, pairs = 0.0, 0
+    seg, rating = np.asarray(batch["segment_ids"]), np.asarray(batch["rating"])
+    for row in range(2):
+        for k in range(2):
+            ends = [np.flatnonzero(seg[row] == s)[-1] for s in (2 * k + 1, 2 * k + 2)]
+            c, r = scores[row, ends[0]], scores[row, ends[1]]
+            level = rating[row, ends[0]] - 1
+            m = 0.0 if level < 0 else losses.MARGINS["large"][level]
+            want += np.log1p(np.exp(-(c - r - m))) + 0.1 * (c + r) ** 2
+            pairs += 1
+    assert count == pairs == 4
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
+    """llamax-train with model.head=score on preference pairs, from a language model's
+    checkpoint: the body is the language model's, the loss starts at log 2 (a new head scores
+    near 0) and falls, and the trained model ranks held-out pairs."""
+    from conftest import load_config
+
+    from llamax import pretrained, train
+    from llamax.data.tokenizer import Tokenizer
+    from llamax.metrics import read_metrics
+
+    lm = str(tmp_path / "lm")
+    train.run(load_config("tiny", **{"model.vocab_size": 600, "train.steps": 2}), lm)
+    files = tmp_path / "pairs.jsonl"
+    files.write_text("".join(json.dumps(_pair(i, None)) + "\n" for i in range(300)))
+    c = load_config("tiny", **{
+        "model.vocab_size": 600, "model.head": "score", "data.source": "preference",
+        "data.files": str(files), "data.tokenizer": tokenizer_path, "data.pairs_per_row": 2,
+        "reward.margins": "none", "train.seq_len": 128, "train.steps": 30, "train.log_every": 1,
+        "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 3,
+    })  # fmt: skip
+    c.init_from = lm
+    train.run(c, str(tmp_path / "rm"))
+    records = read_metrics(str(tmp_path / "rm"))
+    np.testing.assert_allclose(records[0]["loss"], np.log(2), atol=0.05)
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    _, base = pretrained.load_pretrained(lm)
+    model, params = pretrained.load_pretrained(str(tmp_path / "rm"))
+    assert model.config.head == "score" and "output" not in params
+
+    tok = Tokenizer(tokenizer_path)
+    from llamax.data import preference
+
+    right = 0
+    for i in range(300, 340):
+        ex = preference.pair_example(_pair(i, None), tok)
+        scores = model.apply({"params": params}, ex["tokens"][None], ex["positions"][None],
+                             ex["segments"][None])  # fmt: skip
+        (values, _) = losses.segment_last_values(scores, ex["segments"][None], 2)
+        right += int(values[0, 0] > values[0, 1])
+    assert right >= 36, right
