@@ -206,7 +206,8 @@ def write_json(path: str, data) -> None:
     fs.write_json(path, data, indent=1)
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
+    """A matplotlib figure as a PNG at `path` (local or gs://), written whole or not at all."""
     with fs.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
 
@@ -232,7 +233,7 @@ def plot_perplexity(curves: dict[str, dict[int, float]], path: str, title: str =
     ax.grid(True, which="both", alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -255,5 +256,5 @@ def plot_passkey(result: dict, path: str, title: str = "") -> None:
         ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title or f"Passkey retrieval ({result['trials']} keys per cell)")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)

@@ -16,8 +16,8 @@ LAYERS = {
     "model": ["sharding", "attention", "lora", "execution", "config", "rope", "model"],
     "parts": [
         "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
-        "generation",
-        "evaluate", "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
+        "generation", "evaluate", "reward",
+        "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
         "data.chat", "data.preference",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
         "convert.manifest", "convert.core", "convert.peft",
@@ -26,7 +26,7 @@ LAYERS = {
     "setup": ["setup"],
     "programs": ["train", "aot"],
     "entry points": ["llamax", "cli", "cli.train", "cli.tokenizer", "cli.convert",
-                     "cli.generate", "cli.eval", "cli.aot"],
+                     "cli.generate", "cli.eval", "cli.aot", "cli.reward"],
 }  # fmt: skip
 LEVEL = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 # Inside the model core the order is strict: each imports only those before it.

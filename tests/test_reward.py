@@ -257,3 +257,134 @@ def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
         (values, _) = losses.segment_last_values(scores, ex["segments"][None], 2)
         right += int(values[0, 0] > values[0, 1])
     assert right >= 36, right
+
+
+def test_pairs_from_a_tfds_dataset(tmp_path, tokenizer_path):
+    """A prepared tfds dataset with prompt, chosen, rejected and rating features gives the
+    pairs its records make."""
+    import tensorflow_datasets as tfds
+    from conftest import load_config
+
+    from llamax.data import make_iterator, preference
+    from llamax.data.tokenizer import Tokenizer
+
+    records = [_pair(i, ["better", "significantly better"][i % 2]) for i in range(12)]
+
+    class LlamaxTestPairs(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            text = tfds.features.Text()
+            names = ("prompt", "chosen", "rejected", "rating")
+            features = tfds.features.FeaturesDict(dict.fromkeys(names, text))
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(records)}
+
+        def _generate_examples(self, rows):
+            yield from enumerate(rows)
+
+    LlamaxTestPairs(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    c = load_config("tiny", **{
+        "data.source": "preference", "data.tfds_name": LlamaxTestPairs.name,
+        "data.tfds_data_dir": str(tmp_path), "data.tokenizer": tokenizer_path,
+    })  # fmt: skip
+    tok = Tokenizer(tokenizer_path)
+    expected = {tuple(preference.pair_example(r, tok)["tokens"].tolist()) for r in records}
+    rows, seen = make_iterator(c.data, "train", 128, range(2)), set()
+    for _ in range(12):
+        batch = next(rows)
+        for row in range(2):
+            pair = batch["segment_ids"][row] > 0
+            assert set(batch["rating"][row][pair].tolist()) <= {1, 2}
+            seen.add(tuple(batch["tokens"][row][pair].tolist()))
+    assert seen == expected
+
+
+# ----- using a reward model: scores, accuracy by rating, llamax-reward -----
+
+
+def test_scores_and_accuracy_by_rating(tokenizer_path):
+    """Scores read in padded batches equal each response scored alone; accuracy per rating
+    level is the share of its pairs whose chosen response scores higher."""
+    from llamax import reward
+    from llamax.data.tokenizer import Tokenizer
+
+    config = CONFIG.replace(vocab_size=600)
+    model, params = llamax.Llama(config), random_params(config, seed=6)
+    tok = Tokenizer(tokenizer_path)
+    levels = ["significantly better", "better", "slightly better", None, 0]
+    records = [_pair(i, levels[i % 5]) for i in range(11)]
+    records[4]["rejected"] = ""  # skipped: an empty answer
+    scores, ratings, skipped = reward.pair_scores(model, params, tok, records, batch_size=4)
+    assert skipped == {"empty answer": 1} and scores.shape == (10, 2)
+    kept = [r for i, r in enumerate(records) if i != 4]
+    for (chosen, rejected), record in zip(scores, kept, strict=True):
+        for got, response in ((chosen, record["chosen"]), (rejected, record["rejected"])):
+            tokens, _ = preference_tokens(record["prompt"], response, tok)
+            alone = model.apply({"params": params}, tokens[None])[0, -1]
+            np.testing.assert_allclose(got, alone, atol=TOL)
+    result = reward.accuracy_by_rating(scores, ratings)
+    right = scores[:, 0] > scores[:, 1]
+    assert result["accuracy"] == pytest.approx(right.mean()) and result["pairs"] == 10
+    for i, level in enumerate(losses.RATINGS):
+        chosen = ratings == i
+        want = right[chosen].mean() if chosen.any() else None
+        assert result["by_rating"][level] == {"accuracy": want, "pairs": int(chosen.sum())}
+    assert result["unrated_pairs"] == int((ratings < 0).sum()) == 2
+
+
+def preference_tokens(prompt, response, tok):
+    from llamax.data import preference
+
+    return preference.response_tokens(prompt, response, tok)
+
+
+def test_llamax_reward_scores_and_evaluates(tmp_path, tokenizer_path, capsys):
+    """`llamax-reward score` writes each record with the score transformers' sequence
+    classifier gives it; `eval` writes the accuracy table and its plot; a bad record is an
+    error naming its line, and nothing is written."""
+    import torch
+
+    from llamax import convert
+    from llamax.cli import reward as reward_cli
+    from llamax.data.tokenizer import Tokenizer
+
+    config = CONFIG.replace(vocab_size=600)
+    hf = hf_reward_model(config=config)
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    rm = str(tmp_path / "rm")
+    convert.convert("hf", "llamax", str(tmp_path / "hf"), rm, tokenizer=tokenizer_path)
+    answers = [{"prompt": f"What is {i} plus 1?", "response": f"It is {i + 1}.", "id": i}
+               for i in range(5)]  # fmt: skip
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    out = str(tmp_path / "scored.jsonl")
+    assert reward_cli.main(["score", "--checkpoint", rm, "--input",
+                            str(tmp_path / "answers.jsonl"), "--output", out]) == 0  # fmt: skip
+    scored = [json.loads(line) for line in open(out)]
+    tok = Tokenizer(tokenizer_path)
+    for record, answer in zip(scored, answers, strict=True):
+        assert {k: record[k] for k in answer} == answer
+        tokens, _ = preference_tokens(answer["prompt"], answer["response"], tok)
+        with torch.no_grad():
+            want = hf(input_ids=torch.as_tensor(tokens[None], dtype=torch.long)).logits[0, 0]
+        assert record["score"] == pytest.approx(float(want), abs=TOL)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(_pair(i, ["better", None][i % 2])) + "\n"
+                             for i in range(6)) + "{oops\n")  # fmt: skip
+    report = tmp_path / "eval"
+    assert reward_cli.main(["eval", "--checkpoint", rm, "--pairs", str(pairs),
+                            "--output", str(report)]) == 0  # fmt: skip
+    result = json.loads((report / "accuracy.json").read_text())
+    assert result["pairs"] == 6 and result["skipped"] == {"not JSON": 1}
+    assert result["by_rating"]["better"]["pairs"] == 3 and result["unrated_pairs"] == 3
+    assert (report / "accuracy.png").stat().st_size > 0
+    assert "overall:" in capsys.readouterr().out
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps(answers[0]) + "\n" + '{"prompt": "q"}\n')
+    bad_out = tmp_path / "bad_scored.jsonl"
+    assert reward_cli.main(["score", "--checkpoint", rm, "--input", str(tmp_path / "bad.jsonl"),
+                            "--output", str(bad_out)]) == 2  # fmt: skip
+    assert "record 2: malformed" in capsys.readouterr().err and not bad_out.exists()

@@ -64,31 +64,42 @@ def _final_answer(mask: list[int]) -> np.ndarray:
     return out
 
 
-def pair_example(record: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
-    """One record (parsed or its JSON line) as a two-segment example; `BadRecord` otherwise."""
-    record = chat.parse(record)
-    prompt = record.get("prompt")
+def prompt_messages(prompt: Any) -> list[dict]:
+    """A record's prompt as the messages of a dialog awaiting the assistant's answer."""
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     elif not isinstance(prompt, list):
         raise BadRecord("malformed", "prompt must be a string or a list of messages")
-    responses = [record.get("chosen"), record.get("rejected")]
-    if not all(isinstance(r, str) for r in responses):
-        raise BadRecord("malformed", "chosen and rejected must be strings")
-    if not all(r.strip() for r in responses):
-        raise BadRecord("empty answer")
-    if responses[0].strip() == responses[1].strip():
-        raise BadRecord("identical responses")
     _, waiting = chat.exchanges(prompt)
     if waiting is None:
         raise BadRecord("roles", "a prompt must end with the user's turn")
+    return prompt
+
+
+def response_tokens(prompt: Any, response: Any, tokenizer: Tokenizer):
+    """(int32 tokens, loss mask on the response and its EOS) of `response` as the assistant's
+    answer to `prompt` (a question or a dialog ending with the user's turn), in Meta's chat
+    format: what a reward model scores at its last token."""
+    if not isinstance(response, str):
+        raise BadRecord("malformed", "a response must be a string")
+    if not response.strip():
+        raise BadRecord("empty answer")
+    dialog = [*prompt_messages(prompt), {"role": "assistant", "content": response}]
+    ids, mask = chat.dialog_tokens(dialog, tokenizer)
+    return np.asarray(ids, np.int32), _final_answer(mask)
+
+
+def pair_example(record: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
+    """One record (parsed or its JSON line) as a two-segment example; `BadRecord` otherwise."""
+    record = chat.parse(record)
+    responses = [record.get("chosen"), record.get("rejected")]
+    if not all(isinstance(r, str) for r in responses):
+        raise BadRecord("malformed", "chosen and rejected must be strings")
+    if all(r.strip() for r in responses) and responses[0].strip() == responses[1].strip():
+        raise BadRecord("identical responses")
     rating = rating_index(record.get("rating"))
-    parts = []
-    for response in responses:
-        dialog = [*prompt, {"role": "assistant", "content": response}]
-        ids, mask = chat.dialog_tokens(dialog, tokenizer)
-        parts.append((np.asarray(ids, np.int32), _final_answer(mask)))
-    (c, c_mask), (r, r_mask) = parts
+    (c, c_mask), (r, r_mask) = (response_tokens(record.get("prompt"), x, tokenizer)
+                                for x in responses)  # fmt: skip
     n = c.size + r.size
     return {
         "tokens": np.concatenate([c, r]),
