@@ -15,7 +15,7 @@ from llamax import model as model_lib
 from llamax import sharding
 
 MODEL_AXES = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-              "lora_rank"}  # fmt: skip
+              "lora_rank", "labels"}  # fmt: skip
 
 
 @pytest.mark.slow
