@@ -1,9 +1,9 @@
 """Input data, configured by the experiment config's `data` section.
 
-Three sources, one interface: `make_iterator` returns an iterator of this process's rows of
+Four sources, one interface: `make_iterator` returns an iterator of this process's rows of
 each global batch (dicts of int32 [rows, seq_len]: `fields(c)`, which are `tokens`,
-`segment_ids`, `positions`, and `loss_mask` for chat data) with `get_state()` / `set_state()`
-for checkpoints.
+`segment_ids`, `positions`, `loss_mask` for chat and preference data, and `rating` for
+preference data) with `get_state()` / `set_state()` for checkpoints.
 
 - `tfds`: text through tensorflow-datasets (a local corpus built from `data.files`, or a
   catalog dataset `data.tfds_name`), tokenized with the sentencepiece model `data.tokenizer`,
