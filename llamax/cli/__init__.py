@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def error(prog: str, e: BaseException) -> int:
@@ -90,6 +91,9 @@ def setup_logging(fmt: str = "%(message)s") -> None:
     for name in ("absl", "asyncio"):
         logging.getLogger(name).addFilter(_ReportedOnce())
     sys.unraisablehook = _unraisable
+    # The writes a failed save abandoned can leave coroutines never awaited, which Python
+    # reports as it exits, after llamax's one error line, whenever they happen to be collected.
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
 
 
 def _unraisable(unraisable) -> None:
