@@ -99,6 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward = ml_collections.ConfigDict()
     c.reward.margins = "small"
     c.reward.centering = 0.0
+    # DPO (a language model, `model.head = "lm"`, on `data.source = "preference"`, from
+    # `init_from`, which is also the reference model: with LoRA, that base with the adapters
+    # off): the loss's temperature beta (Rafailov et al. 2023).
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
     c.cluster = ml_collections.ConfigDict()
     # Seconds without a heartbeat after which JAX's coordinator counts a process of a
     # multi-process run as lost (JAX's default: 100).
@@ -141,13 +146,17 @@ def check(c: ml_collections.ConfigDict) -> None:
             errors.append(
                 f"lora.base_dtype must be one of {BASE_DTYPES}, got {c.lora.base_dtype!r}"
             )
-    head = c.model.head or LlamaConfig.preset(c.model.preset).head
-    if (head == "score") != (c.data.source == "preference"):
+    if head(c) == "score" and c.data.source != "preference":
         errors.append(
-            "a reward model (model.head 'score') trains on preference pairs (data.source "
-            f"'preference') and preference pairs train a reward model; got model.head {head!r} "
-            f"and data.source {c.data.source!r}"
+            "a reward model (model.head 'score') trains on preference pairs: set data.source "
+            f"'preference' (got {c.data.source!r})"
         )
+    if is_dpo(c) and not c.init_from:
+        errors.append("DPO (preference pairs for a language model) starts from its reference "
+                      "model: set init_from")  # fmt: skip
+    beta = c.dpo.beta
+    if not (isinstance(beta, int | float) and 0 < beta < float("inf")):
+        errors.append(f"dpo.beta must be a finite number > 0, got {beta!r}")
     if head == "score" and c.lora.rank:
         errors.append("lora.rank > 0: LoRA reward models are not built; train every parameter")
     if c.reward.margins not in losses.MARGINS:
@@ -204,6 +213,16 @@ def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], li
             is_free = key.startswith(FREE_TO_CHANGE) and not (key == "init_from" and c.lora.rank)
             (free if is_free else altering).append(change)  # a LoRA run's base is its model
     return altering, free
+
+
+def head(c: ml_collections.ConfigDict) -> str:
+    """The model's head: "lm" (next-token logits) or "score" (a reward model)."""
+    return c.model.head or LlamaConfig.preset(c.model.preset).head
+
+
+def is_dpo(c: ml_collections.ConfigDict) -> bool:
+    """A language model trained on preference pairs: DPO, with a reference model."""
+    return c.data.source == "preference" and head(c) == "lm"
 
 
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
@@ -337,6 +356,25 @@ def reward_recipe(preset: str) -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.checkpoint.every = 100
+    return c
+
+
+def dpo_recipe(preset: str) -> ml_collections.ConfigDict:
+    """DPO (Rafailov et al. 2023) of a chat model on preference pairs, the reference being
+    the starting checkpoint (`init_from`, an SFT model): Tulu 2's Llama 2 settings (Ivison et
+    al. 2023): beta 0.1, AdamW at 5e-7 without weight decay, a 10% warm-up (their decay is
+    linear, here the recipe's cosine to 10%), 3 epochs; the reward recipe's data, 64 pairs per
+    step. Three epochs of 60,000 pairs are about 2,800 steps: set `train.steps` (and
+    `optimizer.warmup_steps`, 10% of it) for your data."""
+    c = reward_recipe(preset)
+    c.model.head = "lm"
+    c.dpo.beta = 0.1
+    c.optimizer.learning_rate = 5e-7
+    c.optimizer.warmup_steps = 280
+    c.optimizer.weight_decay = 0.0
+    c.train.steps = 2800
+    c.train.batch_size = 64
+    c.train.grad_accum_steps = 4
     return c
 
 

@@ -3,7 +3,9 @@
 A task is a loss function over a batch, with the batch fields it needs; the train step
 (`llamax.step`), its setup (`llamax.setup`) and the loop are shared by every task. Losses
 return sums and counts, not means, so that gradient accumulation and evaluation over many
-batches divide once by the count of the whole global batch.
+batches divide once by the count of the whole global batch: `(summed loss to differentiate,
+(summed loss, count))`, or `(..., (summed loss, count, {name: sum}))` with more sums that the
+train step reports as means per count (a reward model's accuracy, DPO's margins).
 
 Shapes: B batch, T sequence length, V vocab.
 """
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from llamax import lora
 
 
 def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -98,13 +102,28 @@ def ranking_loss(chosen, rejected, margin=0.0, centering: float = 0.0, valid=Non
     return jnp.where(valid, per_pair, 0.0).sum(), valid.sum().astype(jnp.float32)
 
 
-def sequence_logprobs(logits, tokens, segment_ids, loss_mask) -> jnp.ndarray:
-    """log pi(response | prompt) of each row [B]: the log-probabilities of the masked-in
-    tokens (the response), each predicted from the tokens before it in its segment."""
+def _response_logprobs(logits, tokens, segment_ids, loss_mask):
+    """[B, T - 1]: the log-probability of each masked-in token t + 1 from the tokens before
+    it in its segment, 0 elsewhere."""
     valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
     valid &= loss_mask[:, 1:] != 0
     nll, _ = token_nll(logits[:, :-1], tokens[:, 1:])
-    return -jnp.where(valid, nll, 0.0).sum(axis=-1)
+    return -jnp.where(valid, nll, 0.0)
+
+
+def sequence_logprobs(logits, tokens, segment_ids, loss_mask) -> jnp.ndarray:
+    """log pi(response | prompt) of each row [B]: the log-probabilities of the masked-in
+    tokens (the response), each predicted from the tokens before it in its segment."""
+    return _response_logprobs(logits, tokens, segment_ids, loss_mask).sum(axis=-1)
+
+
+def segment_logprobs(logits, tokens, segment_ids, loss_mask, num_segments: int):
+    """log pi(response | prompt) of segments 1..`num_segments` of each row [B, S]: the
+    `sequence_logprobs` of each segment (a packed row of pairs), 0 for a segment the row lacks."""
+    logps = _response_logprobs(logits, tokens, segment_ids, loss_mask)
+    ids = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
+    hit = segment_ids[:, 1:, None] == ids  # [B, T - 1, S]
+    return jnp.where(hit, logps[..., None], 0.0).sum(axis=1)
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
@@ -122,7 +141,8 @@ def reward_loss(params, model, batch, margins: str = "none", centering: float = 
     """A reward model's ranking loss on rows of preference pairs (`llamax.data.preference`:
     pair k of a row is segments 2k + 1, chosen, and 2k + 2, rejected; its rating on its
     tokens): each response scored at its last token, Llama 2's loss with the `margins` table
-    by rating, summed over the global batch's pairs: (summed loss, (summed loss, pairs))."""
+    by rating, summed over the global batch's pairs: (summed loss, (summed loss, pairs, sums
+    of the pairs ranked right and of the score gaps chosen - rejected))."""
     scores = model.apply(
         {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
     )
@@ -130,5 +150,48 @@ def reward_loss(params, model, batch, margins: str = "none", centering: float = 
     ratings, _ = segment_last_values(batch["rating"], batch["segment_ids"], 2 * pairs_per_row)
     margin = rating_margins(ratings[:, 0::2].astype(jnp.int32) - 1, margins)
     valid = present[:, 0::2] & present[:, 1::2]
-    total, count = ranking_loss(values[:, 0::2], values[:, 1::2], margin, centering, valid)
-    return total, (total, count)
+    chosen, rejected = values[:, 0::2], values[:, 1::2]
+    total, count = ranking_loss(chosen, rejected, margin, centering, valid)
+    gap = jnp.where(valid, chosen - rejected, 0.0)
+    sums = {"accuracy": jnp.where(valid, gap > 0, False).sum().astype(jnp.float32),
+            "score_gap": gap.sum()}  # fmt: skip
+    return total, (total, count, sums)
+
+
+def dpo_objective(params, model, batch, reference=None, beta: float = 0.1,
+                  pairs_per_row: int = 1, rngs=None):  # fmt: skip
+    """DPO on rows of preference pairs (as `reward_loss` reads them; each response's
+    log-probability summed over its `loss_mask`, the final answer and its EOS) against the
+    `reference` parameters (a frozen copy of the start; for a LoRA model, None: its own base
+    with every adapter at zero), which are not differentiated: (summed loss, (summed loss,
+    pairs, sums of the implicit rewards' accuracy and margin, the chosen and rejected rewards
+    and log-probabilities)). At the reference the loss is log 2 and every margin 0."""
+    if reference is None and getattr(model, "lora", None) is None:
+        raise ValueError("DPO needs the reference model's parameters")
+    if reference is None:  # LoRA: the base, every adapter at zero
+        base, adapters = lora.split(params)
+        reference = lora.combine(base, jax.tree.map(jnp.zeros_like, adapters))
+    s = 2 * pairs_per_row
+
+    def logps(p, r):
+        logits = model.apply({"params": p}, batch["tokens"], batch["positions"],
+                             batch["segment_ids"], rngs=r)  # fmt: skip
+        lp = segment_logprobs(logits, batch["tokens"], batch["segment_ids"], batch["loss_mask"], s)
+        return lp[:, 0::2], lp[:, 1::2]
+
+    policy_c, policy_r = logps(params, rngs)
+    ref_c, ref_r = jax.lax.stop_gradient(logps(reference, None))
+    _, present = segment_last_values(batch["tokens"], batch["segment_ids"], s)
+    valid = present[:, 0::2] & present[:, 1::2]
+    per_pair, chosen, rejected = dpo_loss(policy_c, policy_r, ref_c, ref_r, beta)
+
+    def total(x):
+        return jnp.where(valid, x, 0.0).sum()
+
+    margin = chosen - rejected
+    sums = {"reward_accuracy": total((margin > 0).astype(jnp.float32)),
+            "reward_margin": total(margin), "chosen_reward": total(chosen),
+            "rejected_reward": total(rejected), "chosen_logp": total(policy_c),
+            "rejected_logp": total(policy_r)}  # fmt: skip
+    loss = total(per_pair)
+    return loss, (loss, valid.sum().astype(jnp.float32), sums)

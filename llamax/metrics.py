@@ -222,6 +222,8 @@ class TrainLog:
             "tokens_per_second": tokens_per_second,
             "tflops_per_device": None,
             "mfu": None,
+            # A task's own means (a reward model's accuracy, DPO's margins): llamax.losses.
+            **{k: float(v) for k, v in m.items() if k not in _STEP_METRICS},
         }
         if tokens_per_second:
             flops = tokens_per_second * self.flops_token / self.num_devices
@@ -252,6 +254,10 @@ class TrainLog:
                 log.info("%s", summarize(records))
 
 
+_STEP_METRICS = ("loss", "learning_rate", "grad_norm", "param_norm", "target_tokens")
+_SHOWN = ("accuracy", "reward_accuracy", "reward_margin")  # a task's metrics on the log line
+
+
 def format_record(step: int, r: dict) -> str:
     line = f"step {step}: loss {r['loss']:.4f}  lr {r['learning_rate']:.2e}"
     line += f"  grad_norm {r['grad_norm']:.3f}"
@@ -261,6 +267,9 @@ def format_record(step: int, r: dict) -> str:
         line += f"  MFU {100 * r['mfu']:.1f}%"
     if "eval_loss" in r:
         line += f"  eval_loss {r['eval_loss']:.4f}"
+    for name in _SHOWN:
+        if name in r:
+            line += f"  {name} {r[name]:.3f}"
     return line
 
 

@@ -54,10 +54,15 @@ def check_batch_layout(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 def state_shardings(
-    model: Llama, tx: optax.GradientTransformation, mesh: Mesh, frozen_dtype: str = "float32"
+    model: Llama,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    frozen_dtype: str = "float32",
+    reference: bool = False,
 ):
     """The abstract train state (shapes and dtypes) and its shardings; no memory used. With
-    LoRA the parameters are the adapters and `frozen` the base, in `frozen_dtype`."""
+    LoRA the parameters are the adapters and `frozen` the base, in `frozen_dtype`; with a
+    `reference` model (DPO), its parameters, shaped and sharded like them."""
     boxed, frozen = abstract_params(model), None
     if model.lora is not None:
         frozen, boxed = lora.split(boxed)
@@ -68,6 +73,7 @@ def state_shardings(
     shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings,
         frozen=None if frozen is None else sharding.tree_shardings(frozen, mesh),
+        reference=param_shardings if reference else None,
     )  # fmt: skip
     params = flax.linen.unbox(boxed)
     abstract = TrainState(
@@ -75,6 +81,7 @@ def state_shardings(
         params=params,
         opt_state=jax.eval_shape(tx.init, params),
         frozen=None if frozen is None else _frozen_abstract(frozen, frozen_dtype),
+        reference=params if reference else None,
     )
     return abstract, shardings
 
@@ -104,7 +111,8 @@ class Setup:
     batch_sharding: NamedSharding
     fields: tuple[str, ...]  # what a batch holds, each int32 [batch_size, seq_len]
     train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
-    eval_step: Callable  # (full_params(state), batch) -> (summed nll, target count)
+    # (full_params(state), batch, state.reference) -> (summed loss, count)
+    eval_step: Callable
 
     @property
     def batch_shape(self) -> tuple[int, int]:
@@ -135,7 +143,7 @@ class Setup:
 
     def init_state(self, rng: jax.Array, params=None, frozen=None) -> TrainState:
         """The train state born sharded: random parameters, or `params` (`init_from`); with
-        LoRA, fresh adapters on the `frozen` base."""
+        LoRA, fresh adapters on the `frozen` base; and the reference model a task needs."""
 
         def init(r, p, frozen):
             if p is None:
@@ -145,8 +153,21 @@ class Setup:
             return TrainState(step=jnp.zeros((), jnp.int32), params=p,
                               opt_state=self.tx.init(p), frozen=frozen)  # fmt: skip
 
+        shardings = self.shardings.replace(reference=None)
         with sharding.use_mesh(self.mesh):
-            return jax.jit(init, out_shardings=self.shardings)(rng, params, frozen)
+            state = jax.jit(init, out_shardings=shardings)(rng, params, frozen)
+        return state.replace(reference=self._reference())
+
+    def _reference(self):
+        """The reference model's parameters (None when the task has none or, as with LoRA,
+        the loss derives it: the base with the adapters off): `init_from`'s, read again
+        (never the trained ones' buffers, which each step donates)."""
+        if self.abstract.reference is None:
+            return None
+        params, _ = pretrained.restore_params(
+            self.c.init_from, self.abstract.reference, self.shardings.reference, "init_from"
+        )
+        return params
 
     def full_params(self, state: TrainState):
         """Every parameter of the model: LoRA's adapters joined to the base."""
@@ -167,7 +188,7 @@ class Setup:
             if frozen is not None:
                 pretrained.check_same_base(meta.get("lora_base"), self.c.init_from)
                 state = state.replace(frozen=frozen)
-            return state, meta
+            return state.replace(reference=self._reference()), meta
         rng = jax.random.key(self.c.train.seed)
         if frozen is not None:
             log.info("LoRA adapters (%s) on the frozen base %s", self.model.lora, self.c.init_from)
@@ -256,11 +277,13 @@ class Setup:
 
 def objective(c: ml_collections.ConfigDict) -> step.LossFn:
     """The loss a run minimizes: next-token prediction (pretraining, continued training, SFT),
-    or a reward model's ranking loss on preference pairs."""
-    if c.data.source == "preference":
+    a reward model's ranking loss on preference pairs, or a language model's DPO on them."""
+    if c.data.source == "preference" and experiment.head(c) == "score":
         r = c.reward
         return partial(losses.reward_loss, margins=r.margins, centering=r.centering,
                        pairs_per_row=c.data.pairs_per_row)  # fmt: skip
+    if c.data.source == "preference":
+        return partial(losses.dpo_objective, beta=c.dpo.beta, pairs_per_row=c.data.pairs_per_row)
     return partial(losses.lm_loss, z_loss=c.train.z_loss)
 
 
@@ -273,7 +296,9 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     model = Llama(experiment.model_config(c), experiment.execution_config(c), adapters)
     tx = optim.make_optimizer(c.optimizer, t.steps)
     schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
-    abstract, shardings = state_shardings(model, tx, mesh, c.lora.base_dtype)
+    abstract, shardings = state_shardings(
+        model, tx, mesh, c.lora.base_dtype, reference=experiment.is_dpo(c) and not adapters
+    )
     logical = sharding.mesh_axes(("batch", "length"), (t.batch_size, t.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, logical)
     fields, loss_fn = data_lib.fields(c.data), objective(c)
@@ -300,7 +325,7 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     )
     eval_step = jax.jit(
         partial(step.eval_step, model=model, loss_fn=loss_fn),
-        in_shardings=(full, batch_shardings),
+        in_shardings=(full, batch_shardings, shardings.reference),
     )
     return Setup(
         c, mesh, model, tx, schedule, abstract, shardings, batch_sharding, fields,

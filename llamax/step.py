@@ -18,8 +18,14 @@ import optax
 
 from llamax import lora
 
-# (params, model, batch, rngs=None) -> (summed loss to differentiate, (summed nll, count))
-LossFn = Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+# (params, model, batch, rngs=None[, reference=...]) -> (summed loss to differentiate,
+# (summed loss, count) or (summed loss, count, {name: sum})): `llamax.losses`.
+LossFn = Callable[..., tuple[jax.Array, tuple]]
+
+
+def _sums(aux) -> tuple[jax.Array, jax.Array, dict]:
+    """A loss's (summed loss, count, {name: sum}), its extra sums {} when it has none."""
+    return (*aux, {}) if len(aux) == 2 else tuple(aux)
 
 
 @flax.struct.dataclass
@@ -30,6 +36,10 @@ class TrainState:
     # Parameters that do not train (LoRA's base): joined to `params` for the loss, passed
     # through the step unchanged, never checkpointed with the run.
     frozen: Any = None
+    # A reference model's parameters (DPO from a full copy: the starting ones), passed to
+    # the loss as `reference`; not trained, not checkpointed (read again from `init_from` on
+    # resume). With LoRA there is none: the loss turns the adapters off.
+    reference: Any = None
 
 
 def train_step(
@@ -48,21 +58,25 @@ def train_step(
 
     The loss is the mean over every valid target token of the whole global batch, so
     accumulation gives the gradient of one big batch. The gradient is of `state.params` only
-    (with LoRA: the adapters; `state.frozen` joins them for the loss). A model with LoRA
+    (with LoRA: the adapters; `state.frozen` joins them for the loss). A task with a
+    reference model (DPO) gets the state's as the loss's `reference`. A model with LoRA
     dropout gets a dropout key from `dropout_seed`, the step and the micro-batch.
     """
     dropout = getattr(model, "lora", None) is not None and model.lora.dropout > 0
     step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
+    extra = {} if state.reference is None else {"reference": state.reference}
+
     def loss_of(params, micro, index):
         if state.frozen is not None:
             params = lora.combine(state.frozen, params)
         rngs = {"dropout": jax.random.fold_in(step_key, index)} if dropout else None
-        return loss_fn(params, model, micro, rngs=rngs)
+        loss, aux = loss_fn(params, model, micro, rngs=rngs, **extra)
+        return loss, _sums(aux)
 
     grad_fn = jax.grad(loss_of, has_aux=True)
     if grad_accum_steps == 1:
-        grads, (nll, count) = grad_fn(state.params, batch, 0)
+        grads, (nll, count, sums) = grad_fn(state.params, batch, 0)
     else:
         a = grad_accum_steps
 
@@ -71,15 +85,18 @@ def train_step(
 
         def accumulate(carry, indexed):
             index, micro = indexed
-            g, (nll, count) = grad_fn(state.params, micro, index)
-            return jax.tree.map(jnp.add, carry, (g, nll, count)), None
+            g, aux = grad_fn(state.params, micro, index)
+            return jax.tree.map(jnp.add, carry, (g, *aux)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         if grad_shardings is not None:
             zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        micro = (jnp.arange(a), jax.tree.map(split, batch))
-        (grads, nll, count), _ = jax.lax.scan(accumulate, init, micro)
+        micro_batches = jax.tree.map(split, batch)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        _, sums_shape = jax.eval_shape(grad_fn, state.params, first, 0)
+        init = (zeros, *jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), sums_shape))
+        micro = (jnp.arange(a), micro_batches)
+        (grads, nll, count, sums), _ = jax.lax.scan(accumulate, init, micro)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,13 +107,16 @@ def train_step(
         # The loss is of the parameters before the update; this checks the ones after it.
         "param_norm": optax.tree.norm(params),
         "learning_rate": schedule(state.step),
-        "target_tokens": count,
+        "target_tokens": count,  # what the loss counts: target tokens, or pairs
+        **{name: value / denom for name, value in sums.items()},
     }
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, frozen=state.frozen)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
 
-def eval_step(params, batch: dict, *, model, loss_fn: LossFn):
-    """(summed nll, target count) of a batch."""
-    _, (nll, count) = loss_fn(params, model, batch)
-    return nll, count
+def eval_step(params, batch: dict, reference=None, *, model, loss_fn: LossFn):
+    """(summed loss, count) of a batch; `reference`: the reference model's parameters of a
+    task that has one (DPO)."""
+    extra = {} if reference is None else {"reference": reference}
+    _, aux = loss_fn(params, model, batch, **extra)
+    return _sums(aux)[:2]

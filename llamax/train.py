@@ -57,7 +57,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                     if save_now:  # the save before this one is done, or its failure raised
                         saves.finish_saving()
                     if log_now:
-                        eval_loss = held_out(s.full_params(state)) if eval_now else None
+                        eval_loss = held_out(state) if eval_now else None
                         train_log.write(done, latest, eval_loss)
                     if save_now:
                         # The metrics up to this step reach the workdir (on object storage,
@@ -183,14 +183,16 @@ class HeldOutLoss:
         self.start = self.batches.get_state()
         self.progress = s.c.train.progress_bar and jax.process_index() == 0
 
-    def __call__(self, params) -> float:
+    def __call__(self, state) -> float:
         from tqdm import tqdm
+
+        params, reference = self.setup.full_params(state), state.reference
 
         self.batches.set_state(self.start)
         nll = count = 0.0
         for _ in tqdm(range(self.num_batches), desc="eval", unit="batch", leave=False,
                       disable=not self.progress):  # fmt: skip
             batch = self.setup.global_batch(next(self.batches))
-            n, k = jax.device_get(self.setup.eval_step(params, batch))
+            n, k = jax.device_get(self.setup.eval_step(params, batch, reference))
             nll, count = nll + float(n), count + float(k)
         return nll / max(count, 1.0)

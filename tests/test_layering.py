@@ -16,7 +16,7 @@ LAYERS = {
     "model": ["sharding", "attention", "lora", "execution", "config", "rope", "model"],
     "parts": [
         "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
-        "generation", "evaluate", "reward",
+        "generation", "evaluate", "reward", "rejection",
         "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
         "data.chat", "data.preference",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",

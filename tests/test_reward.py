@@ -199,10 +199,10 @@ def test_the_reward_loss_reads_each_pair_at_its_last_tokens(tokenizer_path):
     assert int(batch["segment_ids"].max()) == 4
     config = CONFIG.replace(vocab_size=600)
     model, params = llamax.Llama(config), random_params(config, seed=5)
-    total, (_, count) = losses.reward_loss(params, model, batch, "large", 0.1, pairs_per_row=2)
+    total, (_, count, sums) = losses.reward_loss(params, model, batch, "large", 0.1, 2)
     scores = np.asarray(model.apply({"params": params}, batch["tokens"], batch["positions"],
                                     batch["segment_ids"]))  # fmt: skip
-    want, pairs = 0.0, 0
+    want, pairs, right = 0.0, 0, 0
     seg, rating = np.asarray(batch["segment_ids"]), np.asarray(batch["rating"])
     for row in range(2):
         for k in range(2):
@@ -211,9 +211,10 @@ def test_the_reward_loss_reads_each_pair_at_its_last_tokens(tokenizer_path):
             level = rating[row, ends[0]] - 1
             m = 0.0 if level < 0 else losses.MARGINS["large"][level]
             want += np.log1p(np.exp(-(c - r - m))) + 0.1 * (c + r) ** 2
-            pairs += 1
+            pairs, right = pairs + 1, right + int(c > r)
     assert count == pairs == 4
     np.testing.assert_allclose(total, want, rtol=1e-5)
+    assert sums["accuracy"] == right
 
 
 @pytest.mark.slow

@@ -202,7 +202,7 @@ def test_held_out_batches_come_from_one_iterator_rewound(tmp_path, monkeypatch):
     s = setup.build(config, setup.make_mesh(config))
     held_out = train.HeldOutLoss(s, s.local_rows())
     with llamax.sharding.use_mesh(s.mesh):
-        first, second = held_out(state.params), held_out(state.params)
+        first, second = held_out(state), held_out(state)
     assert first == second == read_metrics(str(tmp_path))[-1]["eval_loss"]
 
 

@@ -157,6 +157,17 @@ def example_tokens(
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
+def read_file(path: str) -> bytes:
+    """A file's bytes, gunzipped when it ends in .gz; a broken gzip file is a ValueError."""
+    data = fs.read_bytes(path)
+    if path.endswith(".gz"):
+        try:
+            data = gzip.GzipFile(fileobj=io.BytesIO(data)).read()
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+    return data
+
+
 def read_records(files: str) -> list[bytes]:
     """Every non-blank line of the jsonl(.gz) files the comma-separated glob patterns match,
     in sorted path order (parsed later, so that a bad line is one skipped record)."""
@@ -164,13 +175,7 @@ def read_records(files: str) -> list[bytes]:
 
     lines: list[bytes] = []
     for path in expand_patterns(files):
-        data = fs.read_bytes(path)
-        if path.endswith(".gz"):
-            try:
-                data = gzip.GzipFile(fileobj=io.BytesIO(data)).read()
-            except (OSError, EOFError) as e:
-                raise ValueError(f"{path}: not a readable gzip file ({e})") from None
-        lines += [line for line in data.splitlines() if line.strip()]
+        lines += [line for line in read_file(path).splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"No records in the files {files!r}")
     return lines

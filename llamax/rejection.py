@@ -1,0 +1,294 @@
+"""Rejection-sampling fine-tuning (Llama 2, Touvron et al. 2023, section 3.2.3), one round:
+K responses per prompt from the policy, each scored by a reward model, the best per prompt
+kept and written as chat SFT data, on which the policy is then fine-tuned.
+
+    llamax-reward sample --policy runs/sft --checkpoint runs/rm --prompts prompts.jsonl \
+        --k 4 --output round1.jsonl --report round1.json [--finetune CONFIG --workdir DIR]
+
+- `read_prompts`: jsonl records with a `prompt` (a question, or a dialog ending with the
+  user's turn); a bad line is an error naming it.
+- `sample`: K responses per prompt through the jitted generation path (`generation.generate`),
+  `batch_size` rows (prompt x sample) a call; each row samples its own random stream (rows
+  of a call draw independently, each call has its own key from `seed` and the call's index),
+  so K samples of a prompt differ at temperature > 0 and are K equal greedy answers at 0.
+  Each response is the policy's tokens up to its first EOS, decoded to text.
+- `score`: each (prompt, response) re-tokenized with the reward model's tokenizer in Meta's
+  chat format (`preference.response_tokens`) and scored at its last token
+  (`reward.score_sequences`). A response that cannot be an answer (empty, or holding the
+  chat format's special tags) gets no score (NaN) and is counted by reason.
+- `select`: the best-scoring response per prompt as a chat SFT record,
+  `{"messages": [*prompt, {"role": "assistant", "content": best}], "score": ...}` (what
+  `data.source=chat` reads); a prompt none of whose samples has a score is skipped and
+  counted. The report: prompts, samples, kept and skipped prompts, the mean reward of every
+  scored sample, the mean of each prompt's best, the max and min.
+- `write_dataset`: the records as jsonl, atomically (`fs.write_lines`: whole or not at all).
+
+The round's fine-tune. Decision: `llamax-reward sample --finetune CONFIG --workdir DIR` runs
+it in the same process, after the data is written: the config file's `get_config()` with
+`data.source="chat"`, `data.files=<output>`, `data.tokenizer=<the policy's tokenizer>` and
+`init_from=<policy>` (`finetune_config`), given to `train.run`, as `llamax-train --config
+CONFIG --workdir DIR --config.data.files=... --config.init_from=...` would. The policy and the
+reward model are released before training starts. `train` is a program, above this module's
+layer, so the command (an entry point) makes that call; this module only prepares the config.
+The two commands remain equivalent for runs that need llamax-train's own flags (several
+processes, overrides): sample with `llamax-reward sample`, then train with `llamax-train`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llamax import fs, generation, reward
+from llamax.data import chat, preference
+from llamax.data.chat import BadRecord
+
+log = logging.getLogger("llamax")
+
+GLOB_CHARACTERS = "*?[,"  # what data.files reads as patterns (or separators), not a name
+
+
+@dataclasses.dataclass
+class Samples:
+    """K responses per prompt: `texts` [N][K] (decoded, up to the first EOS) and `truncated`
+    bool [N, K] (stopped by `max_new_tokens`, before any EOS)."""
+
+    texts: list[list[str]]
+    truncated: np.ndarray
+
+
+@dataclasses.dataclass
+class Round:
+    """One round: the prompts (as dialogs awaiting the answer), every sample, its score (NaN:
+    none), the kept SFT records and the report."""
+
+    prompts: list[list[dict]]
+    samples: Samples
+    scores: np.ndarray
+    records: list[dict]
+    report: dict
+
+
+def read_prompts(path: str) -> list[dict]:
+    """The records of a jsonl(.gz) file of prompts, in order, blank lines left out; each a
+    JSON object with a `prompt` (a question or a dialog ending with the user's turn). A bad
+    line is a `ValueError` naming the file, the line and what is wrong."""
+    records = []
+    for number, line in enumerate(chat.read_file(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = chat.parse(line)
+            if "prompt" not in record:
+                raise BadRecord("malformed", 'a record needs a "prompt"')
+            preference.prompt_messages(record["prompt"])
+        except BadRecord as e:
+            detail = str(e) if str(e).startswith(e.reason) else f"{e.reason}: {e}"
+            raise ValueError(f"{path}: line {number}: {detail}") from None
+        records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts in the file")
+    return records
+
+
+def _call_seed(seed: int, call: int) -> int:
+    """The key of generation call `call` of a round of seed `seed`: distinct for every
+    (seed, call), so no two calls (of this round or another seed's) share a stream."""
+    return int(np.random.SeedSequence([seed, call]).generate_state(1)[0])
+
+
+def prompt_tokens(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
+    """Each prompt (a question, or a dialog ending with the user's turn) as Meta's chat
+    format tokenizes it awaiting the answer (`generation.chat_tokens`)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        try:
+            out.append(generation.chat_tokens(preference.prompt_messages(prompt), tokenizer))
+        except ValueError as e:  # a BadRecord, or chat_tokens' own
+            raise ValueError(f"prompt {i}: {e}") from None
+    return out
+
+
+def sample(
+    model,
+    params,
+    tokenizer,
+    prompts: Sequence[Any],
+    k: int,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> Samples:
+    """`k` responses to each prompt from the policy (`model`, `params`, a language model),
+    `batch_size` rows a generation call (a call's last rows are filled with copies, so every
+    call has one batch shape), decoded with `tokenizer`. A log line per call."""
+    if k < 1 or batch_size < 1:
+        raise ValueError(f"k and batch_size must be positive, got {k} and {batch_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if model.config.head != "lm":
+        raise ValueError("sampling needs a language model (LlamaConfig.head 'lm') as policy")
+    if temperature == 0 and k > 1:
+        log.warning("temperature 0: the %d samples of each prompt are the same greedy answer", k)
+    tokens = prompt_tokens(prompts, tokenizer)
+    rows = [(i, j) for i in range(len(tokens)) for j in range(k)]
+    texts = [[""] * k for _ in tokens]
+    truncated = np.zeros((len(tokens), k), bool)
+    calls = -(-len(rows) // batch_size)
+    for call in range(calls):
+        chunk = rows[call * batch_size : (call + 1) * batch_size]
+        ids = [tokens[i] for i, _ in chunk]
+        out = generation.generate(
+            model, params, ids + [ids[-1]] * (batch_size - len(ids)),
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            seed=_call_seed(seed, call), eos_id=tokenizer.eos_id,
+        )  # fmt: skip
+        for (i, j), new in zip(chunk, out, strict=False):
+            texts[i][j] = tokenizer.decode(new)
+            truncated[i, j] = len(new) == max_new_tokens
+        done = (call * batch_size + len(chunk)) // k
+        log.info("rejection sampling: %d/%d prompts sampled (%d of %d generation calls)",
+                 done, len(tokens), call + 1, calls)  # fmt: skip
+    return Samples(texts, truncated)
+
+
+def score(
+    model, params, tokenizer, prompts: Sequence[Any], texts: Sequence[Sequence[str]],
+    batch_size: int = 8,
+) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
+    """(float32 [N, K]: each response's reward, NaN where it has none; the responses without
+    one, counted by reason). Each is re-tokenized with the reward model's `tokenizer` as the
+    assistant's answer to its prompt and scored at its last token."""
+    n, k = len(texts), max((len(t) for t in texts), default=0)
+    if len(prompts) != n or any(len(t) != k for t in texts):
+        raise ValueError("score needs one list of K responses per prompt, K the same for all")
+    sequences, where, unscored = [], [], collections.Counter()
+    for i, (prompt, responses) in enumerate(zip(prompts, texts, strict=True)):
+        for j, text in enumerate(responses):
+            try:
+                sequences.append(preference.response_tokens(prompt, text, tokenizer)[0])
+            except BadRecord as e:
+                unscored[e.reason] += 1
+                continue
+            where.append((i, j))
+    log.info("rejection sampling: scoring %d responses (%d without a score)",
+             len(sequences), sum(unscored.values()))  # fmt: skip
+    scores = np.full((n, k), np.nan, np.float32)
+    if sequences:
+        values = reward.score_sequences(model, params, sequences, batch_size)
+        for (i, j), value in zip(where, values, strict=True):
+            scores[i, j] = value
+    return scores, dict(unscored)
+
+
+def select(
+    prompts: Sequence[Any], texts: Sequence[Sequence[str]], scores: np.ndarray
+) -> tuple[list[dict], dict]:
+    """(the chat SFT record of each prompt's best-scoring response, the report). A record is
+    `{"messages": [*prompt, {"role": "assistant", "content": best}], "score": its reward,
+    "prompt_index": i}`; a prompt none of whose responses has a score is skipped. The first
+    of equal best scores is kept."""
+    scores = np.asarray(scores, np.float32)
+    if scores.ndim != 2 or scores.shape[0] != len(prompts):
+        raise ValueError(f"scores must be [prompts, K]; got {scores.shape} for {len(prompts)}")
+    records, best = [], []
+    for i, prompt in enumerate(prompts):
+        row = scores[i]
+        if np.isnan(row).all():
+            continue
+        j = int(np.nanargmax(row))
+        answer = {"role": "assistant", "content": texts[i][j]}
+        messages = [*preference.prompt_messages(prompt), answer]
+        records.append({"messages": messages, "score": float(row[j]), "prompt_index": i})
+        best.append(float(row[j]))
+    scored = scores[~np.isnan(scores)]
+
+    def stat(values, f):
+        return float(f(values)) if len(values) else None
+
+    report = {
+        "prompts": len(prompts), "samples_per_prompt": int(scores.shape[1]),
+        "samples": int(scores.size), "scored": int(scored.size),
+        "kept": len(records), "skipped": len(prompts) - len(records),
+        "mean_reward": stat(scored, np.mean), "mean_best_reward": stat(best, np.mean),
+        "max_reward": stat(scored, np.max), "min_reward": stat(scored, np.min),
+    }  # fmt: skip
+    return records, report
+
+
+def run_round(
+    policy: tuple, reward_model: tuple, prompts: Sequence[Any], k: int, batch_size: int = 8,
+    **sampling,
+) -> Round:  # fmt: skip
+    """One round with both models loaded: `policy` and `reward_model` are each `(model,
+    params, tokenizer)`; `sampling` is `sample`'s settings (temperature, top_p, top_k,
+    max_new_tokens, seed)."""
+    samples = sample(*policy, prompts, k, batch_size=batch_size, **sampling)
+    return finish_round(reward_model, prompts, samples, batch_size)
+
+
+def finish_round(reward_model: tuple, prompts: Sequence[Any], samples: Samples,
+                 batch_size: int = 8) -> Round:  # fmt: skip
+    """The scoring and selection of a round whose samples are drawn (the policy may be
+    released first): `reward_model` is `(model, params, tokenizer)`."""
+    scores, unscored = score(*reward_model, prompts, samples.texts, batch_size)
+    records, report = select(prompts, samples.texts, scores)
+    report.update(unscored=unscored, truncated=int(samples.truncated.sum()))
+    messages = [preference.prompt_messages(p) for p in prompts]
+    return Round(messages, samples, scores, records, report)
+
+
+def write_dataset(path: str, records: Sequence[dict]) -> None:
+    """The SFT records as jsonl at `path`, whole or not at all; refused when there are none
+    (a round in which no prompt had a scored response has nothing to fine-tune on)."""
+    if not records:
+        raise ValueError(
+            f"No prompt has a response with a score (every sample empty or unusable): nothing "
+            f"to fine-tune on; {path} was not written"
+        )
+    fs.write_lines(path, [json.dumps(r, ensure_ascii=False) + "\n" for r in records])
+
+
+def summary(report: dict) -> str:
+    """One line of a round's report: its rewards and counts."""
+
+    def show(x):
+        return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+    return (
+        f"{report['prompts']} prompts x {report['samples_per_prompt']} samples: mean reward "
+        f"{show(report['mean_reward'])}, mean best {show(report['mean_best_reward'])}, max "
+        f"{show(report['max_reward'])}; {report['kept']} kept, {report['skipped']} skipped"
+    )
+
+
+def finetune_config(c, data_path: str, policy: str, tokenizer_path: str):
+    """The round's fine-tuning config: a copy of the experiment config `c` (a chat SFT
+    recipe, say) training the policy (`init_from`) on the round's data (`data.source` chat,
+    `data.files`), tokenized with the policy's tokenizer."""
+    if any(ch in data_path for ch in GLOB_CHARACTERS):
+        raise ValueError(
+            f"--output {data_path}: data.files reads {GLOB_CHARACTERS!r} as patterns; write the "
+            "round's data to a path without them to fine-tune on it"
+        )
+    if (c.model.get("head") or "lm") != "lm":
+        raise ValueError(f"the fine-tune config has model.head {c.model.head!r}; it trains the "
+                         "policy, a language model: model.head 'lm'")  # fmt: skip
+    c = c.copy_and_resolve_references()
+    c.data.source = "chat"
+    c.data.files = data_path
+    c.data.tfds_name = ""
+    c.data.tokenizer = tokenizer_path
+    c.init_from = policy
+    return c
