@@ -168,7 +168,7 @@ def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     resolved = json.loads(c.to_json_best_effort())
     resolved["model"]["resolved"] = experiment.model_config(c).to_dict()
     fs.write_json(fs.join(workdir, "config.json"), resolved, indent=2, sort_keys=True)
-    if c.data.source in ("tfds", "chat") and c.data.tokenizer:
+    if c.data.source in ("tfds", "chat", "preference") and c.data.tokenizer:
         fs.copy_file(fs.expand(c.data.tokenizer), fs.join(workdir, "tokenizer.model"))
 
 

@@ -108,6 +108,7 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
     c.init_from = lm
     train.run(c, str(tmp_path / "dpo"))
     records = read_metrics(str(tmp_path / "dpo"))
+    assert (tmp_path / "dpo" / "tokenizer.model").exists()  # for llamax-generate, -reward
     np.testing.assert_allclose(records[0]["loss"], math.log(2), atol=1e-5)
     assert abs(records[0]["reward_margin"]) < 1e-4
     assert records[-1]["loss"] < records[0]["loss"] - 0.05
