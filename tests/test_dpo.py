@@ -118,3 +118,26 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          start, trained)  # fmt: skip
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_accumulated_dpo_steps_equal_one_big_batch(tokenizer_path):
+    """Gradient accumulation sums DPO's extra metrics with the loss: the same step on 2
+    micro-batches as on one."""
+    import optax
+
+    from llamax import step
+
+    batch = _batch(tokenizer_path, n=16, rows=4)
+    model, params = llamax.Llama(CONFIG), random_params(CONFIG, seed=4)
+    reference = random_params(CONFIG, seed=5)
+    tx = optax.sgd(0.1)
+    state = step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                            opt_state=tx.init(params), reference=reference)  # fmt: skip
+    loss_fn = lambda *a, **k: losses.dpo_objective(*a, beta=0.2, pairs_per_row=2, **k)  # noqa: E731
+    out = [step.train_step(state, batch, model=model, tx=tx, schedule=lambda _: 0.1,
+                           loss_fn=loss_fn, grad_accum_steps=a) for a in (1, 2)]  # fmt: skip
+    (one, m1), (two, m2) = out
+    for name in ("loss", "grad_norm", "reward_accuracy", "reward_margin", "chosen_logp"):
+        np.testing.assert_allclose(m1[name], m2[name], rtol=1e-4, err_msg=name)
+    assert m1["target_tokens"] == 8 and float(m1["reward_margin"]) != 0.0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), one.params, two.params)
