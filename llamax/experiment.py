@@ -84,7 +84,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.accept_changes = False
     c.checkpoint = checkpoint.default_config()
     # LoRA: train low-rank adapters of the `targets` weights (comma-separated among wq wk wv
-    # wo w1 w2 w3) on the frozen `init_from` base, held in `base_dtype`; rank 0: train every
+    # wo w1 w2 w3) on the frozen `init_from` base, held in `base_dtype` (a reward model's
+    # score head trains beside them, as PEFT's modules_to_save); rank 0: train every
     # parameter (full fine-tuning, pretraining).
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0
@@ -157,8 +158,6 @@ def check(c: ml_collections.ConfigDict) -> None:
     beta = c.dpo.beta
     if not (isinstance(beta, int | float) and 0 < beta < float("inf")):
         errors.append(f"dpo.beta must be a finite number > 0, got {beta!r}")
-    if head == "score" and c.lora.rank:
-        errors.append("lora.rank > 0: LoRA reward models are not built; train every parameter")
     if c.reward.margins not in losses.MARGINS:
         errors.append(f"reward.margins must be one of {sorted(losses.MARGINS)}, got "
                       f"{c.reward.margins!r}")  # fmt: skip

@@ -8,18 +8,19 @@ are parameters of the same modules as their weights (`wq_lora_a`, `wq_lora_b`), 
 base weight's logical axes and `lora_rank` (never split) for r, so they shard with them and
 the layer scan, remat and the KV cache work unchanged.
 
-`split` separates a parameter tree into the frozen base and the adapters, `combine` joins
-them again, and `merge` folds the adapters into the base weights (W + s A B): a plain
-checkpoint that any Llama runs. `quantize` holds a frozen base's layer matrices in int8 or in
-QLoRA's 4-bit NormalFloat (nf4), and `dequantize` gives them back (see "a quantized frozen
-base" below).
+`split` separates a parameter tree into the frozen base and what trains (the adapters, and
+any parameters named to train whole beside them: PEFT's `modules_to_save`, a reward model's
+score head), `combine` joins them again, and `merge` folds the adapters into the base weights
+(W + s A B): a plain checkpoint that any Llama runs. `quantize` holds a frozen base's layer
+matrices in int8 or in QLoRA's 4-bit NormalFloat (nf4), and `dequantize` gives them back (see
+"a quantized frozen base" below).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -98,21 +99,27 @@ def is_adapter(name: str) -> bool:
     return name.endswith(SUFFIXES)
 
 
-def _partition(params, keep_adapters: bool):
+def _partition(params, keep_trained: bool, trained: Collection[str] = ()):
     out = {}
     for name, value in params.items():
-        if isinstance(value, Mapping):
-            sub = _partition(value, keep_adapters)
+        if name in trained:  # a whole parameter (or module) that trains
+            if keep_trained:
+                out[name] = value
+        elif isinstance(value, Mapping):
+            sub = _partition(value, keep_trained)
             if sub:
                 out[name] = sub
-        elif is_adapter(name) == keep_adapters:
+        elif is_adapter(name) == keep_trained:
             out[name] = value
     return out
 
 
-def split(params) -> tuple[dict, dict]:
-    """(base, adapters): the parameter tree without and with only the `*_lora_a/_b` leaves."""
-    return _partition(params, False), _partition(params, True)
+def split(params, trained: Collection[str] = ()) -> tuple[dict, dict]:
+    """(base, trained): the parameter tree without and with the `*_lora_a/_b` leaves and the
+    top-level parameters named in `trained`, which train whole beside the adapters (PEFT's
+    `modules_to_save`; `llamax.model.trained_with_adapters` names a model's). Without
+    `trained`, (everything but the adapters, the adapters)."""
+    return _partition(params, False, trained), _partition(params, True, trained)
 
 
 def combine(base, adapters) -> dict:

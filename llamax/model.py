@@ -346,6 +346,15 @@ def init_cache(
     }
 
 
+def trained_with_adapters(config: LlamaConfig) -> tuple[str, ...]:
+    """The parameters that train whole beside LoRA's adapters, from the model's head (PEFT's
+    `modules_to_save`): a reward model's score head, which its base (a language model's body)
+    does not hold or holds untrained; a language model's, none (its output stays the base's).
+    `llamax.lora.split(params, trained_with_adapters(config))` is (the frozen base, what
+    trains); a LoRA run's checkpoints, exports and merges carry both kinds."""
+    return ("score",) if config.head == "score" else ()
+
+
 def abstract_params(model: Llama):
     """`jax.eval_shape` of the parameters, boxed with their logical axis names; no memory used."""
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)

@@ -26,7 +26,7 @@ from llamax import fs, lora, sharding
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
 from llamax.lora import LoraConfig
-from llamax.model import Llama, abstract_params
+from llamax.model import Llama, abstract_params, trained_with_adapters
 
 
 def checkpoint_dir(path: str) -> str:
@@ -102,9 +102,10 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def check_shapes(saved, abstract_params, where: str) -> None:
+def check_shapes(saved, abstract_params, where: str, partial: bool = False) -> None:
     """Names the first parameter whose shape differs between a checkpoint's metadata (`saved`)
-    and the model's abstract parameters."""
+    and the model's abstract parameters; `partial`: of the model's only (the checkpoint may
+    hold more)."""
     saved_flat = {
         _path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]
     }
@@ -112,7 +113,8 @@ def check_shapes(saved, abstract_params, where: str) -> None:
         _path_name(p): tuple(x.shape)
         for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     }
-    for name in sorted(set(saved_flat) | set(want_flat)):
+    names = set(want_flat) if partial else set(saved_flat) | set(want_flat)
+    for name in sorted(names):
         if saved_flat.get(name) != want_flat.get(name):
             raise ValueError(
                 f"Checkpoint {where} does not fit the model: parameter {name!r} has shape "
@@ -128,16 +130,26 @@ def with_shardings(tree, shardings):
     )
 
 
-def restore_params(path: str, abstract, shardings, what: str = "checkpoint"):
+def restore_params(path: str, abstract, shardings, what: str = "checkpoint", partial: bool = False):
     """(parameters, step) of the latest checkpoint under `path` (a workdir or a converted
     checkpoint), cast to `abstract`'s dtypes and placed on `shardings`: `init_from` and
-    `load_pretrained`."""
+    `load_pretrained`. `partial`: `abstract`'s parameters only, each of which the checkpoint
+    must hold, the others it holds left unread (a language model's body without its output,
+    a LoRA base without the head that trains beside the adapters)."""
     item, step = _params_item(path, what)
-    handler = ocp.StandardCheckpointHandler()
-    check_shapes(handler.metadata(item), abstract, str(item.parent))
+    check_shapes(ocp.StandardCheckpointHandler().metadata(item), abstract, str(item.parent),
+                 partial)  # fmt: skip
+    target = with_shardings(abstract, shardings)
+    if partial:
+        handler = ocp.PyTreeCheckpointHandler()
+        args = ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )  # fmt: skip
+    else:
+        handler, args = ocp.StandardCheckpointHandler(), ocp.args.StandardRestore(target)
     with ocp.Checkpointer(handler) as checkpointer:
-        target = ocp.args.StandardRestore(with_shardings(abstract, shardings))
-        return checkpointer.restore(item, args=target), step
+        return checkpointer.restore(item, args=args), step
 
 
 def lora_run(path: str) -> tuple[LoraConfig, str] | None:
@@ -187,15 +199,19 @@ def _recorded_base(path: str) -> dict | None:
     return meta.get("lora_base") if isinstance(meta, dict) else None
 
 
-def read_adapters(path: str, config: LlamaConfig) -> tuple[dict, LoraConfig]:
-    """LoRA adapters for a base of `config` (float32 numpy, layers stacked) and their config:
-    a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`), or the
-    workdir of a llamax LoRA run (its latest checkpoint); clear errors for anything else and
-    for adapters of another model's shapes."""
+def read_adapters(path: str, config: LlamaConfig) -> tuple[dict, LoraConfig, LlamaConfig]:
+    """LoRA adapters for a base of `config` (float32 numpy, layers stacked), their config, and
+    the model they make of the base: a PEFT adapter directory (`adapter_config.json` +
+    `adapter_model.safetensors`), or the workdir of a llamax LoRA run (its latest checkpoint);
+    clear errors for anything else and for adapters of another model's shapes. The tree holds
+    the parameters trained beside the adapters too (`model.trained_with_adapters`: a reward
+    model's score head, PEFT's `modules_to_save`), and the model's head is the adapters' (a
+    LoRA reward model on a language model's body is a reward model)."""
     from llamax.convert import peft
 
     if fs.isfile(fs.join(path, peft.CONFIG_FILE)):
-        return peft.import_adapters(path, config)
+        tree, adapters_config = peft.import_adapters(path, config)
+        return tree, adapters_config, peft.adapted_config(config, tree)
     if not fs.isdir(path):
         raise FileNotFoundError(f"adapters: no directory at {path}")
     if lora_run(path) is None:
@@ -204,20 +220,25 @@ def read_adapters(path: str, config: LlamaConfig) -> tuple[dict, LoraConfig]:
             "nor the workdir of a llamax LoRA run (lora.rank > 0)"
         )
     adapters, adapters_config, _ = run_adapters(path)
-    want = lora.split(abstract_params(Llama(config, Execution(), adapters_config)))[1]
+    adapted = config.replace(head=read_model_config(path).head)
+    want = lora.split(abstract_params(Llama(adapted, Execution(), adapters_config)),
+                      trained_with_adapters(adapted))[1]  # fmt: skip
     check_shapes(adapters, nn.unbox(want), path)
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), adapters), adapters_config
+    tree = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
+    return tree, adapters_config, adapted
 
 
 def run_adapters(path: str) -> tuple[dict, LoraConfig, str]:
-    """(adapters as numpy arrays, layers stacked; LoRA config; base path) of a LoRA run's
-    latest checkpoint, read leaf by leaf."""
+    """(what a LoRA run trained as numpy arrays, layers stacked: its adapters, and the
+    parameters trained beside them, `model.trained_with_adapters`; its LoRA config; its base
+    path) from the run's latest checkpoint, read leaf by leaf."""
     adapted = lora_run(path)
     if adapted is None:
         raise ValueError(f"{path} is not the workdir of a LoRA run (lora.rank > 0)")
     adapters_config, base = adapted
-    model = Llama(read_model_config(path), Execution(), adapters_config)
-    want = nn.unbox(lora.split(abstract_params(model))[1])
+    config = read_model_config(path)
+    model = Llama(config, Execution(), adapters_config)
+    want = nn.unbox(lora.split(abstract_params(model), trained_with_adapters(config))[1])
     open_leaf = open_param_leaves(path)
 
     def read(keys, x):
@@ -246,7 +267,9 @@ def load_pretrained(
     LoRA: `adapters` (a PEFT adapter directory or a LoRA run's workdir) are merged into the
     base `path`'s weights (W + s A B, in float32); a LoRA run's workdir given as `path` reads as
     its recorded base with its adapters. Adapters of a llamax run must meet the base they
-    were trained on (its manifest checksum, else its step)."""
+    were trained on (its manifest checksum, else its step). Adapters that trained a head
+    beside them (a LoRA reward model's score head) bring it: the model has their head, its
+    body read from the base (a language model's, without its output)."""
     adapted = lora_run(path)
     if adapted is not None:  # a LoRA run: its base, with the adapters merged in
         if adapters:
@@ -258,16 +281,25 @@ def load_pretrained(
     config = read_model_config(path)
     stored = np.dtype(jax.tree.leaves(saved_params(path))[0].dtype).name
     run = Execution(dtype=dtype, param_dtype=stored, attention="auto")
-    model = Llama(config, run.replace(**execution))
     mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    boxed = abstract_params(model)
-    params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
     if not adapters:
+        model = Llama(config, run.replace(**execution))
+        boxed = abstract_params(model)
+        params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
         return model, params
-    tree, adapters_config = read_adapters(adapters, config)
+    tree, adapters_config, config = read_adapters(adapters, config)
     if lora_run(adapters) is not None:
         check_same_base(_recorded_base(adapters), path, "the base")
-    boxed = lora.split(abstract_params(Llama(config, model.execution, adapters_config)))[1]
+    model = Llama(config, run.replace(**execution))
+    trained = trained_with_adapters(config)
+    base, boxed = lora.split(abstract_params(Llama(config, model.execution, adapters_config)),
+                             trained)  # fmt: skip
+    params, _ = restore_params(path, nn.unbox(base), sharding.tree_shardings(base, mesh),
+                               partial=True)  # fmt: skip
+    # What trained beside the adapters in the base's stored dtype, as the merged weights
+    # will be (the adapters stay float32 until the merge).
+    tree = {k: jax.tree.map(lambda x: x.astype(stored), v) if k in trained else v
+            for k, v in tree.items()}  # fmt: skip
     tree = jax.device_put(tree, sharding.tree_shardings(boxed, mesh))
     return model, lora.merge(lora.combine(params, tree), adapters_config)
 
@@ -316,7 +348,8 @@ def load_with_tokenizer(
     model, params = load_pretrained(path, dtype=dtype, adapters=adapters, **execution)
     if model.config.head != head:
         kinds = {"lm": "a language model", "score": "a reward model (a score head)"}
-        raise ValueError(f"{path} is {kinds[model.config.head]}; this needs {kinds[head]}")
+        what = f"{path} with the adapters {adapters}" if adapters else path
+        raise ValueError(f"{what} is {kinds[model.config.head]}; this needs {kinds[head]}")
     own = fs.join(path, "tokenizer.model")
     if tokenizer and fs.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
         raise ValueError(

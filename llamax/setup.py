@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax import checkpoint, experiment, lora, losses, optim, pretrained, sharding, step
 from llamax import data as data_lib
-from llamax.model import Llama, abstract_params
+from llamax.model import Llama, abstract_params, trained_with_adapters
 from llamax.step import TrainState
 
 log = logging.getLogger("llamax")
@@ -61,11 +61,12 @@ def state_shardings(
     reference: bool = False,
 ):
     """The abstract train state (shapes and dtypes) and its shardings; no memory used. With
-    LoRA the parameters are the adapters and `frozen` the base, in `frozen_dtype`; with a
+    LoRA the parameters are the adapters and what trains beside them (a reward model's score
+    head: `trained_with_adapters`), and `frozen` the rest, the base, in `frozen_dtype`; with a
     `reference` model (DPO), its parameters, shaped and sharded like them."""
     boxed, frozen = abstract_params(model), None
     if model.lora is not None:
-        frozen, boxed = lora.split(boxed)
+        frozen, boxed = lora.split(boxed, trained_with_adapters(model.config))
     param_shardings = sharding.tree_shardings(boxed, mesh)
     # optax mirrors the boxed parameters in its moments, so they get the same logical names.
     opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh)
@@ -141,22 +142,29 @@ class Setup:
         """The abstract state placed on its shardings: what ahead-of-time compiles take."""
         return pretrained.with_shardings(self.abstract, self.shardings)
 
-    def init_state(self, rng: jax.Array, params=None, frozen=None) -> TrainState:
+    def init_state(self, rng: jax.Array, params=None, frozen=None, start=None) -> TrainState:
         """The train state born sharded: random parameters, or `params` (`init_from`); with
-        LoRA, fresh adapters on the `frozen` base; and the reference model a task needs."""
+        LoRA, fresh adapters on the `frozen` base, and what trains beside them (a reward
+        model's score head) fresh too, or as in `start` (`init_from`'s); and the reference
+        model a task needs."""
 
-        def init(r, p, frozen):
+        def init(r, p, frozen, start):
             if p is None:
                 p = flax.linen.unbox(self.model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
-                if frozen is not None:  # the adapters only: XLA drops the base's initialization
-                    p = lora.split(p)[1]
+                if frozen is not None:  # what trains only: XLA drops the base's initialization
+                    p = lora.combine(lora.split(p, self._trained)[1], start or {})
             return TrainState(step=jnp.zeros((), jnp.int32), params=p,
                               opt_state=self.tx.init(p), frozen=frozen)  # fmt: skip
 
         shardings = self.shardings.replace(reference=None)
         with sharding.use_mesh(self.mesh):
-            state = jax.jit(init, out_shardings=shardings)(rng, params, frozen)
+            state = jax.jit(init, out_shardings=shardings)(rng, params, frozen, start)
         return state.replace(reference=self._reference())
+
+    @property
+    def _trained(self) -> tuple[str, ...]:
+        """The parameters that train whole beside LoRA's adapters (`trained_with_adapters`)."""
+        return trained_with_adapters(self.model.config)
 
     def _reference(self):
         """The reference model's parameters (None when the task has none or, as with LoRA,
@@ -192,59 +200,80 @@ class Setup:
         rng = jax.random.key(self.c.train.seed)
         if frozen is not None:
             log.info("LoRA adapters (%s) on the frozen base %s", self.model.lora, self.c.init_from)
-            return self.init_state(rng, frozen=frozen), {}
+            return self.init_state(rng, frozen=frozen, start=self._trained_from_init()), {}
         if not self.c.init_from:
             return self.init_state(rng), {}
         params, from_step = self._pretrained_params(rng)
         log.info("initialized from the parameters of %s (step %d)", self.c.init_from, from_step)
         return self.init_state(rng, params), {}
 
+    def _new_head(self) -> bool:
+        """A reward model started from a language model's checkpoint (as Llama 2's start from
+        their chat models): the body is read from it, the score head is new (initialized as
+        the model initializes it: the first scores near 0)."""
+        saved = pretrained.saved_params(self.c.init_from, "init_from")
+        new = self.model.config.head == "score" and "score" not in saved and "output" in saved
+        if new:
+            log.info("a reward model on the language model %s: its body, a new score head",
+                     self.c.init_from)  # fmt: skip
+        return new
+
     def _pretrained_params(self, rng: jax.Array):
-        """(`init_from`'s parameters on their shardings, its step). A reward model started
-        from a language model (as Llama 2's start from its chat models) takes the body and a
-        new score head, initialized as the model initializes it."""
-        init_from, config = self.c.init_from, self.model.config
-        saved = pretrained.saved_params(init_from, "init_from")
-        if config.head != "score" or "output" not in saved or "score" in saved:
+        """(`init_from`'s parameters on their shardings, its step); a reward model's new score
+        head on a language model's body (`_new_head`)."""
+        init_from = self.c.init_from
+        if not self._new_head():
             return pretrained.restore_params(
                 init_from, self.abstract.params, self.shardings.params, what="init_from"
             )
-        lm = abstract_params(self.model.clone(config=config.replace(head="lm")))
-        output = flax.linen.unbox(lm)["output"]
-        output = jax.ShapeDtypeStruct(output.shape, self.abstract.params["score"].dtype)
-        abstract = {**self.abstract.params, "output": output}
-        shardings = {**self.shardings.params,
-                     "output": sharding.tree_shardings(lm, self.mesh)["output"]}  # fmt: skip
-        del abstract["score"], shardings["score"]
-        params, from_step = pretrained.restore_params(init_from, abstract, shardings, "init_from")
-        del params["output"]
+        body = {k: v for k, v in self.abstract.params.items() if k != "score"}
+        shardings = {k: v for k, v in self.shardings.params.items() if k != "score"}
+        params, from_step = pretrained.restore_params(
+            init_from, body, shardings, "init_from", partial=True
+        )
 
         def score(r):
             zeros = jnp.zeros((1, 1), jnp.int32)
             return flax.linen.unbox(self.model.init(r, zeros)["params"])["score"]
 
         params["score"] = jax.jit(score, out_shardings=self.shardings.params["score"])(rng)
-        log.info("a reward model on the language model %s: its body, a new score head", init_from)
         return params, from_step
 
+    def _trained_from_init(self):
+        """With LoRA, `init_from`'s values of the parameters that train beside the adapters (a
+        reward model's score head, when `init_from` is a reward model), or None: they start
+        fresh (none there, or a new head on a language model's body: `_new_head`)."""
+        beside, _ = lora.split(self.abstract.params)  # what trains, less the adapters
+        if not beside or self._new_head():
+            return None
+        shardings, _ = lora.split(self.shardings.params)
+        start, _ = pretrained.restore_params(
+            self.c.init_from, beside, shardings, "init_from", partial=True
+        )
+        log.info("%s trained beside the adapters from %s", sorted(beside), self.c.init_from)
+        return start
+
     def _frozen_base(self):
-        """LoRA's base, read from `init_from` onto its shardings (None without LoRA)."""
+        """LoRA's base, read from `init_from` onto its shardings (None without LoRA): every
+        parameter but those that train (a reward model's base: the body, without whichever
+        head `init_from` has)."""
         if self.abstract.frozen is None:
             return None
         if self.model.execution.weight_quantization == "none":
             base, _ = pretrained.restore_params(
-                self.c.init_from, self.abstract.frozen, self.shardings.frozen, what="init_from"
-            )
+                self.c.init_from, self.abstract.frozen, self.shardings.frozen, "init_from",
+                partial=True,
+            )  # fmt: skip
             return base
         # Quantized: read as the float weights the checkpoint holds (in bfloat16), then
         # quantized on the mesh one matrix at a time, each float matrix let go once quantized
         # (so that the float base and the quantized one never exist whole at once).
         quantization = self.model.execution.weight_quantization
         plain = self.model.clone(execution=self.model.execution.replace(weight_quantization="none"))
-        boxed = lora.split(abstract_params(plain))[0]
+        boxed = lora.split(abstract_params(plain), self._trained)[0]
         base, _ = pretrained.restore_params(
             self.c.init_from, _frozen_abstract(boxed, "bfloat16"),
-            sharding.tree_shardings(boxed, self.mesh), what="init_from",
+            sharding.tree_shardings(boxed, self.mesh), what="init_from", partial=True,
         )  # fmt: skip
 
         def visit(tree, shardings):  # empties `tree` (the restored dicts) as it goes

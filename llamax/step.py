@@ -31,7 +31,7 @@ def _sums(aux) -> tuple[jax.Array, jax.Array, dict]:
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any  # what trains: every parameter, or LoRA's adapters
+    params: Any  # what trains: every parameter, or LoRA's adapters (and a reward model's head)
     opt_state: Any
     # Parameters that do not train (LoRA's base): joined to `params` for the loss, passed
     # through the step unchanged, never checkpointed with the run.
@@ -58,9 +58,10 @@ def train_step(
 
     The loss is the mean over every valid target token of the whole global batch, so
     accumulation gives the gradient of one big batch. The gradient is of `state.params` only
-    (with LoRA: the adapters; `state.frozen` joins them for the loss). A task with a
-    reference model (DPO) gets the state's as the loss's `reference`. A model with LoRA
-    dropout gets a dropout key from `dropout_seed`, the step and the micro-batch.
+    (with LoRA: the adapters and any head trained beside them; `state.frozen` joins them for
+    the loss). A task with a reference model (DPO) gets the state's as the loss's
+    `reference`. A model with LoRA dropout gets a dropout key from `dropout_seed`, the step
+    and the micro-batch.
     """
     dropout = getattr(model, "lora", None) is not None and model.lora.dropout > 0
     step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)

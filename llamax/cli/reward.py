@@ -3,6 +3,10 @@
     llamax-reward score --checkpoint runs/7b-rm --input answers.jsonl --output scored.jsonl
     llamax-reward eval --checkpoint runs/7b-rm --pairs held_out.jsonl --output eval/7b-rm
 
+A LoRA reward model's run is a checkpoint as any other (its base with the adapters merged and
+its own score head); `--adapters` puts a reward model's LoRA adapters (a PEFT sequence
+classifier's directory, or a llamax LoRA reward run) on the base `--checkpoint` instead.
+
 `score` reads jsonl records with a `prompt` (a question, or a dialog ending with the user's
 turn) and a `response`, and writes each record with its `score` added, in order; a bad record
 is an error naming its line, and nothing is written. `eval` reads preference pairs (as
@@ -42,10 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--tokenizer", help="default: CHECKPOINT/tokenizer.model")
     common.add_argument("--batch-size", type=int, default=8)
     add_execution_flags(common)
-    score = sub.add_parser("score", parents=[common], help="score prompt/response records")
+    scoring = argparse.ArgumentParser(add_help=False, parents=[common])
+    scoring.add_argument("--adapters", help="a reward model's LoRA adapters on the checkpoint: "
+                         "PEFT dir or run")  # fmt: skip
+    score = sub.add_parser("score", parents=[scoring], help="score prompt/response records")
     score.add_argument("--input", required=True, help="jsonl of {prompt, response}")
     score.add_argument("--output", required=True, help="jsonl: each record with its score")
-    evaluate = sub.add_parser("eval", parents=[common], help="accuracy on preference pairs")
+    evaluate = sub.add_parser("eval", parents=[scoring], help="accuracy on preference pairs")
     evaluate.add_argument("--pairs", required=True, help="jsonl of {prompt, chosen, rejected}")
     evaluate.add_argument("--output", required=True, help="directory for the JSON and PNG")
     evaluate.add_argument("--label", help="name in the plot (default: the checkpoint's)")
@@ -88,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model, params, tokenizer = load_with_tokenizer(
-            args.checkpoint, args.tokenizer, dtype=args.dtype, head="score",
-            attention=args.attention,
+            args.checkpoint, args.tokenizer, dtype=args.dtype, adapters=args.adapters,
+            head="score", attention=args.attention,
         )  # fmt: skip
         if args.command == "score":
             records, sequences = [], []
@@ -114,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                 model, params, tokenizer, chat.read_records(args.pairs), args.batch_size
             )
             result = reward.accuracy_by_rating(scores, ratings)
-            label = args.label or os.path.basename(fs.absolute(args.checkpoint))
-            result.update(checkpoint=args.checkpoint, pairs_file=args.pairs, skipped=skipped)
+            label = args.label or os.path.basename(fs.absolute(args.adapters or args.checkpoint))
+            result.update(checkpoint=args.checkpoint, adapters=args.adapters,
+                          pairs_file=args.pairs, skipped=skipped)  # fmt: skip
             fs.makedirs(args.output)
             fs.write_json(fs.join(args.output, "accuracy.json"), result, indent=1)
             reward.plot_accuracy({label: result}, fs.join(args.output, "accuracy.png"))

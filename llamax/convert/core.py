@@ -33,7 +33,7 @@ def read(fmt: str, directory: str, base: str | None = None) -> tuple[LlamaConfig
             raise ValueError("--from peft needs --base: the llamax checkpoint the adapters fit")
         config, tensors = native.read(base)
         adapters, lora = peft.import_adapters(directory, config)
-        return config, peft.merged_tensors(config, tensors, adapters, lora)
+        return peft.merged_tensors(config, tensors, adapters, lora)
     if fmt not in _READERS:
         raise ValueError(f"Unknown format {fmt!r}; expected one of {(*FORMATS, 'peft')}")
     return _READERS[fmt](directory)

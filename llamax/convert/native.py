@@ -47,7 +47,7 @@ def read(path: str) -> tuple[LlamaConfig, Tensors]:
 
         adapters, adapters_config, base = pretrained.run_adapters(path)
         config, tensors = read(base)
-        return config, peft.merged_tensors(config, tensors, adapters, adapters_config)
+        return peft.merged_tensors(config, tensors, adapters, adapters_config)
     config = pretrained.read_model_config(path)
     open_leaf = pretrained.open_param_leaves(path)
     expected = {

@@ -10,8 +10,15 @@ is a reshape and a transpose. Names: `base_model.model.model.layers.{i}.self_att
 lora_A.weight`, ... (`wq wk wv wo` -> `q_proj k_proj v_proj o_proj`, `w1 w3 w2` ->
 `gate_proj up_proj down_proj`).
 
+A LoRA reward model (`model.head = "score"`) trains its score head whole beside the adapters:
+it is PEFT's `modules_to_save` of a `LlamaForSequenceClassification` (`task_type` "SEQ_CLS",
+`modules_to_save: ["score"]`), saved as `base_model.model.score.weight` [1, dim], which
+`PeftModel.from_pretrained` puts in place of the base's score head; imported, it makes a
+reward model of any base (a language model's body too).
+
 Importing checks what llamax cannot represent and says so: bias training, DoRA, per-layer
-or per-module ranks, a subset of layers, `fan_in_fan_out`, modules to save.
+or per-module ranks, a subset of layers, `fan_in_fan_out`, modules to save other than the
+score head.
 """
 
 from __future__ import annotations
@@ -34,29 +41,42 @@ MODULES = {
     "w2": ("feed_forward", "mlp.down_proj"),
 }  # fmt: skip
 PREFIX = "base_model.model.model.layers"
+# A reward model's score head, trained whole beside the adapters: PEFT's name for it (a
+# `modules_to_save` weight, [1, dim]), and the modules to save a sequence-classification
+# adapter may name (PEFT adds "classifier" to SEQ_CLS configs itself; Llama has none).
+SCORE = "base_model.model.score.weight"
+SAVED_MODULES = ("score", "classifier")
 
 
 def _name(layer: int, target: str, which: str) -> str:
     return f"{PREFIX}.{layer}.{MODULES[target][1]}.lora_{which}.weight"
 
 
-def adapter_config(lora: LoraConfig, base_model: str = "") -> dict:
+def adapter_config(lora: LoraConfig, base_model: str = "", score: bool = False) -> dict:
+    """PEFT's `adapter_config.json`; `score`: a reward model's adapters, whose score head trains
+    beside them (a sequence classifier's `modules_to_save`)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if score else "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
         "use_rslora": lora.rslora, "target_modules": sorted(MODULES[t][1].split(".")[1]
                                                             for t in lora.targets),
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+        "inference_mode": True, "modules_to_save": ["score"] if score else None,
+        "layers_to_transform": None,
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
     }  # fmt: skip
 
 
 def export_adapters(adapters, lora: LoraConfig, output_dir: str, base_model: str = "") -> None:
     """Writes `adapters` (llamax's tree, layers stacked: `{"layers": {"attention": {"wq_lora_a":
-    [L, D, r], ...}}}`) as a PEFT adapter directory, atomically."""
+    [L, D, r], ...}}}`, with a reward model's trained `score` [D, 1] when it has one) as a PEFT
+    adapter directory, atomically."""
     layers = adapters["layers"]
     tensors = {}
+    score = "score" in adapters
+    if score:
+        tensors[SCORE] = np.asarray(adapters["score"], np.float32).T
     for target in lora.targets:
         module = layers[MODULES[target][0]]
         a, b = (np.asarray(module[f"{target}_lora_{x}"], np.float32) for x in "ab")
@@ -66,7 +86,7 @@ def export_adapters(adapters, lora: LoraConfig, output_dir: str, base_model: str
     with fs.atomic_path(output_dir) as tmp:
         fs.makedirs(tmp)
         with fs.open(fs.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(adapter_config(lora, base_model), f, indent=2, sort_keys=True)
+            json.dump(adapter_config(lora, base_model, score), f, indent=2, sort_keys=True)
         local = fs.join(tmp, WEIGHTS_FILE)
         writer = SafetensorsWriter(local, {k: (v.shape, v.dtype) for k, v in tensors.items()})
         for name, value in tensors.items():
@@ -74,23 +94,40 @@ def export_adapters(adapters, lora: LoraConfig, output_dir: str, base_model: str
         writer.close()
 
 
-def read_adapter_config(directory: str) -> LoraConfig:
+def _read_json(directory: str) -> tuple[str, dict]:
     path = fs.join(directory, CONFIG_FILE)
     if not fs.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a PEFT adapter directory")
     c = fs.read_json(path)
     if not isinstance(c, dict) or c.get("peft_type") != "LORA":
         raise ValueError(f"{path}: not a LoRA adapter (peft_type {c.get('peft_type')!r})")
+    return path, c
+
+
+def saved_modules(directory: str) -> tuple[str, ...]:
+    """The modules a PEFT adapter trained whole beside its adapters (`modules_to_save`) that
+    a Llama has: a reward model's "score", or none."""
+    _, c = _read_json(directory)
+    return ("score",) if "score" in (c.get("modules_to_save") or ()) else ()
+
+
+def read_adapter_config(directory: str) -> LoraConfig:
+    path, c = _read_json(directory)
+    modules = c.get("modules_to_save") or []
     unsupported = {
         "bias": c.get("bias", "none") != "none", "use_dora": bool(c.get("use_dora")),
         "fan_in_fan_out": bool(c.get("fan_in_fan_out")),
         "layers_to_transform": c.get("layers_to_transform") is not None,
         "rank_pattern": bool(c.get("rank_pattern")), "alpha_pattern": bool(c.get("alpha_pattern")),
-        "modules_to_save": bool(c.get("modules_to_save")),
+        "modules_to_save": isinstance(modules, str) or bool(set(modules) - set(SAVED_MODULES)),
     }  # fmt: skip
     bad = sorted(k for k, v in unsupported.items() if v)
     if bad:
-        raise ValueError(f"{path}: settings llamax's LoRA does not have: {bad}")
+        detail = ""
+        if unsupported["modules_to_save"]:
+            detail = (f" (modules_to_save {modules}: only a reward model's score head trains "
+                      "beside llamax's adapters)")  # fmt: skip
+        raise ValueError(f"{path}: settings llamax's LoRA does not have: {bad}{detail}")
     names = {hf.split(".")[1]: t for t, (_, hf) in MODULES.items()}
     modules = c.get("target_modules")
     if isinstance(modules, str) or not modules:
@@ -105,13 +142,27 @@ def read_adapter_config(directory: str) -> LoraConfig:
     )  # fmt: skip
 
 
-def merged_tensors(config: LlamaConfig, tensors: dict, adapters, lora: LoraConfig) -> dict:
-    """Lazy Hugging Face tensors (`llamax.convert.native.Tensors`) of a base with `adapters`
-    (llamax's tree, layers stacked) merged in: each adapted [out, in] weight read as
-    W + s B^T A^T, in float32, one layer at a time."""
-    from llamax.convert.hf import LAYER_MAP
+def adapted_config(config: LlamaConfig, adapters) -> LlamaConfig:
+    """The model that `adapters` (llamax's tree) make of a base of `config`: a reward model
+    when they bring a score head (on a language model's body too), else the base's."""
+    return config.replace(head="score") if "score" in adapters else config
+
+
+def merged_tensors(
+    config: LlamaConfig, tensors: dict, adapters, lora: LoraConfig
+) -> tuple[LlamaConfig, dict]:
+    """The config and lazy Hugging Face tensors (`llamax.convert.native.Tensors`) of a base
+    with `adapters` (llamax's tree, layers stacked) merged in: each adapted [out, in] weight
+    read as W + s B^T A^T, in float32, one layer at a time; a score head trained beside them
+    replaces the base's head (`adapted_config`)."""
+    from llamax.convert.hf import HEAD, LAYER_MAP
 
     merged = dict(tensors)
+    adapted = adapted_config(config, adapters)
+    if "score" in adapters:
+        del merged[HEAD[config.head][1]]
+        score = np.asarray(adapters["score"], np.float32).T  # [1, dim], small
+        merged[HEAD["score"][1]] = lambda: score
     layers = adapters["layers"]
     for target in lora.targets:
         module = MODULES[target][0]
@@ -123,19 +174,30 @@ def merged_tensors(config: LlamaConfig, tensors: dict, adapters, lora: LoraConfi
             merged[name] = lambda base=tensors[name], a_i=a_i, b_i=b_i: (
                 np.asarray(base(), np.float32) + lora.scale * (b_i.T @ a_i.T)
             )
-    return merged
+    return adapted, merged
 
 
 def import_adapters(directory: str, config: LlamaConfig) -> tuple[dict, LoraConfig]:
     """A PEFT adapter directory as llamax's adapter tree (float32, layers stacked) for a base
-    of `config`, and its LoRA config; clear errors for missing, extra or misshapen tensors."""
+    of `config`, and its LoRA config; clear errors for missing, extra or misshapen tensors.
+    A sequence classifier's adapters bring their trained score head (`modules_to_save`) as
+    the tree's `score` [dim, 1] (`adapted_config`: a reward model)."""
     lora = read_adapter_config(directory)
+    modules = saved_modules(directory)
+    task = _read_json(directory)[1].get("task_type")
+    if task == "SEQ_CLS" and not modules and config.head != "score":
+        raise FormatError(
+            f"{directory}: a sequence classifier's adapters without its score head in "
+            "modules_to_save need a reward model as their base, and this base is a language "
+            "model"
+        )
     path = fs.join(directory, WEIGHTS_FILE)
     if not fs.isfile(path):
         raise FileNotFoundError(f"{path} not found (PEFT's .bin adapters are not read)")
     with fs.local_file(path) as local:
         tensors = {k: v.load() for k, v in load_safetensors(local).items()}
-        tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
+        tensors = {k.replace(".modules_to_save.default.", ".").replace(".default.", "."): v
+                   for k, v in tensors.items()}  # fmt: skip
     r, d, f, h = lora.rank, config.dim, config.hidden_dim, config.head_dim
     shapes = {  # (in..., out...) of each weight in llamax's layout
         "wq": ((d,), (config.n_heads, h)), "wk": ((d,), (config.kv_heads, h)),
@@ -143,7 +205,16 @@ def import_adapters(directory: str, config: LlamaConfig) -> tuple[dict, LoraConf
         "w1": ((d,), (f,)), "w3": ((d,), (f,)), "w2": ((f,), (d,)),
     }  # fmt: skip
     layers: dict[str, dict] = {}
+    out: dict = {"layers": layers}
     expected = set()
+    if modules:  # the score head, trained beside the adapters
+        expected.add(SCORE)
+        if SCORE not in tensors:
+            raise FormatError(f"{path}: missing {SCORE} (modules_to_save {list(modules)})")
+        if tuple(tensors[SCORE].shape) != (1, d):
+            raise FormatError(f"{path}: {SCORE} has shape {tuple(tensors[SCORE].shape)}, "
+                              f"expected {(1, d)}")  # fmt: skip
+        out["score"] = np.asarray(tensors[SCORE], np.float32).T
     for target in lora.targets:
         inputs, outputs = shapes[target]
         a_list, b_list = [], []
@@ -164,4 +235,4 @@ def import_adapters(directory: str, config: LlamaConfig) -> tuple[dict, LoraConf
     extra = sorted(set(tensors) - expected)
     if extra:
         raise FormatError(f"{path}: tensors llamax does not know: {extra[:5]}")
-    return {"layers": layers}, lora
+    return out, lora
