@@ -22,7 +22,7 @@ import time
 import jax
 import ml_collections
 
-from llamax import attention, metrics, setup, sharding
+from llamax import attention, experiment, metrics, setup, sharding
 
 GiB = 2**30
 # Per chip: HBM bytes, JAX topology generation name, chip config, chips per host.
@@ -150,6 +150,7 @@ def check(
         # Pallas kernels compiled to Mosaic (splash attention), as calls in the program.
         kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     tokens_per_step = c.train.batch_size * c.train.seq_len
+    flops_token = metrics.flops_per_token(config, c.train.seq_len, experiment.is_dpo(c))
     return {
         "topology": slice_name,
         "num_slices": num_slices,
@@ -171,7 +172,7 @@ def check(
         "fits": compiled is not None and peak <= tpu.hbm_bytes,
         "compile_seconds": round(seconds, 1),
         "mosaic_kernel_calls": kernels,
-        "model_flops_per_step": metrics.flops_per_token(config, c.train.seq_len) * tokens_per_step,
+        "model_flops_per_step": flops_token * tokens_per_step,
         "parameters": config.num_params(),
     }
 

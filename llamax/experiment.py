@@ -209,8 +209,10 @@ def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], li
             continue  # spelled differently, compared as resolved above
         elif key != "model.preset" and old[key] != new[key]:
             change = f"{key}: {old[key]!r} -> {new[key]!r}"
-            is_free = key.startswith(FREE_TO_CHANGE) and not (key == "init_from" and c.lora.rank)
-            (free if is_free else altering).append(change)  # a LoRA run's base is its model
+            # A LoRA run's base is its model, a DPO run's start its reference.
+            fixed = key == "init_from" and (c.lora.rank or is_dpo(c))
+            is_free = key.startswith(FREE_TO_CHANGE) and not fixed
+            (free if is_free else altering).append(change)
     return altering, free
 
 

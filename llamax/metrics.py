@@ -50,12 +50,14 @@ PEAK_FLOPS: dict[str, float] = {
 }
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) of the model at this sequence length."""
+def flops_per_token(config: LlamaConfig, seq_len: int, reference: bool = False) -> float:
+    """Training FLOPs per token (forward + backward) of the model at this sequence length;
+    with a `reference` model's forward pass too (DPO's), 4/3 of that."""
     head = config.vocab_size * config.dim if config.head == "lm" else config.dim  # score: [D, 1]
     matmul_params = config.n_layers * config.layer_matmul_params + head
     causal_attention = 6 * config.n_layers * seq_len * config.dim  # 12 * L * T * D, halved
-    return 6 * matmul_params + causal_attention
+    train = 6 * matmul_params + causal_attention
+    return train * 4 / 3 if reference else train
 
 
 def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.0) -> float | None:
@@ -149,7 +151,8 @@ class TrainLog:
         config, mesh = setup.model.config, setup.mesh
         self.tokens_per_step = t.batch_size * t.seq_len
         self.num_devices = mesh.devices.size
-        self.flops_token = flops_per_token(config, t.seq_len)
+        dpo = c.data.source == "preference" and config.head == "lm"  # a reference's forward
+        self.flops_token = flops_per_token(config, t.seq_len, reference=dpo)
         self.peak = peak_flops_per_device(mesh.devices.flat[0], t.peak_flops_per_device)
         self.writer = MetricsWriter(workdir, start_step=start_step)
         self.is_main = jax.process_index() == 0

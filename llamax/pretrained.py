@@ -173,19 +173,26 @@ def base_fingerprint(path: str) -> dict:
     }
 
 
-def check_same_base(recorded: dict | None, path: str, what: str = "init_from") -> None:
+def check_same_base(
+    recorded: dict | None, path: str, what: str = "init_from", dpo: bool = False
+) -> None:
     """LoRA adapters meet the base they were trained on (a resumed run, or adapters loaded on
-    a base): the recorded checksum (else the step) must match the base now at `path`; `what`
-    names the caller's input in the error."""
+    a base), a resumed DPO run (`dpo`) the reference it started with: the recorded checksum
+    (else the step) must match the checkpoint now at `path`; `what` names the caller's input
+    in the error."""
     if not recorded:
         return
     now = base_fingerprint(path)
     key = "manifest_sha256" if recorded.get("manifest_sha256") else "step"
     if recorded.get(key) != now[key]:
+        subject, rule = (
+            ("The DPO run's reference model was", "a run keeps the reference it started with")
+            if dpo else ("The LoRA adapters were trained on the base",
+                         "adapters only fit the base they were trained on")
+        )  # fmt: skip
         raise ValueError(
-            f"The LoRA adapters were trained on the base {recorded['path']} "
-            f"({key} {recorded.get(key)}), but {what} {path} has {key} {now[key]}: "
-            f"adapters only fit the base they were trained on. Point {what} at that base."
+            f"{subject} {recorded['path']} ({key} {recorded.get(key)}), but {what} {path} has "
+            f"{key} {now[key]}: {rule}. Point {what} at {recorded['path']} as it was."
         )
 
 
@@ -291,7 +298,9 @@ def load_pretrained(
     if lora_run(adapters) is not None:
         check_same_base(_recorded_base(adapters), path, "the base")
     model = Llama(config, run.replace(**execution))
-    trained = trained_with_adapters(config)
+    # What trains beside the adapters and they bring (a PEFT adapter of a language model on
+    # a reward model keeps the base's score head).
+    trained = tuple(k for k in trained_with_adapters(config) if k in tree)
     base, boxed = lora.split(abstract_params(Llama(config, model.execution, adapters_config)),
                              trained)  # fmt: skip
     params, _ = restore_params(path, nn.unbox(base), sharding.tree_shardings(base, mesh),
@@ -338,18 +347,25 @@ def load_with_tokenizer(
     **execution,
 ):
     """`(model, params, tokenizer)` for generating or evaluating with a checkpoint (and LoRA
-    `adapters` merged in, as `load_pretrained`): its own `tokenizer.model` (converted
-    checkpoints and training workdirs keep one), or `tokenizer`, refused when it is not the
-    checkpoint's (a different file gives other ids: perplexities that mean nothing) or has
-    more ids than the model. The model must have the `head` the caller needs (`LlamaConfig.
-    head`: "lm" to generate and evaluate, "score" to score)."""
-    from llamax.data.tokenizer import Tokenizer
-
+    `adapters` merged in, as `load_pretrained`) and its tokenizer (`checkpoint_tokenizer`).
+    The model must have the `head` the caller needs (`LlamaConfig.head`: "lm" to generate and
+    evaluate, "score" to score)."""
     model, params = load_pretrained(path, dtype=dtype, adapters=adapters, **execution)
     if model.config.head != head:
         kinds = {"lm": "a language model", "score": "a reward model (a score head)"}
         what = f"{path} with the adapters {adapters}" if adapters else path
         raise ValueError(f"{what} is {kinds[model.config.head]}; this needs {kinds[head]}")
+    loaded = checkpoint_tokenizer(path, tokenizer, model.config.vocab_size)
+    return model, params, loaded
+
+
+def checkpoint_tokenizer(path: str, tokenizer: str | None, vocab_size: int):
+    """The tokenizer of the checkpoint at `path`: its own `tokenizer.model` (converted
+    checkpoints and training workdirs keep one), or `tokenizer`, refused when it is not the
+    checkpoint's (a different file gives other ids: outputs that mean nothing) or has more ids
+    than the model's `vocab_size`."""
+    from llamax.data.tokenizer import Tokenizer
+
     own = fs.join(path, "tokenizer.model")
     if tokenizer and fs.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
         raise ValueError(
@@ -359,9 +375,9 @@ def load_with_tokenizer(
     if not tokenizer and not fs.exists(own):
         raise FileNotFoundError(f"No tokenizer.model in {path}: pass --tokenizer")
     loaded = Tokenizer(tokenizer or own)
-    if loaded.vocab_size > model.config.vocab_size:
+    if loaded.vocab_size > vocab_size:
         raise ValueError(
             f"{loaded.path} has {loaded.vocab_size} pieces, more than the model's vocabulary "
-            f"({model.config.vocab_size}): not this model's tokenizer"
+            f"({vocab_size}): not this model's tokenizer"
         )
-    return model, params, loaded
+    return loaded

@@ -189,6 +189,10 @@ def score(
         values = reward.score_sequences(model, params, sequences, batch_size)
         for (i, j), value in zip(where, values, strict=True):
             scores[i, j] = value
+        bad = int(np.sum(~np.isfinite(values)))
+        if bad:
+            unscored["non-finite score"] += bad
+            scores[~np.isfinite(scores)] = np.nan
     return scores, dict(unscored)
 
 
@@ -229,20 +233,27 @@ def select(
 
 def run_round(
     policy: tuple, reward_model: tuple, prompts: Sequence[Any], k: int, batch_size: int = 8,
-    **sampling,
+    keep_truncated: bool = False, **sampling,
 ) -> Round:  # fmt: skip
     """One round with both models loaded: `policy` and `reward_model` are each `(model,
     params, tokenizer)`; `sampling` is `sample`'s settings (temperature, top_p, top_k,
     max_new_tokens, seed)."""
     samples = sample(*policy, prompts, k, batch_size=batch_size, **sampling)
-    return finish_round(reward_model, prompts, samples, batch_size)
+    return finish_round(reward_model, prompts, samples, batch_size, keep_truncated)
 
 
 def finish_round(reward_model: tuple, prompts: Sequence[Any], samples: Samples,
-                 batch_size: int = 8) -> Round:  # fmt: skip
+                 batch_size: int = 8, keep_truncated: bool = False) -> Round:  # fmt: skip
     """The scoring and selection of a round whose samples are drawn (the policy may be
-    released first): `reward_model` is `(model, params, tokenizer)`."""
+    released first): `reward_model` is `(model, params, tokenizer)`. A sample cut off by
+    `max_new_tokens` is not kept unless `keep_truncated` (written as a whole answer, closed
+    by EOS, it would teach the policy to stop mid-answer): counted as "truncated"."""
     scores, unscored = score(*reward_model, prompts, samples.texts, batch_size)
+    if not keep_truncated:
+        cut = samples.truncated & ~np.isnan(scores)
+        scores = np.where(cut, np.nan, scores)
+        if cut.any():
+            unscored = {**unscored, "truncated": int(cut.sum())}
     records, report = select(prompts, samples.texts, scores)
     report.update(unscored=unscored, truncated=int(samples.truncated.sum()))
     messages = [preference.prompt_messages(p) for p in prompts]

@@ -196,6 +196,8 @@ class Setup:
             if frozen is not None:
                 pretrained.check_same_base(meta.get("lora_base"), self.c.init_from)
                 state = state.replace(frozen=frozen)
+            if self.abstract.reference is not None:  # the run's reference, not another
+                pretrained.check_same_base(meta.get("dpo_reference"), self.c.init_from, dpo=True)
             return state.replace(reference=self._reference()), meta
         rng = jax.random.key(self.c.train.seed)
         if frozen is not None:
@@ -298,10 +300,13 @@ class Setup:
 
     def run_meta(self) -> dict:
         """What a checkpoint records about how its parameters relate to others: a LoRA run's
-        base (its path and manifest checksum)."""
-        if self.abstract.frozen is None:
-            return {}
-        return {"lora_base": pretrained.base_fingerprint(self.c.init_from)}
+        base, a DPO run's reference (their path, step and manifest checksum)."""
+        meta = {}
+        if self.abstract.frozen is not None:
+            meta["lora_base"] = pretrained.base_fingerprint(self.c.init_from)
+        if self.abstract.reference is not None:
+            meta["dpo_reference"] = pretrained.base_fingerprint(self.c.init_from)
+        return meta
 
 
 def objective(c: ml_collections.ConfigDict) -> step.LossFn:

@@ -53,7 +53,8 @@ def models(tokenizer_path):
 @pytest.fixture(scope="module")
 def a_round(models):
     policy, reward_model = models
-    return rejection.run_round(policy, reward_model, PROMPTS, k=4, batch_size=6, **SAMPLING)
+    return rejection.run_round(policy, reward_model, PROMPTS, k=4, batch_size=6,
+                               keep_truncated=True, **SAMPLING)  # fmt: skip
 
 
 def test_k_samples_are_distinct_streams_and_greedy_is_k_copies(models, a_round):
@@ -214,8 +215,8 @@ def checkpoints(models, tmp_path_factory, tokenizer_path):
 def _sample_args(checkpoints, output, *more):
     lm, rm, prompts = checkpoints
     return ["sample", "--policy", lm, "--checkpoint", rm, "--prompts", prompts, "--k", "4",
-            "--batch-size", "6", "--max-new-tokens", "6", "--seed", "1", "--output",
-            str(output), *more]  # fmt: skip
+            "--batch-size", "6", "--max-new-tokens", "6", "--seed", "1", "--keep-truncated",
+            "--output", str(output), *more]  # fmt: skip
 
 
 def test_llamax_reward_sample_writes_the_round_and_its_report(
@@ -317,3 +318,21 @@ def test_a_fine_tune_that_cannot_run_is_refused_before_sampling(checkpoints, tmp
                                         "--workdir", str(tmp_path / "w"))) == 2  # fmt: skip
     assert "reads '*?[,' as patterns" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["finetune.py"]  # nothing sampled, nothing written
+
+
+def test_answers_cut_off_by_max_new_tokens_are_not_kept_by_default(models, a_round):
+    """A truncated sample written as a whole answer (closed by EOS) would teach stopping
+    mid-answer: without keep_truncated it gets no score, counted as "truncated"."""
+    cut = np.zeros_like(a_round.samples.truncated)
+    cut[:, :2] = True  # the first two samples of each prompt stopped by max_new_tokens
+    cut[0, :] = True  # and every sample of the first prompt
+    samples = rejection.Samples(a_round.samples.texts, cut)
+    strict = rejection.finish_round(models[1], PROMPTS, samples, batch_size=6)
+    assert strict.report["unscored"] == {"truncated": int(cut.sum())}
+    assert np.isnan(strict.scores[cut]).all()
+    np.testing.assert_allclose(strict.scores[~cut], a_round.scores[~cut], atol=TOL)
+    assert strict.report["skipped"] == 1 and [r["prompt_index"] for r in strict.records] == [1, 2]
+    for record in strict.records:
+        i = record["prompt_index"]
+        best = 2 + int(np.argmax(a_round.scores[i, 2:]))
+        assert record["messages"][-1]["content"] == a_round.samples.texts[i][best]

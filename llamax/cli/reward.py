@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     rounds.add_argument("--top-k", type=int, default=0)
     rounds.add_argument("--max-new-tokens", type=int, default=128)
     rounds.add_argument("--seed", type=int, default=0)
+    rounds.add_argument(
+        "--keep-truncated",
+        action="store_true",
+        help="let answers cut off by --max-new-tokens be kept (default: not)",
+    )
     rounds.add_argument("--output", required=True, help="jsonl: the chat SFT data of the round")
     rounds.add_argument("--report", help="JSON file for the round's rewards and counts")
     rounds.add_argument(
@@ -210,6 +215,9 @@ def _sample(args) -> int:
     # with the tokenizer the policy is loaded with, which load_with_tokenizer checks).
     tokenizer_path = args.policy_tokenizer or fs.join(args.policy, "tokenizer.model")
     c = _finetune_setup(args, tokenizer_path) if args.finetune else None
+    # So is the reward model's tokenizer, which scoring needs after the sampling.
+    vocab = pretrained.read_model_config(args.checkpoint).vocab_size
+    pretrained.checkpoint_tokenizer(args.checkpoint, args.tokenizer, vocab)
     policy = load_with_tokenizer(
         args.policy, args.policy_tokenizer, dtype=args.dtype, adapters=args.policy_adapters,
         head="lm", attention=args.attention,
@@ -223,7 +231,8 @@ def _sample(args) -> int:
     gc.collect()  # the policy's arrays go before the reward model's come
     reward_model = load_with_tokenizer(args.checkpoint, args.tokenizer, dtype=args.dtype,
                                        head="score", attention=args.attention)  # fmt: skip
-    result = rejection.finish_round(reward_model, prompts, samples, args.batch_size)
+    result = rejection.finish_round(reward_model, prompts, samples, args.batch_size,
+                                    keep_truncated=args.keep_truncated)  # fmt: skip
     del reward_model
     gc.collect()
     kept = [{**records[r["prompt_index"]], **r} for r in result.records]
