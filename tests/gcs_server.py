@@ -4,15 +4,19 @@ emulator leaves out: an object's generation in the `x-goog-generation` header of
 the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions (a write that would replace an
 object another writer changed fails with 412; a read of an unchanged object answers 304).
 
-    python tests/gcs_server.py PORT BUCKET
+    python tests/gcs_server.py BUCKET
+
+It listens on a port the system picks and prints that port once it is serving: a port chosen
+by the caller and freed before the server binds it could be taken meanwhile by another test
+worker's emulator, which the caller would then talk to instead.
 """
 
 import sys
 import threading
+import time
 from http import HTTPStatus
 
 from gcp_storage_emulator import server
-from gcp_storage_emulator.__main__ import main
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
@@ -72,7 +76,9 @@ def install() -> None:
 
 
 if __name__ == "__main__":
-    port, bucket = sys.argv[1:3]
     install()
-    main(["start", "--host", "127.0.0.1", "--port", port, "--in-memory",
-          "--default-bucket", bucket, "--quiet"])  # fmt: skip
+    emulator = server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=sys.argv[1])
+    emulator.start()
+    print(emulator._api._httpd.server_port, flush=True)
+    while True:  # until terminated
+        time.sleep(3600)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -61,30 +60,18 @@ sys.addaudithook(_llamax_test_guard)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """An emulator on 127.0.0.1 with an empty bucket; yields the environment of a process that
     uses it (this process's too, restored after)."""
     home = tmp_path_factory.mktemp("gcs")
-    port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"), str(port),
-         BUCKET[len("gs://"):]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=home,
+        [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"), BUCKET[len("gs://"):]],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=home, text=True,
     )  # fmt: skip
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, "emulator did not start"
-            time.sleep(0.1)
+    line = server.stdout.readline()  # the port, once it serves (empty if it died)
+    assert line.strip().isdigit(), f"emulator did not start (exit code {server.poll()})"
+    port = int(line)
     guard_dir = home / "guard"
     guard_dir.mkdir()
     (guard_dir / "sitecustomize.py").write_text(GUARD)
