@@ -121,8 +121,9 @@ def check(
         mesh = setup.make_mesh(c, devices)
     except ValueError as e:
         raise ValueError(
-            f"The config's mesh data={c.mesh.data} fsdp={c.mesh.fsdp} tensor={c.mesh.tensor} "
-            f"does not fit {num_slices} x {slice_name} ({len(devices)} chips): {e}"
+            f"The config's mesh data={c.mesh.data} fsdp={c.mesh.fsdp} context={c.mesh.context} "
+            f"tensor={c.mesh.tensor} does not fit {num_slices} x {slice_name} "
+            f"({len(devices)} chips): {e}"
         ) from e
     s = setup.build(c, mesh)
     config, run = s.model.config, s.model.execution

@@ -32,7 +32,9 @@ GPU where their shape and dtype rules allow (splash: self-attention of a multipl
 tokens that its blocks divide; cudnn: self-attention in bfloat16 or float16 with a head dim
 of at most 128, a multiple of 8), else on an accelerator `chunked` for inputs longer than
 `block_q` (a float32 model on a GPU, a length splash's blocks do not divide, a long prefill;
-`xla`'s scores would not fit: 88 GiB for a 1.1B model at 8 x 2048), else `xla`. It is the
+`xla`'s scores would not fit: 88 GiB for a 1.1B model at 8 x 2048), else `xla`; with the
+mesh's `context` axis over more than one device, never a fused kernel (neither splits the
+sequence: `chunked` or `xla` then, their queries each device's share). It is the
 default of `Execution`, so training and a loaded checkpoint run the platform's kernel unless
 told otherwise, and one config or checkpoint runs well on every platform.
 
@@ -102,9 +104,11 @@ def resolve_backend(backend: str, q, k, self_attention: bool, block_q: int, bloc
         return backend
     platform = _platform()
     t, s = q.shape[1], k.shape[1]
-    if platform == "tpu" and self_attention and _fits_splash(t, s, block_q, block_kv):
+    mesh = jax.sharding.get_abstract_mesh()
+    split = not mesh.empty and dict(mesh.shape).get("context", 1) > 1  # the fused kernels
+    if platform == "tpu" and self_attention and _fits_splash(t, s, block_q, block_kv) and not split:
         return "splash"
-    if platform == "gpu" and self_attention and _fits_cudnn(q):
+    if platform == "gpu" and self_attention and _fits_cudnn(q) and not split:
         return "cudnn"
     if platform in ("gpu", "tpu") and t > block_q:
         return "chunked"  # never the whole T x S score matrix of a long input on an accelerator

@@ -64,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     defaults = Execution()
     for name in TRAIN_EXECUTION_FIELDS:
         c.model[name] = getattr(defaults, name)
-    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "context": 1, "tensor": 1})
     c.data = data_lib.default_config()
     c.optimizer = optim.default_config()
     c.train = ml_collections.ConfigDict()

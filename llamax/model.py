@@ -128,10 +128,12 @@ class Attention(nn.Module):
         key = checkpoint_name(key, "key_proj")
         value = checkpoint_name(value, "value_proj")
         q = _constrain(rope.apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        # Keys and values of the whole sequence (`kv_length` is never split): with the mesh's
+        # `context` axis, each device's queries meet every key (an all-gather over it).
         key = _constrain(
-            rope.apply_rotary(key, cos, sin), ("batch", "length", "kv_heads", "head_dim")
+            rope.apply_rotary(key, cos, sin), ("batch", "kv_length", "kv_heads", "head_dim")
         )
-        value = _constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+        value = _constrain(value, ("batch", "kv_length", "kv_heads", "head_dim"))
 
         if kv is not None:
             # The scanned model carries the whole cache [L, B, S, K, H] and `layer` indexes it;

@@ -34,8 +34,9 @@ log = logging.getLogger("llamax")
 
 
 def make_mesh(c: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The config's `data x fsdp x tensor` mesh over `devices` (default: all)."""
-    return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices)
+    """The config's `data x fsdp x context x tensor` mesh over `devices` (default: all)."""
+    m = c.mesh
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, context=m.context)
 
 
 def check_batch_layout(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
@@ -50,6 +51,16 @@ def check_batch_layout(c: ml_collections.ConfigDict, mesh: Mesh) -> None:
         raise ValueError(
             f"Each micro-batch ({t.batch_size} // {t.grad_accum_steps} sequences) must split "
             f"evenly over the mesh's data x fsdp = {batch_shards} devices"
+        )
+    if t.seq_len % mesh.shape["context"]:
+        raise ValueError(
+            f"train.seq_len ({t.seq_len}) must split evenly over the mesh's context = "
+            f"{mesh.shape['context']} devices (each holds a contiguous part of every sequence)"
+        )
+    if mesh.shape["context"] > 1 and c.model.attention in ("splash", "cudnn"):
+        raise ValueError(
+            f"model.attention {c.model.attention!r} does not split the sequence over the mesh's "
+            "context axis: use 'chunked' or 'xla' ('auto' picks them when mesh.context > 1)"
         )
 
 
@@ -127,10 +138,30 @@ class Setup:
             rows.update(range(self.batch_shape[0])[index[0]])
         return np.array(sorted(rows))
 
+    def local_columns(self) -> slice:
+        """The positions of each row this process's devices hold: all of them, unless the
+        mesh's `context` axis splits sequences across processes."""
+        columns: set[int] = set()
+        indices = self.batch_sharding.addressable_devices_indices_map(self.batch_shape)
+        for index in indices.values():
+            columns.update(range(self.batch_shape[1])[index[1]])
+        start, stop = min(columns), max(columns) + 1
+        if len(columns) != stop - start:
+            raise ValueError(
+                "This process's devices hold parts of each sequence that are not contiguous "
+                "(mesh.context across processes): order the mesh so that a process holds "
+                "neighbouring context shards"
+            )
+        return slice(start, stop)
+
     def global_batch(self, local: dict) -> dict:
-        """The global batch from this process's rows of it."""
+        """The global batch from this process's rows of it (whole rows: their positions this
+        process holds are cut out here)."""
+        columns = self.local_columns()
         return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, v, self.batch_shape)
+            k: jax.make_array_from_process_local_data(
+                self.batch_sharding, v[:, columns], self.batch_shape
+            )
             for k, v in local.items()
         }
 

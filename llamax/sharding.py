@@ -5,12 +5,18 @@ heads, kv_heads, head_dim, mlp, vocab, layers`); this file alone knows the mesh 
 
 - `data`: pure data parallelism (replicated parameters; across slices on multi-slice TPU).
 - `fsdp`: data parallelism whose parameters and optimizer state are sharded (ZeRO-3).
+- `context`: context parallelism: each sequence split along its length, the activations of
+  every layer too; attention gathers the keys and values of the whole sequence (an
+  all-gather over `context`), each device computing its own queries' share. Parameters and
+  optimizer state are sharded over it as over `fsdp`. For sequences too long for one device
+  per sequence (a 32k context with fewer sequences than chips).
 - `tensor`: Megatron-style tensor parallelism over heads, the MLP width and the vocabulary.
 
 Rules are matched in order and a mesh axis is used at most once per array (flax's priority
 rules). So for the activation `[batch, length, embed]`, `batch` takes `data` and `fsdp` first and
-`embed` stays unsharded, while for the weight `[embed, heads, head_dim]`, `embed` takes `fsdp`.
-That ordering is why `batch` comes before `embed` below.
+`embed` stays unsharded, while for the weight `[embed, heads, head_dim]`, `embed` takes `fsdp`
+(and `context`). That ordering is why `batch` and `length` come before `embed` below. Keys and
+values name their length `kv_length`, never split: attention sees the whole sequence.
 """
 
 from __future__ import annotations
@@ -24,17 +30,18 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("layers", None),
-    ("length", None),
+    ("length", "context"),
+    ("kv_length", None),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "context")),
     ("head_dim", None),
     ("lora_rank", None),  # LoRA adapters: split along their base weight's other axes
     ("labels", None),  # a reward model's score head [embed, 1]
@@ -42,18 +49,22 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    context: int = 1,
 ) -> Mesh:
-    """A `data x fsdp x tensor` mesh over `devices` (default: all). One size may be -1, meaning
-    the devices that remain."""
+    """A `data x fsdp x context x tensor` mesh over `devices` (default: all). One size may be
+    -1, meaning the devices that remain."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, context, tensor]
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
         raise ValueError(f"Mesh sizes must be positive, with at most one -1; got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
     hint = (
         "; choose mesh sizes that multiply to the device count (--config.mesh.data, .fsdp, "
-        ".tensor; -1 takes the devices that remain), or on a CPU simulate devices with "
+        ".context, .tensor; -1 takes the devices that remain), or on a CPU simulate devices with "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={max(known, 8)} set before JAX starts"
     )
     if -1 in sizes:
@@ -64,8 +75,8 @@ def make_mesh(
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ValueError(
-            f"Mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-            f"{math.prod(sizes)} devices, but there are {len(devices)}" + hint
+            f"Mesh data={sizes[0]} x fsdp={sizes[1]} x context={sizes[2]} x tensor={sizes[3]} "
+            f"needs {math.prod(sizes)} devices, but there are {len(devices)}" + hint
         )
     try:
         # Lays the mesh out along the physical interconnect on TPU; plain reshape elsewhere.

@@ -40,6 +40,22 @@ def test_two_processes_match_one(launcher, one_process, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in records], want, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_sequences_split_across_two_processes_match_one(one_process, tmp_path):
+    """mesh.context = 8 over two processes of 4 devices: each process holds every row and half
+    of its positions (cut out of the rows its pipeline reads), and trains as one process."""
+    mesh = {"mesh.data": 1, "mesh.fsdp": 1, "mesh.context": 8, "mesh.tensor": 1}
+    flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **mesh}.items()]
+    flags.append("--config.train.progress_bar=false")
+    workdir = str(tmp_path / "context")
+    procs = start_cluster(workdir, flags)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "'context': 8" in outputs[0]
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(workdir)], one_process, rtol=1e-5)
+
+
 def test_torchrun_variables():
     """`torchrun --nnodes=2 --nproc-per-node=8`: process 11 is local rank 3 of the second host."""
     env = {"MASTER_ADDR": "node-a", "MASTER_PORT": "29500", "WORLD_SIZE": "16", "RANK": "11",

@@ -14,8 +14,8 @@ import llamax
 from llamax import model as model_lib
 from llamax import sharding
 
-MODEL_AXES = {"batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers",
-              "lora_rank", "labels"}  # fmt: skip
+MODEL_AXES = {"batch", "length", "kv_length", "embed", "heads", "kv_heads", "head_dim", "mlp",
+              "vocab", "layers", "lora_rank", "labels"}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -41,6 +41,49 @@ def test_sharded_forward_equals_single_device(shape, rng):
     expected_batch = tuple(a for a, n in zip(("data", "fsdp"), shape[:2], strict=True) if n > 1)
     assert tuple(np.atleast_1d(spec[0] or ())) == expected_batch
     assert (spec[2] if len(spec) > 2 else None) == ("tensor" if shape[2] > 1 else None)
+
+
+@pytest.mark.parametrize(
+    "sizes, attention",
+    [({"context": 8}, "xla"), ({"data": 2, "fsdp": 2, "context": 2}, "xla"),
+     ({"fsdp": 2, "context": 2, "tensor": 2}, "chunked")],
+)  # fmt: skip
+def test_context_parallel_forward_equals_single_device(sizes, attention, rng):
+    """Sequences split along their length over the mesh's context axis (packed documents
+    crossing the split, causal attention over the whole sequence) give the logits of one
+    device; the activations stay split."""
+    config = llamax.LlamaConfig.preset("tiny", n_heads=8, n_kv_heads=4)
+    run = llamax.Execution(attention=attention, attention_block_q=4)
+    model = llamax.Llama(config, run)
+    params = random_params(config)
+    tokens = rng.integers(0, config.vocab_size, (8, 32), dtype=np.int32)
+    segment_ids = np.repeat([[1] * 11 + [2] * 15 + [0] * 6], 8, axis=0)
+    positions = np.concatenate([np.arange(11), np.arange(15), np.zeros(6, int)])[None]
+    positions = np.repeat(positions, 8, axis=0).astype(np.int32)
+    ref = np.asarray(llamax.Llama(config).apply({"params": params}, tokens, positions,
+                                                segment_ids))  # fmt: skip
+    mesh = sharding.make_mesh(**{"fsdp": 1, **sizes})
+    shardings = sharding.tree_shardings(model_lib.abstract_params(model), mesh)
+    batch = jax.sharding.NamedSharding(mesh, sharding.mesh_axes(("batch", "length"), (8, 32), mesh))
+    with sharding.use_mesh(mesh):
+        forward = jax.jit(lambda p, t, q, s: model.apply({"params": p}, t, q, s))
+        logits = forward(jax.device_put(params, shardings), *(jax.device_put(x, batch)
+                         for x in (tokens, positions, segment_ids)))  # fmt: skip
+    valid = segment_ids > 0
+    np.testing.assert_allclose(np.asarray(logits)[valid], ref[valid], atol=1e-5, rtol=0)
+    assert logits.sharding.spec[1] == "context"
+
+
+def test_context_axis_splits_activations_and_parameters_not_keys():
+    mesh = sharding.make_mesh(fsdp=2, context=4)
+    assert sharding.mesh_axes(("batch", "length", "embed"), (8, 16, 64), mesh) == P(
+        "fsdp", "context", None
+    )
+    assert sharding.mesh_axes(("embed", "heads", "head_dim"), (64, 8, 16), mesh) == P(
+        ("fsdp", "context"), None, None
+    )
+    assert sharding.mesh_axes(("batch", "kv_length", "kv_heads", "head_dim"), (8, 16, 4, 8),
+                              mesh) == P("fsdp", None, None, None)  # fmt: skip
 
 
 def test_params_born_sharded():
@@ -95,8 +138,19 @@ def test_every_parameter_has_logical_names():
 
 
 def test_make_mesh_sizes_and_errors():
-    assert dict(sharding.make_mesh(data=2, fsdp=-1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert dict(sharding.make_mesh(fsdp=2, tensor=-1).shape) == {"data": 1, "fsdp": 2, "tensor": 4}
+    assert dict(sharding.make_mesh(data=2, fsdp=-1).shape) == {
+        "data": 2,
+        "fsdp": 4,
+        "context": 1,
+        "tensor": 1,
+    }
+    assert dict(sharding.make_mesh(fsdp=2, tensor=-1).shape) == {
+        "data": 1,
+        "fsdp": 2,
+        "context": 1,
+        "tensor": 4,
+    }
+    assert dict(sharding.make_mesh(fsdp=-1, context=4).shape)["fsdp"] == 2
     four = sharding.make_mesh(fsdp=-1, devices=jax.devices()[:4])
     assert four.devices.size == 4
     with pytest.raises(ValueError, match="needs 16 devices, but there are 8"):

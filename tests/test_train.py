@@ -28,12 +28,14 @@ def _run(tmp_path, name, devices=None, **overrides):
 
 @pytest.mark.slow
 def test_same_losses_on_any_mesh(tmp_path):
-    """float32, 5 steps: 1 device and three 8-device meshes agree within 1e-5 relative."""
+    """float32, 5 steps: 1 device and five 8-device meshes (data x fsdp x context x tensor;
+    context splits each sequence) agree within 1e-5 relative."""
     steps = {"train.steps": 5}
     ref, _ = _run(tmp_path, "one", devices=jax.devices()[:1], **steps)
     assert len(ref) == 5 and ref[-1] < ref[0]
-    for shape in [(8, 1, 1), (2, 2, 2), (1, 4, 2)]:
-        mesh = dict(zip(("mesh.data", "mesh.fsdp", "mesh.tensor"), shape, strict=True))
+    for shape in [(8, 1, 1, 1), (2, 2, 1, 2), (1, 4, 1, 2), (2, 2, 2, 1), (1, 1, 4, 2)]:
+        names = ("mesh.data", "mesh.fsdp", "mesh.context", "mesh.tensor")
+        mesh = dict(zip(names, shape, strict=True))
         losses, _ = _run(tmp_path, "x".join(map(str, shape)), **steps, **mesh)
         np.testing.assert_allclose(losses, ref, rtol=1e-5, atol=0, err_msg=str(shape))
 
