@@ -186,9 +186,11 @@ def format_report(r: dict) -> str:
             f"DOES NOT FIT: XLA asks for {gib(r['temp_bytes_per_chip'])} of temporaries per chip "
             f"alone ({gib(r['hbm_bytes_per_chip'])} HBM)"
         )
+    context = r["mesh"].get("context", 1)
+    share = f", each split over {context} chips" if context > 1 else " per device"
     lines = [
         f"{r['num_slices']} x {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, "
-        f"{r['per_device_batch']:g} x {r['seq_len']} tokens per device, "
+        f"{r['per_device_batch']:g} x {r['seq_len']} tokens{share}, "
         f"attention {r['attention']}, remat {r['remat_policy']}",
         f"  per chip: arguments {gib(r['argument_bytes_per_chip'])}, temporaries "
         f"{gib(r['temp_bytes_per_chip'])}, output {gib(r['output_bytes_per_chip'])} "

@@ -48,7 +48,7 @@ def test_tiny_train_step_compiles_for_v5e(attention):
     # fsdp over 4 chips: each holds a quarter, and the batch.
     assert state_bytes / 4 <= r["argument_bytes_per_chip"] <= state_bytes / 4 * 1.05 + 2**16
     assert 0 < r["peak_bytes_per_chip"] < r["hbm_bytes_per_chip"] == 16 * 2**30 and r["fits"]
-    assert r["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and r["chips"] == 4
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1} and r["chips"] == 4
     assert r["model_flops_per_step"] > 0 and r["compile_seconds"] > 0
     # splash is compiled to Mosaic kernels (forward, and the two backward ones), xla to none.
     assert (r["mosaic_kernel_calls"] > 0) == (attention == "splash")
