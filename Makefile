@@ -4,9 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Simulated devices for CPU runs; harmless on TPU and GPU, where the host platform is unused.
-# XLA's concurrency-optimized CPU scheduler can order collectives differently on the simulated
-# devices, which then deadlock (context parallelism with fsdp): the default scheduler is used.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 # The tests and the demo run on the CPU (libtpu, installed for ahead-of-time TPU compiles,
 # would otherwise look for a TPU first).
 export JAX_PLATFORMS ?= cpu

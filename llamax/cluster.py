@@ -21,6 +21,14 @@ exits at once with status 1, skipping JAX's shutdown barrier, which would wait f
 process that is gone. JAX's own heartbeat timeout is set above llamax's so that the
 coordination service never aborts first. A process that finishes marks itself done, so that
 its peers do not count it as lost while they finish too.
+
+`threads_for_simulated_devices` (called when llamax is imported) gives XLA's CPU client
+enough threads for the devices it simulates (`--xla_force_host_platform_device_count`). The
+client runs every CPU device's program on one pool of `NPROC` threads (default: the cores),
+and a device waiting in a collective holds its thread. When a step has collectives that may
+run side by side (a layer loop's all-gathers beside one outside the loop), 8 simulated devices
+on 2 cores filled the pool with waiters while the devices they waited for had no thread left,
+and XLA aborted the program after 40 s. Four threads per device leave room.
 """
 
 from __future__ import annotations
@@ -37,6 +45,15 @@ import jax
 
 log = logging.getLogger("llamax")
 INTERVAL = 1.0  # seconds between heartbeats
+
+
+def threads_for_simulated_devices(env: dict = os.environ) -> None:
+    """Sets `NPROC` to four threads per simulated CPU device (at least the cores) unless it
+    is set; only a process that has not started JAX's CPU backend yet is affected."""
+    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))
+    devices = int(counts[-1]) if counts else int(env.get("JAX_NUM_CPU_DEVICES") or 1)
+    if devices > 1 and "NPROC" not in env:
+        env["NPROC"] = str(max(os.cpu_count() or 1, 4 * devices))
 
 
 def launcher(env: Mapping[str, str] = os.environ) -> tuple[dict, str] | None:

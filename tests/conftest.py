@@ -2,18 +2,16 @@
 
 import os
 
-# XLA's CPU scheduler that optimizes for concurrency can order a step's collectives differently
-# on different simulated devices, which then wait on each other forever (seen with the mesh's
-# context and fsdp axes both over 1 device); the default scheduler keeps one order.
-CPU_XLA_FLAGS = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", CPU_XLA_FLAGS]
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import llamax  # noqa: E402, F401  (threads for the simulated devices: cluster.py)
 
 assert jax.device_count() == 8, "conftest must run before jax initializes its backend"
 
@@ -168,8 +166,8 @@ def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny", la
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    devices = f"--xla_force_host_platform_device_count={devices_each}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{devices} {CPU_XLA_FLAGS}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}  # fmt: skip
 
     def place(i):  # (extra flags, extra environment) of process i
         if launcher == "flags":

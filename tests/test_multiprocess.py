@@ -2,6 +2,8 @@
 exactly as one process x 8 devices, whether told their places by flags, torchrun's variables
 or SLURM's; and how the launchers' environments are read."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import load_config, start_cluster
@@ -100,3 +102,21 @@ def test_slurm_variables():
 )  # fmt: skip
 def test_first_host_of_a_slurm_node_list(nodelist, first):
     assert cluster.first_host(nodelist) == first
+
+
+def test_threads_for_simulated_devices():
+    """Four of XLA's CPU threads per simulated device (the pool every device's collectives
+    wait in), never fewer than the cores, and a value the user set is kept."""
+    flags = "--xla_force_host_platform_device_count=8"
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {flags}"}
+    cluster.threads_for_simulated_devices(env)
+    assert env["NPROC"] == str(max(32, os.cpu_count()))
+    env = {"JAX_NUM_CPU_DEVICES": "4"}
+    cluster.threads_for_simulated_devices(env)
+    assert env["NPROC"] == str(max(16, os.cpu_count()))
+    env = {"XLA_FLAGS": flags, "NPROC": "3"}
+    cluster.threads_for_simulated_devices(env)
+    assert env["NPROC"] == "3"
+    env = {}
+    cluster.threads_for_simulated_devices(env)
+    assert env == {}  # one device: nothing to wait for
