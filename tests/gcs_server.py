@@ -2,7 +2,11 @@
 things of the real API that tensorstore's OCDBT driver (under orbax) relies on and that the
 emulator leaves out: an object's generation in the `x-goog-generation` header of a read, and
 the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions (a write that would replace an
-object another writer changed fails with 412; a read of an unchanged object answers 304).
+object another writer changed fails with 412; a read of an unchanged object answers 304); and
+multipart uploads read byte for byte. The emulator parses those with Python's email parser,
+which takes a line ending at the end of the file's bytes for the one before the closing
+delimiter: gcsfs ends its lines with LF, so a file whose last byte is CR lost it, and a
+checkpoint copied through gcsfs no longer matched its recorded MD5 now and then.
 
     python tests/gcs_server.py BUCKET
 
@@ -11,6 +15,8 @@ by the caller and freed before the server binds it could be taken meanwhile by a
 worker's emulator, which the caller would then talk to instead.
 """
 
+import json
+import re
 import sys
 import threading
 import time
@@ -62,8 +68,42 @@ def _with_generations(handler, reads: bool):
     return wrapped
 
 
+def _multipart_related(raw: bytes, content_type: str) -> dict:
+    """The JSON metadata and the file's bytes of a `multipart/related` upload body. Each part
+    follows its delimiter's line ending, and the line ending before the next delimiter belongs
+    to that delimiter; parts use the line ending of the first (CRLF, or gcsfs's LF)."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type).group(1).encode()
+    parts = raw.split(b"--" + boundary)[1:-1]
+    newline = b"\r\n" if parts[0].startswith(b"\r\n") else b"\n"
+    out = []
+    for part in parts:
+        headers, _, body = part[len(newline) :].partition(newline * 2)
+        if not body.endswith(newline):
+            raise ValueError("a multipart part does not end with a line ending")
+        out.append((headers.decode(), body[: -len(newline)]))
+    media_type = re.search(r"(?im)^content-type:\s*(.+?)\s*$", out[1][0])
+    return {
+        "meta": json.loads(out[0][1]),
+        "content": out[1][1],
+        "content-type": media_type.group(1) if media_type else "application/octet-stream",
+    }
+
+
+def _read_data(request_handler, query):
+    content_type = request_handler.headers.get("Content-Type") or ""
+    if not content_type.startswith("multipart/related"):
+        return _emulator_read_data(request_handler, query)
+    raw = server._read_raw_data(request_handler)
+    return _multipart_related(server._decode_raw_data(raw, request_handler), content_type)
+
+
+_emulator_read_data = server._read_data
+
+
 def install() -> None:
-    """Wraps the emulator's object handlers in its routing tables."""
+    """Wraps the emulator's object handlers in its routing tables, and reads multipart
+    uploads with `_read_data`."""
+    server._read_data = _read_data
     wrapped = {
         objects.download: _with_generations(objects.download, reads=True),
         objects.get: _with_generations(objects.get, reads=True),

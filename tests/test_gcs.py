@@ -285,6 +285,17 @@ def test_files_and_directories_in_a_bucket_are_written_whole(gcs):
     assert fs.read_text(f"{base}/dir2") == "whole"
 
 
+def test_uploaded_bytes_arrive_unchanged(gcs, tmp_path):
+    """Every byte of a file uploaded through gcsfs, those its multipart body's line endings
+    could be taken for included (the emulator's own parser dropped a last CR)."""
+    for i, tail in enumerate((b"\r", b"\n", b"\r\n", b"\n\n", b"")):
+        data = bytes(range(256)) + tail
+        local = tmp_path / f"f{i}"
+        local.write_bytes(data)
+        fs.upload(str(local), f"{BUCKET}/bytes/f{i}")
+        assert fs.read_bytes(f"{BUCKET}/bytes/f{i}") == data, tail
+
+
 def test_metrics_reach_the_bucket_while_the_run_goes_on(gcs, monkeypatch):
     from llamax import metrics
 
