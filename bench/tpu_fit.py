@@ -55,6 +55,14 @@ FINETUNE_CASES = [
     ("llama2_7b_lora_int8", "v5e-1", 1, "auto"),
     ("llama2_7b_qlora_nf4", "v5e-1", 1, "auto"),
 ]
+# Context parallelism: 7B at 32k tokens, 64 sequences per step (Chen et al.'s batch), as
+# (config, slice, sequences per step, mesh.context, attention); fsdp takes the other chips.
+CONTEXT_CASES = [
+    ("llama2_7b_extend_32k", "v5e-256", 64, 4, "auto"),
+    ("llama2_7b_extend_32k", "v4-128", 64, 2, "auto"),
+    ("llama2_7b_extend_32k", "v4-128", 64, 4, "auto"),
+    ("llama2_7b_extend_32k", "v4-128", 64, 1, "splash"),  # the recipe's run
+]
 # The memory side of the remat trade-off: 7B on v4-32 (16 chips of 32 GiB), 1 sequence each.
 REMAT_CASES = [
     ("llama2_7b", "v4-32", 1, "splash", policy)
@@ -77,6 +85,40 @@ def config_for(name: str, tpu: str, per_device: int, attention: str, remat: str 
     if c.lora.rank:
         c.init_from = "/unused"
     return c
+
+
+def context_config(name: str, tpu: str, batch: int, context: int, attention: str):
+    c = load(name)
+    c.train.batch_size, c.train.grad_accum_steps = batch, 1
+    c.mesh.context, c.model.attention, c.init_from = context, attention, "/unused"
+    return c
+
+
+def context_command(name, tpu, batch, context, attention) -> str:
+    return (
+        f"llamax-aot --config configs/{name}.py --topology {tpu} "
+        f"--config.train.batch_size={batch} --config.train.grad_accum_steps=1 "
+        f"--config.mesh.context={context} --config.model.attention={attention} "
+        "--config.init_from=/unused"
+    )
+
+
+def _context_table(rows) -> str:
+    lines = [
+        "| slice | mesh (fsdp x context) | attention | tokens per chip | per-chip peak | HBM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (_, tpu, batch, context, attention), r in rows:
+        if "error" in r:
+            lines.append(f"| {tpu} | x {context} | {attention} | error: {r['error'][:80]} | | |")
+            continue
+        mesh = r["mesh"]
+        tokens = batch * r["seq_len"] // r["chips"]
+        lines.append(
+            f"| {tpu} | {mesh['fsdp']} x {mesh['context']} | {attention} | {tokens:,} | "
+            f"{r['peak_bytes_per_chip'] / GiB:.2f} GiB | {r['hbm_bytes_per_chip'] / GiB:.0f} GiB |"
+        )
+    return "\n".join(lines)
 
 
 def command(name, tpu, per_device, attention, remat="full") -> str:
@@ -168,6 +210,19 @@ def main() -> None:
             commands.append(f"    {r['command']}")
         tables.append(_table(rows))
     table, remat_table, finetune_table = tables
+    context_rows = []
+    for case in CONTEXT_CASES:
+        if args.only not in case[0]:
+            continue
+        try:
+            r = aot.check(context_config(*case), case[1])
+        except Exception as e:
+            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        r.update(config=case[0], command=context_command(*case))
+        print(json.dumps({"bench": "tpu_fit", **r}), flush=True)
+        context_rows.append((case, r))
+        commands.append(f"    {r['command']}")
+    context_table = _context_table(context_rows)
     maxtext = _versus_maxtext(results)
     when = time.strftime("%Y-%m-%d")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
@@ -195,6 +250,17 @@ collective fusion (`xla_tpu_enable_async_collective_fusion`, `..._fuse_all_gathe
 
 {maxtext}
 
+## Context parallelism: 32k tokens with fewer sequences than chips
+
+Llama 2 7B at 32,768 tokens, 64 sequences per step (Chen et al.'s batch), full remat, `auto`
+attention (`chunked` on TPU with `mesh.context > 1`: splash does not split the sequence);
+the last row is the recipe's own run, splash without the context axis:
+
+{context_table}
+
+With fsdp alone, 64 sequences of 32k cannot use more than 64 chips; with `context` the same
+batch spreads over 256 v5e chips, each holding a quarter of one sequence.
+
 ## Remat policies
 
 The memory side of the trade-off, 7B on v4-32 with 1 sequence per chip: `full` saves only
@@ -211,9 +277,13 @@ Chat SFT trains every parameter: the pretraining step with other data. LoRA trai
 of rank 64 on every layer matrix (configs/llama2_7b_lora.py, the QLoRA paper's settings) with
 optimizer state for them alone, over the frozen base in bfloat16 or with int8 or 4-bit NF4
 matrices (`lora.base_dtype`, docs/finetuning.md; configs/llama2_7b_qlora_nf4.py is QLoRA's
-recipe); `init_from` is never read by a compile.
+recipe); `init_from` is never read by a compile. Attention `auto` (splash):
 
 {finetune_table}
+
+The int8 base puts 7B LoRA with 4,096-token sequences on one 16 GiB v5e chip; the bfloat16
+base needs more than one chip. The NF4 base (QLoRA's recipe) holds the matrices at 4.5 bits
+a weight instead of 8: smaller arguments than int8's, the same temporaries.
 
 Each row, reproduced:
 

@@ -39,7 +39,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import jax
 
@@ -47,7 +47,7 @@ log = logging.getLogger("llamax")
 INTERVAL = 1.0  # seconds between heartbeats
 
 
-def threads_for_simulated_devices(env: dict = os.environ) -> None:
+def threads_for_simulated_devices(env: MutableMapping[str, str] = os.environ) -> None:
     """Sets `NPROC` to four threads per simulated CPU device (at least the cores) unless it
     is set; only a process that has not started JAX's CPU backend yet is affected."""
     counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", env.get("XLA_FLAGS", ""))
