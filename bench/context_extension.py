@@ -24,7 +24,7 @@ without a short fine-tune.
 Prints one JSON line per variant and writes `results.json`, `perplexity.png` and
 `passkey_*.png` into `--out` (default docs/context_extension). Training phases already done
 in `--work` (default runs/context_extension) are not redone (delete it to start over).
-Single device.
+Single device; about 46 minutes on the 2-core development machine.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from llamax.data.tokenizer import Tokenizer
 SHORT, LONG, FACTOR = 256, 1024, 4.0
 PPL_LENGTHS = (SHORT, 2 * SHORT, LONG, 2 * LONG)  # 2,048: beyond every variant's window
 PASSKEY_LENGTHS = (SHORT, 2 * SHORT, LONG)
-EPISODES = 15_000  # about 2.7M tokens: half the mix
+EPISODES = 15_000  # about 2.7M tokens: 62% of the tokens the pipeline reads
 PRETRAIN_STEPS, FINETUNE_STEPS = 1500, 100
 SCALINGS = {  # name: rope_scaling
     "(a) no scaling": None,
