@@ -188,41 +188,37 @@ def _versus_maxtext(results) -> str:
     )
 
 
+def _row(case, make_config, make_command) -> dict:
+    """One compiled row, printed as a JSON line; a row that cannot compile is reported, not
+    fatal."""
+    try:
+        r = aot.check(make_config(*case), case[1])
+    except Exception as e:
+        r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    r.update(config=case[0], command=make_command(*case))
+    print(json.dumps({"bench": "tpu_fit", **r}), flush=True)
+    return r
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="", help="run the rows whose config contains this")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "tpu_fit.md"))
     args = parser.parse_args()
     tables, commands, results = [], [], {}
-    for cases in (CASES, REMAT_CASES, FINETUNE_CASES):
+    kinds = [(CASES, config_for, command), (REMAT_CASES, config_for, command),
+             (FINETUNE_CASES, config_for, command),
+             (CONTEXT_CASES, context_config, context_command)]  # fmt: skip
+    for cases, make_config, make_command in kinds:
         rows = []
-        for case in cases:
-            if args.only not in case[0]:
-                continue
-            try:
-                r = aot.check(config_for(*case), case[1])
-            except Exception as e:  # a row that cannot compile is reported, not fatal
-                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            r.update(config=case[0], command=command(*case))
-            print(json.dumps({"bench": "tpu_fit", **r}), flush=True)
+        for case in (c for c in cases if args.only in c[0]):
+            r = _row(case, make_config, make_command)
             rows.append((case, r))
             results[case] = r
             commands.append(f"    {r['command']}")
-        tables.append(_table(rows))
-    table, remat_table, finetune_table = tables
-    context_rows = []
-    for case in CONTEXT_CASES:
-        if args.only not in case[0]:
-            continue
-        try:
-            r = aot.check(context_config(*case), case[1])
-        except Exception as e:
-            r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        r.update(config=case[0], command=context_command(*case))
-        print(json.dumps({"bench": "tpu_fit", **r}), flush=True)
-        context_rows.append((case, r))
-        commands.append(f"    {r['command']}")
-    context_table = _context_table(context_rows)
+        tables.append(rows)
+    table, remat_table, finetune_table = (_table(rows) for rows in tables[:3])
+    context_table = _context_table(tables[3])
     maxtext = _versus_maxtext(results)
     when = time.strftime("%Y-%m-%d")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
