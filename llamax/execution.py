@@ -59,6 +59,11 @@ class Execution:
     # Documents per packed row that cuDNN's packed layout takes in one call; a batch with a
     # row of more gets a dense mask for that call (the same result, slower).
     attention_max_segments: int = 32
+    # Positions of every sequence whose logits a training loss computes at once: the output
+    # projection and the cross-entropy run chunk by chunk in a loop (forward, then again in
+    # the backward pass), so that the logits [B, T, V], the largest activation, are never
+    # whole in memory; 0: the whole sequence in one chunk (still recomputed backward).
+    loss_chunk_len: int = 512
     # How the layers' matrices (wq ... w3) are stored: "none" (param_dtype), "int8" with a
     # float32 scale per output channel, or "nf4" (4-bit NormalFloat, two codes a byte) with a
     # float32 absmax per 64 inputs of an output channel; dequantized inside each layer to the
@@ -74,6 +79,9 @@ class Execution:
             errors.append(
                 f"remat_policy must be one of {tuple(REMAT_POLICIES)}, got {self.remat_policy!r}"
             )
+        chunk = self.loss_chunk_len
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+            errors.append(f"loss_chunk_len must be an integer >= 0, got {chunk!r}")
         positive = ("scan_unroll", "attention_block_q", "attention_block_kv",
                     "attention_max_segments")  # fmt: skip
         for name in positive:

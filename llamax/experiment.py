@@ -34,6 +34,7 @@ TRAIN_EXECUTION_FIELDS = (
     "attention_block_q",
     "attention_block_kv",
     "attention_max_segments",
+    "loss_chunk_len",
 )
 # How a LoRA run may hold its frozen base: a float dtype, or its layer matrices quantized (int8,
 # or nf4: QLoRA's 4-bit NormalFloat; llamax.lora), the rest in bfloat16.
@@ -176,6 +177,7 @@ def check(c: ml_collections.ConfigDict) -> None:
 FREE_TO_CHANGE = (
     "model.dtype", "model.remat_policy", "model.scan_unroll", "model.attention",
     "model.attention_block_q", "model.attention_block_kv", "model.attention_max_segments",
+    "model.loss_chunk_len",
     "mesh.", "train.log_every",
     "train.eval_every", "train.eval_batches", "train.progress_bar", "train.seed",
     "train.peak_flops_per_device", "train.grad_accum_steps", "train.accept_changes",

@@ -27,32 +27,44 @@ def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, j
     return log_z - target_logit, log_z
 
 
-def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0, loss_mask=None):
-    """Sums over the valid predictions of the cross-entropy (plus z-loss) and their count.
-
-    Position t predicts token t + 1 when both are in the same segment and it is not padding
-    (segment 0): nothing is predicted across a document boundary or into padding; with a
-    `loss_mask`, only where token t + 1's mask is 1.
-    """
+def next_targets(tokens, segment_ids, loss_mask=None):
+    """What each position t predicts, token t + 1 ([B, T], 0 at the last position), and where
+    that prediction counts ([B, T] bool): both in the same segment and not padding (segment
+    0), so nothing is predicted across a document boundary or into padding; with a
+    `loss_mask`, only where token t + 1's mask is 1."""
     valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
     if loss_mask is not None:
         valid &= loss_mask[:, 1:] != 0
-    nll, log_z = token_nll(logits[:, :-1], tokens[:, 1:])
-    nll = jnp.where(valid, nll, 0.0)
+    end = jnp.zeros_like(tokens[:, :1])
+    targets = jnp.concatenate([tokens[:, 1:], end], axis=1)
+    return targets, jnp.concatenate([valid, jnp.zeros_like(valid[:, :1])], axis=1)
+
+
+def _summed(nll, log_z, valid, z_loss):
     z = jnp.where(valid, log_z**2, 0.0)
-    return nll.sum(), z_loss * z.sum(), valid.sum().astype(jnp.float32)
+    return jnp.where(valid, nll, 0.0).sum(), z_loss * z.sum(), valid.sum().astype(jnp.float32)
+
+
+def next_token_loss(logits, tokens, segment_ids, z_loss: float = 0.0, loss_mask=None):
+    """Sums over the valid predictions (`next_targets`) of the cross-entropy (plus z-loss) and
+    their count, from logits [B, T, V]."""
+    targets, valid = next_targets(tokens, segment_ids, loss_mask)
+    return _summed(*token_nll(logits, targets), valid, z_loss)
+
+
+def model_nll(params, model, batch, targets, rngs=None):
+    """The model's cross-entropy of `targets` [B, T] and log Z at each position of the batch,
+    from its chunked output (`llamax.model.output_nll`; the logits are never whole)."""
+    return model.apply({"params": params}, batch["tokens"], batch["positions"],
+                       batch["segment_ids"], targets=targets, rngs=rngs)  # fmt: skip
 
 
 def lm_loss(params, model, batch, z_loss: float = 0.0, rngs=None):
     """Next-token prediction on packed documents (pretraining, continued training), and with a
     `loss_mask` in the batch (chat data: 1 on the tokens to learn) on the masked-in targets
     only (supervised fine-tuning): (summed loss to differentiate, (summed nll, target count))."""
-    logits = model.apply(
-        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"], rngs=rngs
-    )
-    nll, z, count = next_token_loss(
-        logits, batch["tokens"], batch["segment_ids"], z_loss, batch.get("loss_mask")
-    )
+    targets, valid = next_targets(batch["tokens"], batch["segment_ids"], batch.get("loss_mask"))
+    nll, z, count = _summed(*model_nll(params, model, batch, targets, rngs), valid, z_loss)
     return nll + z, (nll, count)
 
 
@@ -102,27 +114,28 @@ def ranking_loss(chosen, rejected, margin=0.0, centering: float = 0.0, valid=Non
     return jnp.where(valid, per_pair, 0.0).sum(), valid.sum().astype(jnp.float32)
 
 
-def _response_logprobs(logits, tokens, segment_ids, loss_mask):
-    """[B, T - 1]: the log-probability of each masked-in token t + 1 from the tokens before
-    it in its segment, 0 elsewhere."""
-    valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-    valid &= loss_mask[:, 1:] != 0
-    nll, _ = token_nll(logits[:, :-1], tokens[:, 1:])
+def _response_logprobs(nll, tokens, segment_ids, loss_mask):
+    """[B, T]: from each position's cross-entropy of the next token ([B, T], as
+    `next_targets` pairs them), the log-probability of each masked-in token t + 1 given the
+    tokens before it in its segment, 0 elsewhere."""
+    _, valid = next_targets(tokens, segment_ids, loss_mask)
     return -jnp.where(valid, nll, 0.0)
 
 
 def sequence_logprobs(logits, tokens, segment_ids, loss_mask) -> jnp.ndarray:
     """log pi(response | prompt) of each row [B]: the log-probabilities of the masked-in
     tokens (the response), each predicted from the tokens before it in its segment."""
-    return _response_logprobs(logits, tokens, segment_ids, loss_mask).sum(axis=-1)
+    nll, _ = token_nll(logits, next_targets(tokens, segment_ids)[0])
+    return _response_logprobs(nll, tokens, segment_ids, loss_mask).sum(axis=-1)
 
 
-def segment_logprobs(logits, tokens, segment_ids, loss_mask, num_segments: int):
-    """log pi(response | prompt) of segments 1..`num_segments` of each row [B, S]: the
-    `sequence_logprobs` of each segment (a packed row of pairs), 0 for a segment the row lacks."""
-    logps = _response_logprobs(logits, tokens, segment_ids, loss_mask)
+def segment_logprobs(nll, tokens, segment_ids, loss_mask, num_segments: int):
+    """log pi(response | prompt) of segments 1..`num_segments` of each row [B, S], from each
+    position's cross-entropy of the next token [B, T]: the `sequence_logprobs` of each
+    segment (a packed row of pairs), 0 for a segment the row lacks."""
+    logps = _response_logprobs(nll, tokens, segment_ids, loss_mask)
     ids = jnp.arange(1, num_segments + 1, dtype=segment_ids.dtype)
-    hit = segment_ids[:, 1:, None] == ids  # [B, T - 1, S]
+    hit = segment_ids[..., None] == ids  # [B, T, S]
     return jnp.where(hit, logps[..., None], 0.0).sum(axis=1)
 
 
@@ -173,10 +186,11 @@ def dpo_objective(params, model, batch, reference=None, beta: float = 0.1,
         reference = lora.combine(base, jax.tree.map(jnp.zeros_like, adapters))
     s = 2 * pairs_per_row
 
+    targets, _ = next_targets(batch["tokens"], batch["segment_ids"])
+
     def logps(p, r):
-        logits = model.apply({"params": p}, batch["tokens"], batch["positions"],
-                             batch["segment_ids"], rngs=r)  # fmt: skip
-        lp = segment_logprobs(logits, batch["tokens"], batch["segment_ids"], batch["loss_mask"], s)
+        nll, _ = model_nll(p, model, batch, targets, r)
+        lp = segment_logprobs(nll, batch["tokens"], batch["segment_ids"], batch["loss_mask"], s)
         return lp[:, 0::2], lp[:, 1::2]
 
     policy_c, policy_r = logps(params, rngs)

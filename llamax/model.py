@@ -22,6 +22,7 @@ Inputs beyond the tokens:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -221,6 +222,11 @@ class Llama(nn.Module):
     """tokens int32 [B, T] -> float32 logits [B, T, V] (and the updated cache, if one is given);
     with `config.head == "score"` (a reward model), float32 scores [B, T] instead.
 
+    With `targets` int32 [B, T] (a training loss), the cross-entropy of each target and the
+    log-partition log Z, both float32 [B, T], instead of the logits: the output projection
+    and the softmax run over chunks of `execution.loss_chunk_len` positions (`output_nll`),
+    so that the logits, the largest activation, are never whole in memory.
+
     `execution.scan_layers=False` runs the layers as a Python loop over separate parameters
     `layers_0`, `layers_1`, ... (see `unstack_layers`) and a per-layer cache
     (`init_cache(..., stacked=False)`): generation uses it, because slicing a layer out of
@@ -241,6 +247,7 @@ class Llama(nn.Module):
         positions: jnp.ndarray | None = None,
         segment_ids: jnp.ndarray | None = None,
         cache: Cache | None = None,
+        targets: jnp.ndarray | None = None,
     ):
         c, e = self.config, self.execution
         b, t = tokens.shape
@@ -298,12 +305,19 @@ class Llama(nn.Module):
 
         x = RMSNorm(c, e, name="norm")(x)
         if c.head == "score":  # a reward model: one scalar per position
-            if cache is not None:
-                raise ValueError("A model with a score head (a reward model) does not generate")
+            if cache is not None or targets is not None:
+                raise ValueError(
+                    "A model with a score head (a reward model) neither generates nor predicts "
+                    "tokens (cache, targets)"
+                )
             score = _param(self, "score", ("embed", "labels"), (c.dim, 1))
             out = jnp.einsum("BTD,DL->BTL", x, score.astype(e.compute_dtype))
             return _constrain(out[..., 0].astype(jnp.float32), ("batch", "length"))
         output = _param(self, "output", ("embed", "vocab"), (c.dim, c.vocab_size))
+        if targets is not None:
+            if cache is not None:
+                raise ValueError("Give targets (a training loss) or a cache (generation), not both")
+            return output_nll(x, output, targets.astype(jnp.int32), _loss_chunks(t, e))
         # In the compute dtype, then float32 for the softmax (MaxText's default): float32
         # output from the matmul would double the largest activation, [B, T, V].
         logits = jnp.einsum("BTD,DV->BTV", x, output.astype(e.compute_dtype)).astype(jnp.float32)
@@ -311,6 +325,97 @@ class Llama(nn.Module):
         if cache is None:
             return logits
         return logits, {**kv, "segment_ids": kv_segment_ids, "index": index + t}
+
+
+def _loss_chunks(length: int, execution: Execution) -> int:
+    chunk = execution.loss_chunk_len
+    return 1 if chunk == 0 or length <= chunk else -(-length // chunk)
+
+
+def _strided(a: jnp.ndarray, n: int) -> jnp.ndarray:
+    """[B, T, ...] -> [B, T / n, n, ...]: chunk i (`[:, :, i]`) is positions i, i + n, ...
+    Strided rather than contiguous, so that a chunk keeps the length sharding (context
+    parallelism splits positions in contiguous blocks)."""
+    return a.reshape(a.shape[0], a.shape[1] // n, n, *a.shape[2:])
+
+
+def _unstrided(chunks: jnp.ndarray) -> jnp.ndarray:
+    """The inverse of `_strided` for what a scan over the chunks stacks, [n, B, T / n, ...]."""
+    a = jnp.moveaxis(chunks, 0, 2)
+    return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
+
+
+def _padded(a: jnp.ndarray, n: int) -> jnp.ndarray:
+    """`a` [B, T, ...] with zeros after position T - 1 up to a multiple of n positions."""
+    extra = -a.shape[1] % n
+    return a if not extra else jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
+
+
+def _chunk_logits(x, output):
+    """float32 logits [B, t, V] of one chunk of the final activations [B, t, D]."""
+    logits = jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32)
+    return _constrain(logits, ("batch", "length", "vocab"))
+
+
+def _gathered_output(output, dtype):
+    # In the compute dtype, whole along `embed` on every device, once for all the chunks.
+    return _constrain(output.astype(dtype), (None, "vocab"))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def output_nll(x, output, targets, chunks: int):
+    """The cross-entropy of `targets` [B, T] under the logits `x @ output` (final activations
+    x [B, T, D], the output projection [D, V]) and the log-partition log Z, float32 [B, T]
+    each, computed over `chunks` chunks of positions in a loop; the backward pass computes
+    each chunk's logits again. Only one chunk's logits, [B, T / chunks, V], is in memory at a
+    time, against [B, T, V] and its gradient for the logits whole. The matmuls run in x's
+    dtype with float32 results; the output projection's gradient sums in float32."""
+    return _output_nll_forward(x, output, targets, chunks)[0]
+
+
+def _output_nll_forward(x, output, targets, chunks):
+    t = targets.shape[1]
+    w = _gathered_output(output, x.dtype)
+    xs, ys = _strided(_padded(x, chunks), chunks), _strided(_padded(targets, chunks), chunks)
+
+    def chunk(_, i):
+        logits = _chunk_logits(jax.lax.dynamic_index_in_dim(xs, i, 2, keepdims=False), w)
+        target = jax.lax.dynamic_index_in_dim(ys, i, 2, keepdims=False)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+        return None, (log_z - target_logit, log_z)
+
+    _, (nll, log_z) = jax.lax.scan(chunk, None, jnp.arange(chunks))
+    nll, log_z = _unstrided(nll)[:, :t], _unstrided(log_z)[:, :t]
+    return (nll, log_z), (x, output, targets, log_z)
+
+
+def _output_nll_backward(chunks, residuals, cotangents):
+    x, output, targets, log_z = residuals
+    g_nll, g_log_z = cotangents
+    w = _gathered_output(output, x.dtype)
+    xs, ys, lz, gn, gz = (_strided(_padded(a, chunks), chunks)
+                          for a in (x, targets, log_z, g_nll, g_log_z))  # fmt: skip
+
+    def chunk(grad_output, i):
+        x_i, y_i, lz_i, gn_i, gz_i = (jax.lax.dynamic_index_in_dim(a, i, 2, keepdims=False)
+                                      for a in (xs, ys, lz, gn, gz))  # fmt: skip
+        # d nll / d logits = softmax - onehot(target); d log Z / d logits = softmax.
+        probs = jnp.exp(_chunk_logits(x_i, w) - lz_i[..., None])
+        onehot = y_i[..., None] == jnp.arange(probs.shape[-1], dtype=y_i.dtype)
+        d_logits = (gn_i + gz_i)[..., None] * probs - jnp.where(onehot, gn_i[..., None], 0.0)
+        d_logits = _constrain(d_logits.astype(x.dtype), ("batch", "length", "vocab"))
+        d_x = jnp.einsum("BTV,DV->BTD", d_logits, w)
+        grad_output += jnp.einsum("BTD,BTV->DV", x_i, d_logits, preferred_element_type=jnp.float32)
+        return _constrain(grad_output, ("embed", "vocab")), d_x
+
+    zeros = _constrain(jnp.zeros(output.shape, jnp.float32), ("embed", "vocab"))
+    grad_output, d_x = jax.lax.scan(chunk, zeros, jnp.arange(chunks))
+    d_x = _unstrided(d_x)[:, : x.shape[1]]
+    return d_x, grad_output.astype(output.dtype), None
+
+
+output_nll.defvjp(_output_nll_forward, _output_nll_backward)
 
 
 def unstack_layers(params):

@@ -87,6 +87,7 @@ def test_invalid_configs_name_the_problem(kwargs, message):
         ({"remat_policy": "everything"}, "remat_policy must be one of"),
         ({"attention": "flash"}, "attention must be one of"),
         ({"scan_unroll": 0}, "scan_unroll must be a positive integer"),
+        ({"loss_chunk_len": -1}, "loss_chunk_len must be an integer >= 0"),
     ],
 )
 def test_invalid_execution_names_the_problem(kwargs, message):

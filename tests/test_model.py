@@ -125,3 +125,81 @@ def test_attention_never_crosses_segments(rng):
     b = model.apply({"params": params}, changed, positions=positions, segment_ids=segment_ids)
     np.testing.assert_array_equal(np.asarray(a)[0, 6:], np.asarray(b)[0, 6:])
     assert np.abs(np.asarray(a)[0, :6] - np.asarray(b)[0, :6]).max() > 1e-2
+
+
+@pytest.mark.parametrize("chunk", [0, 3, 4, 512])
+def test_chunked_cross_entropy_equals_that_of_the_whole_logits(chunk, rng):
+    """With targets the model returns each position's cross-entropy and log Z from its output
+    projection run over chunks of positions, with a backward pass of its own; the values and
+    every parameter's gradient equal those of the whole logits differentiated by jax (10
+    positions: chunks of 3 and 4 leave a padded last chunk; 0 and 512: one chunk)."""
+    config = llamax.LlamaConfig.preset("tiny")
+    params = random_params(config)
+    tokens = rng.integers(0, config.vocab_size, (3, 10), dtype=np.int32)
+    targets = rng.integers(0, config.vocab_size, (3, 10), dtype=np.int32)
+    w_nll, w_log_z = rng.normal(size=(2, 3, 10)).astype(np.float32)
+    chunked = llamax.Llama(config, llamax.Execution(loss_chunk_len=chunk))
+
+    def whole_loss(p):
+        logits = llamax.Llama(config).apply({"params": p}, tokens)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        nll = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum(w_nll * nll + w_log_z * log_z), (nll, log_z)
+
+    def chunked_loss(p):
+        nll, log_z = chunked.apply({"params": p}, tokens, targets=targets)
+        return jnp.sum(w_nll * nll + w_log_z * log_z), (nll, log_z)
+
+    (_, want), want_grads = jax.value_and_grad(whole_loss, has_aux=True)(params)
+    (_, got), grads = jax.value_and_grad(chunked_loss, has_aux=True)(params)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == (3, 10)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        w = _at(want_grads, path)
+        scale = float(jnp.max(jnp.abs(w)))
+        assert scale > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))  # fmt: skip
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_chunked_cross_entropy_in_bfloat16_stays_close(rng):
+    """In bfloat16 the chunks' logits come out of the matmul in float32 and the output
+    projection's gradient sums in float32: the loss and that gradient stay within bfloat16's
+    precision of float32's."""
+    config = llamax.LlamaConfig.preset("tiny")
+    params = random_params(config)
+    tokens = rng.integers(0, config.vocab_size, (2, 16), dtype=np.int32)
+    targets = rng.integers(0, config.vocab_size, (2, 16), dtype=np.int32)
+
+    def loss(execution):
+        def f(p):
+            nll, _ = llamax.Llama(config, execution).apply({"params": p}, tokens, targets=targets)
+            return nll.mean()
+
+        return jax.value_and_grad(f)(params)
+
+    want, want_grads = loss(llamax.Execution())
+    got, grads = loss(llamax.Execution(dtype="bfloat16", loss_chunk_len=4))
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-2)
+    w, g = np.asarray(want_grads["output"]), np.asarray(grads["output"])
+    assert np.linalg.norm(g - w) < 0.05 * np.linalg.norm(w)
+
+
+def test_targets_exclude_a_cache_and_a_score_head():
+    config = llamax.LlamaConfig.preset("tiny")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    model = llamax.Llama(config)
+    params = model.init(jax.random.key(0), tokens)
+    cache = llamax.model.init_cache(config, 1, 8)
+    with pytest.raises(ValueError, match="targets .* or a cache"):
+        model.apply(params, tokens, cache=cache, targets=tokens)
+    scorer = llamax.Llama(config.replace(head="score"))
+    with pytest.raises(ValueError, match="score head"):
+        scorer.apply(scorer.init(jax.random.key(0), tokens), tokens, targets=tokens)
