@@ -155,6 +155,7 @@ def check(
         peak = getattr(analysis, "peak_memory_in_bytes", 0) or (
             memory["argument"] + memory["output"] + memory["temp"] - memory["alias"]
         )
+    total = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
     tokens_per_step = c.train.batch_size * c.train.seq_len
     flops_token = metrics.flops_per_token(config, c.train.seq_len, experiment.is_dpo(c))
     return {
@@ -174,6 +175,8 @@ def check(
         "temp_bytes_per_chip": memory["temp"],
         "alias_bytes_per_chip": memory["alias"],
         "peak_bytes_per_chip": int(peak),
+        # What MaxText's train_compile prints as its total: every buffer as if live at once.
+        "total_bytes_per_chip": total,
         "hbm_bytes_per_chip": tpu.hbm_bytes,
         "fits": compiled is not None and peak <= tpu.hbm_bytes,
         "compile_seconds": round(seconds, 1),

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llamax import checkpoint, experiment, lora, losses, optim, pretrained, sharding, step
 from llamax import data as data_lib
+from llamax.execution import compiler_options
 from llamax.model import Llama, abstract_params, trained_with_adapters
 from llamax.step import TrainState
 
@@ -368,6 +369,7 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     batch_sharding = NamedSharding(mesh, logical)
     fields, loss_fn = data_lib.fields(c.data), objective(c)
     batch_shardings = dict.fromkeys(fields, batch_sharding)
+    options = compiler_options(mesh.devices.flat[0].platform)
     train_step = jax.jit(
         partial(
             step.train_step,
@@ -382,6 +384,7 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
         in_shardings=(shardings, batch_shardings),
         out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
+        compiler_options=options,
     )
     full = (
         shardings.params
@@ -391,6 +394,7 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     eval_step = jax.jit(
         partial(step.eval_step, model=model, loss_fn=loss_fn),
         in_shardings=(full, batch_shardings, shardings.reference),
+        compiler_options=options,
     )
     return Setup(
         c, mesh, model, tx, schedule, abstract, shardings, batch_sharding, fields,

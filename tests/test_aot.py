@@ -3,13 +3,15 @@ refusals, and the CLI."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO, load_config
 
-from llamax import aot, experiment
+import llamax
+from llamax import aot, attention, experiment, setup, sharding
 
 
 @pytest.mark.parametrize(
@@ -96,3 +98,28 @@ def test_a_step_that_cannot_fit_is_reported():
     assert not r["compiled"] and not r["fits"]
     assert r["temp_bytes_per_chip"] > r["hbm_bytes_per_chip"]
     assert "DOES NOT FIT" in aot.format_report(r)
+
+
+@pytest.mark.slow
+def test_no_bfloat16_copy_of_every_layer_is_held(monkeypatch):
+    """libtpu's bfloat16 propagation, left on, turns each layer's cast of its float32 weights
+    into a bfloat16 copy of all the layers' weights (here w1, [layers, dim / 16 chips, ffn])
+    held for the whole step; the train step compiles with it off
+    (`llamax.execution.TPU_COMPILER_OPTIONS`) and makes no such copy."""
+    c = load_config("tiny")
+    c.model.dim, c.model.n_heads, c.model.n_kv_heads, c.model.ffn_dim = 1024, 8, 8, 2816
+    c.model.n_layers, c.model.vocab_size, c.train.seq_len = 4, 1024, 1024
+    c.model.dtype, c.model.remat_policy, c.model.attention = "bfloat16", "full", "splash"
+    c.train.batch_size = 16
+    mesh = setup.make_mesh(c, aot.topology_devices(aot.parse_slice("v5e-16")))
+
+    def copies():
+        s = setup.build(c, mesh)
+        with sharding.use_mesh(mesh), attention.compiling_for("tpu"):
+            lowered = s.train_step.lower(s.abstract_state(), s.abstract_batch())
+            text = lowered.compile().as_text()
+        return re.findall(r"= bf16\[4,64,2816\]\S* convert\(", text)
+
+    assert not copies()
+    monkeypatch.setattr(llamax.execution, "TPU_COMPILER_OPTIONS", {})
+    assert copies()
