@@ -157,15 +157,15 @@ def _table(rows) -> str:
     return "\n".join(lines)
 
 
-# MaxText's `train_compile` peak per chip (GiB) for the same step: fsdp over every chip, 4,096
-# tokens, full remat, its plain attention against `xla` and its splash against `splash`.
-# v5e rows measured on the development machine with the same libtpu (2026-11-26); the v5p row
-# is the figure MaxText publishes for 70B on v5p-64.
+# MaxText's `train_compile` peak per chip (GiB, `peak_memory_in_bytes` of the compiled step,
+# as llamax's) for the same step: fsdp over every chip, 4,096 tokens, full remat, its
+# dot_product attention against `xla` and its flash (splash) against `splash`. Measured on
+# the development machine with the same libtpu 0.0.52, MaxText e591f30 (2026-11-29).
 MAXTEXT = {
     ("llama2_7b", "v5e-16", 1, "xla"): 11.06,
     ("llama2_7b", "v5e-16", 1, "splash"): 9.03,
     ("llama2_7b", "v5e-256", 4, "splash"): 7.08,
-    ("llama2_70b", "v5p-64", 1, "xla"): 47.9,
+    ("llama2_70b", "v5p-64", 1, "xla"): 47.89,
 }
 
 
@@ -183,9 +183,38 @@ def _versus_maxtext(results) -> str:
                          f"{ours:.2f} GiB | {ours / theirs:.3f} |")  # fmt: skip
     return (
         "Side by side with MaxText's `train_compile` (fsdp over every chip, 4,096 tokens, full "
-        "remat; its plain attention against `xla`, its splash against `splash`), peak per "
-        "chip:\n\n" + "\n".join(lines)
+        "remat; its dot_product attention against `xla`, its flash (splash) against `splash`), "
+        "peak per chip, the same measure for both (`peak_memory_in_bytes`; MaxText e591f30, "
+        "the same libtpu):\n\n" + "\n".join(lines) + "\n\n" + WHERE_IT_WENT
     )
+
+
+WHERE_IT_WENT = """\
+Where the memory went, from the compiled steps' buffer assignments (libtpu writes them for
+`XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"`; MaxText's were dumped the same
+way) and the live ranges around each step's peak:
+
+- **The logits.** llamax's loss took the whole `[B, T, V]` logits in float32 and kept them
+  with a bfloat16 copy for the backward pass: 1.95 + 0.98 GiB per chip at 4 sequences of
+  4,096 tokens. MaxText keeps the bfloat16 logits (1 GiB there). The loss now runs the
+  output projection and the softmax over chunks of 512 positions with a backward pass of
+  its own (`llamax.model.output_nll`, [model.md](model.md)), and no logits are whole:
+  7B on v5e-256 went from 7.89 to 7.05 GiB, 7B on v5e-16 from 10.96 to 10.62 (`xla`) and
+  from 9.34 to 9.00 (`splash`), 70B on v5p-64 from 48.14 to 47.86.
+- **A bfloat16 copy of every layer's weights.** libtpu's bfloat16-propagation pass moves each
+  layer's cast of its float32 weights out of the layer loop: one bfloat16 copy of all the
+  stacked weights, made before the forward pass and held until the backward pass ends (its
+  pass-by-pass dump shows the copy first after `bfloat16-propagation`). MaxText's step
+  holds the same copy (4 GiB per chip for 70B on v5p-64). llamax compiles its steps for
+  TPU with that pass off (`llamax.execution.TPU_COMPILER_OPTIONS`; the pass never changes a
+  result, so neither does turning it off): 7B on v5e-16 down by 0.75 GiB, 70B on v5p-64
+  from 47.86 to 43.88 GiB. Test: `test_aot.py::test_no_bfloat16_copy_of_every_layer_is_held`.
+- **What is left.** Every step's peak is now in the backward pass of a layer: the saved
+  inputs of all layers (bfloat16 `[layers, B, T, D]`: 4 GiB at 4 sequences of 4,096 on
+  v5e-256, 5 GiB for 70B), float32 gradients, and one layer's temporaries (three
+  `[B, T, F]` bfloat16 MLP buffers, the attention's q, k, v and their gradients). MaxText's
+  step holds the same, buffer for buffer, so the 4-sequence v5e-256 row, where the weights
+  per chip are small, stays near 1.0x; the rows where the weights weigh are near 0.9x."""
 
 
 def _row(case, make_config, make_command) -> dict:

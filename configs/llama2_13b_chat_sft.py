@@ -11,7 +11,7 @@ pairs, docs/data.md) with the loss on the answers, packed; cosine from 2e-5, wei
 set train.steps for yours), full fine-tuning of every parameter.
 
 Hardware: a v4-128 slice (64 chips, 32 GiB each), fsdp over every chip, one sequence per
-chip: the 13B pretraining step, which this is with other data, takes 10.04 GiB per chip at 1
+chip: the 13B pretraining step, which this is with other data, takes 9.04 GiB per chip at 1
 x 4,096 on v4-64 (llamax-aot, docs/tpu_fit.md).
 
 Expected: the paper's SFT model, whose helpfulness and safety its section 3.1 reports, from

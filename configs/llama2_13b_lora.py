@@ -12,8 +12,8 @@ base, on the chat SFT recipe's data and batches (64 x 4,096 tokens, 860 steps). 
 al.'s smaller adapters: --config.lora.rank=8 --config.lora.alpha=16 --config.lora.targets=wq,wv.
 
 Hardware: not compiled ahead of time at this size; check a slice with llamax-aot before a run
-(docs/tpu_fit.md has the 7B rows: 7.05 GiB per chip on v5e-4 at 1 x 4,096 per chip with a
-bfloat16 base, 11.43 GiB on one v5e chip with an int8 one).
+(docs/tpu_fit.md has the 7B rows: 6.92 GiB per chip on v5e-4 at 1 x 4,096 per chip with a
+bfloat16 base, 11.22 GiB on one v5e chip with an int8 one).
 
 Expected: most of full fine-tuning's gain on the same data (the LoRA and QLoRA papers'
 finding) with optimizer state for the adapters only. Not run at this size here.

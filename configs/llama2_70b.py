@@ -11,9 +11,9 @@ learning rate 1.5e-4.
 
 Hardware: a v4-512 slice (256 chips, 32 GiB each), fsdp over all chips: each of the 4
 micro-batches of 256 sequences puts one on every chip. Ahead-of-time check (llamax-aot,
-docs/tpu_fit.md): 1 sequence per chip takes 17.86 GiB per chip on v4-256 with splash attention
+docs/tpu_fit.md): 1 sequence per chip takes 17.15 GiB per chip on v4-256 with splash attention
 (`--config.model.attention=splash`); more chips hold less of the state each. On v5p-64 (95 GiB
-chips), where 70B is usually trained, 1 per chip takes 44.02 GiB with splash and 48.14 GiB with
+chips), where 70B is usually trained, 1 per chip takes 39.76 GiB with splash and 43.88 GiB with
 xla (MaxText: 47.9). Expected result: the paper's training curve (its Figure 5); the TPU
 throughput has not been measured.
 Data: `c4/en:3.1.0` from tfds, prepared once as ArrayRecord in the data dir

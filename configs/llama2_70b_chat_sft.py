@@ -10,7 +10,7 @@ pairs, docs/data.md) with the loss on the answers, packed; cosine from 2e-5, wei
 64 sequences of 4,096 tokens per step, 860 steps (two epochs of the paper's 27,540 dialogs;
 set train.steps for yours), full fine-tuning of every parameter.
 
-Hardware: not compiled ahead of time at this batch. The 70B pretraining step takes 17.86 GiB
+Hardware: not compiled ahead of time at this batch. The 70B pretraining step takes 17.15 GiB
 per chip at 1 x 4,096 on v4-256 (128 chips, docs/tpu_fit.md); 64 sequences do not split over
 128 chips with fsdp alone, so use --config.mesh.fsdp=64 --config.mesh.tensor=2 there and
 check it with llamax-aot first.

@@ -11,9 +11,9 @@ learning rate 3e-4.
 
 Hardware: a v5e-256 slice (256 chips, 16 GiB each), fsdp over all chips: each of the 4
 micro-batches of 256 sequences puts one on every chip. Ahead-of-time check (llamax-aot,
-docs/tpu_fit.md): 4 sequences per chip without accumulation take 7.89 GiB per chip with
+docs/tpu_fit.md): 4 sequences per chip without accumulation take 7.01 GiB per chip with
 splash attention (`--config.model.attention=splash`), so the recipe's one fits; on v5p-8,
-1 per chip takes 30.26 GiB of 95. Expected result: the paper's training
+1 per chip takes 29.10 GiB of 95. Expected result: the paper's training
 curve (its Figure 5); the TPU throughput has not been measured.
 Data: `c4/en:3.1.0` from tfds, prepared once as ArrayRecord in the data dir
 (`tfds build c4/en --file_format=array_record`), and Meta's Llama 2 `tokenizer.model`.

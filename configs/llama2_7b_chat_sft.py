@@ -11,8 +11,8 @@ pairs, docs/data.md) with the loss on the answers, packed; cosine from 2e-5, wei
 set train.steps for yours), full fine-tuning of every parameter.
 
 Hardware: a v5e-16 slice, fsdp over its 16 chips, 4 sequences per chip. Ahead-of-time check
-(llamax-aot, docs/tpu_fit.md): this step at 1 x 4,096 per chip on v5e-16 takes 9.34 GiB per
-chip of 16, as the 7B pretraining step does, which at 4 per chip takes 14.79 GiB.
+(llamax-aot, docs/tpu_fit.md): this step at 1 x 4,096 per chip on v5e-16 takes 8.25 GiB per
+chip of 16, as the 7B pretraining step does, which at 4 per chip takes 13.54 GiB.
 
 Expected: the paper's SFT model, whose helpfulness and safety its section 3.1 reports, from
 data of its quality; on public chat data, a model that follows the chat format and answers

@@ -21,7 +21,7 @@ long documents, such as pg19 in `--config.data.tfds_name`, teaches more of the l
 full remat and `auto` attention (splash on TPU, cuDNN on GPU, else chunked).
 
 Hardware: a v4-128 slice (64 chips, 32 GiB each), fsdp over all chips, 1 sequence per chip.
-Ahead-of-time check (llamax-aot, docs/tpu_fit.md): 11.88 GiB per chip with splash on v4-64
+Ahead-of-time check (llamax-aot, docs/tpu_fit.md): 10.42 GiB per chip with splash on v4-64
 at 1 sequence per chip, of 32 GiB.
 Expected, from the paper (its Tables 1, 2 and 4, Llama 7B at 16k): perplexity that keeps
 falling as the context grows to 16,384 tokens, within a few percent of the 4k model's at

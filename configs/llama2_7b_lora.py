@@ -12,8 +12,8 @@ base, on the chat SFT recipe's data and batches (64 x 4,096 tokens, 860 steps). 
 al.'s smaller adapters: --config.lora.rank=8 --config.lora.alpha=16 --config.lora.targets=wq,wv.
 
 Hardware: a v5e-4 slice, fsdp over its 4 chips, the 64 sequences as 16 accumulated
-micro-batches of 1 x 4,096 per chip: 7.05 GiB per chip (llamax-aot, docs/tpu_fit.md). One
-v5e chip does not hold the bfloat16 base and the step (17.03 GiB of temporaries); the int8
+micro-batches of 1 x 4,096 per chip: 6.92 GiB per chip (llamax-aot, docs/tpu_fit.md). One
+v5e chip does not hold the bfloat16 base and the step (16.81 GiB of temporaries); the int8
 base does (configs/llama2_7b_lora_int8.py).
 
 Expected: most of full fine-tuning's gain on the same data (the LoRA and QLoRA papers'

@@ -9,7 +9,7 @@ linear layer, dropout 0.05, 2e-4, 64 x 4,096 tokens), with the frozen base's lay
 held as int8 with a scale per output channel (`lora.base_dtype=int8`, docs/finetuning.md).
 
 Hardware: one v5e chip (v5e-1, 16 GiB), the 64 sequences as 64 accumulated micro-batches
-of 1 x 4,096: 11.43 GiB (llamax-aot, docs/tpu_fit.md), where a bfloat16 base needs 17 GiB.
+of 1 x 4,096: 11.22 GiB (llamax-aot, docs/tpu_fit.md), where a bfloat16 base needs 17 GiB.
 
 Expected: within noise of the bfloat16-base run (the QLoRA paper found 4-bit NormalFloat
 bases match 16-bit ones; 8-bit rounds less). Not run at this size here.

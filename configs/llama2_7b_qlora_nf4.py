@@ -14,8 +14,8 @@ warm-up (3%); bfloat16 compute, as QLoRA's. Not QLoRA's: its batches (16 example
 512 tokens) and its paged optimizer (nothing is offloaded here).
 
 Hardware: one v5e chip (v5e-1, 16 GiB), the 64 sequences as 64 accumulated micro-batches
-of 1 x 4,096: 8.79 GiB (llamax-aot, docs/tpu_fit.md), where the int8 base of
-configs/llama2_7b_lora_int8.py needs 11.43 GiB (4.5 bits per matrix weight instead of 8).
+of 1 x 4,096: 8.39 GiB (llamax-aot, docs/tpu_fit.md), where the int8 base of
+configs/llama2_7b_lora_int8.py needs 11.22 GiB (4.5 bits per matrix weight instead of 8).
 
 Expected: the QLoRA paper found NF4 bases match 16-bit ones after fine-tuning. Not run at
 this size here.
