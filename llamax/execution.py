@@ -59,10 +59,10 @@ class Execution:
     # Documents per packed row that cuDNN's packed layout takes in one call; a batch with a
     # row of more gets a dense mask for that call (the same result, slower).
     attention_max_segments: int = 32
-    # Positions of every sequence whose logits a training loss computes at once: the output
-    # projection and the cross-entropy run chunk by chunk in a loop (forward, then again in
-    # the backward pass), so that the logits [B, T, V], the largest activation, are never
-    # whole in memory; 0: the whole sequence in one chunk (still recomputed backward).
+    # Positions of every sequence whose logits a training loss computes at once: for longer
+    # sequences the output projection and the cross-entropy run chunk by chunk in a loop
+    # (forward, then again in the backward pass), so that the logits [B, T, V], the largest
+    # activation, are never whole in memory; 0: always the whole sequence at once.
     loss_chunk_len: int = 512
     # How the layers' matrices (wq ... w3) are stored: "none" (param_dtype), "int8" with a
     # float32 scale per output channel, or "nf4" (4-bit NormalFloat, two codes a byte) with a

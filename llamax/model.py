@@ -223,9 +223,10 @@ class Llama(nn.Module):
     with `config.head == "score"` (a reward model), float32 scores [B, T] instead.
 
     With `targets` int32 [B, T] (a training loss), the cross-entropy of each target and the
-    log-partition log Z, both float32 [B, T], instead of the logits: the output projection
-    and the softmax run over chunks of `execution.loss_chunk_len` positions (`output_nll`),
-    so that the logits, the largest activation, are never whole in memory.
+    log-partition log Z, both float32 [B, T], instead of the logits: for sequences longer
+    than `execution.loss_chunk_len` the output projection and the softmax run over chunks of
+    positions (`output_nll`), so that the logits, the largest activation, are never whole in
+    memory; shorter ones take the whole logits, differentiated as they are.
 
     `execution.scan_layers=False` runs the layers as a Python loop over separate parameters
     `layers_0`, `layers_1`, ... (see `unstack_layers`) and a per-layer cache
@@ -317,11 +318,15 @@ class Llama(nn.Module):
         if targets is not None:
             if cache is not None:
                 raise ValueError("Give targets (a training loss) or a cache (generation), not both")
-            return output_nll(x, output, targets.astype(jnp.int32), _loss_chunks(t, e))
+            chunks = _loss_chunks(t, e)
+            if chunks > 1:
+                return output_nll(x, output, targets.astype(jnp.int32), chunks)
         # In the compute dtype, then float32 for the softmax (MaxText's default): float32
         # output from the matmul would double the largest activation, [B, T, V].
         logits = jnp.einsum("BTD,DV->BTV", x, output.astype(e.compute_dtype)).astype(jnp.float32)
         logits = _constrain(logits, ("batch", "length", "vocab"))
+        if targets is not None:  # one chunk: the logits whole, differentiated as they are
+            return _nll(logits, targets.astype(jnp.int32))
         if cache is None:
             return logits
         return logits, {**kv, "segment_ids": kv_segment_ids, "index": index + t}
@@ -349,6 +354,12 @@ def _padded(a: jnp.ndarray, n: int) -> jnp.ndarray:
     """`a` [B, T, ...] with zeros after position T - 1 up to a multiple of n positions."""
     extra = -a.shape[1] % n
     return a if not extra else jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
+
+
+def _nll(logits, targets):
+    """Cross-entropy of targets [...] under float32 logits [..., V], and log Z."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], log_z
 
 
 def _chunk_logits(x, output):
@@ -380,10 +391,7 @@ def _output_nll_forward(x, output, targets, chunks):
 
     def chunk(_, i):
         logits = _chunk_logits(jax.lax.dynamic_index_in_dim(xs, i, 2, keepdims=False), w)
-        target = jax.lax.dynamic_index_in_dim(ys, i, 2, keepdims=False)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-        return None, (log_z - target_logit, log_z)
+        return None, _nll(logits, jax.lax.dynamic_index_in_dim(ys, i, 2, keepdims=False))
 
     _, (nll, log_z) = jax.lax.scan(chunk, None, jnp.arange(chunks))
     nll, log_z = _unstrided(nll)[:, :t], _unstrided(log_z)[:, :t]
