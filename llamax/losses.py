@@ -16,15 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from llamax import lora
-
-
-def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Cross-entropy of each target under logits [..., V], in float32, and log Z (the
-    log-partition, for z-loss): both [...]."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
+from llamax.model import token_nll
 
 
 def next_targets(tokens, segment_ids, loss_mask=None):

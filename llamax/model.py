@@ -326,7 +326,7 @@ class Llama(nn.Module):
         logits = jnp.einsum("BTD,DV->BTV", x, output.astype(e.compute_dtype)).astype(jnp.float32)
         logits = _constrain(logits, ("batch", "length", "vocab"))
         if targets is not None:  # one chunk: the logits whole, differentiated as they are
-            return _nll(logits, targets.astype(jnp.int32))
+            return token_nll(logits, targets.astype(jnp.int32))
         if cache is None:
             return logits
         return logits, {**kv, "segment_ids": kv_segment_ids, "index": index + t}
@@ -356,8 +356,10 @@ def _padded(a: jnp.ndarray, n: int) -> jnp.ndarray:
     return a if not extra else jnp.pad(a, [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2))
 
 
-def _nll(logits, targets):
-    """Cross-entropy of targets [...] under float32 logits [..., V], and log Z."""
+def token_nll(logits: jnp.ndarray, targets: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Cross-entropy of each target under logits [..., V], in float32, and log Z (the
+    log-partition, for z-loss): both [...]. The one cross-entropy of llamax."""
+    logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     return log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0], log_z
 
@@ -391,7 +393,7 @@ def _output_nll_forward(x, output, targets, chunks):
 
     def chunk(_, i):
         logits = _chunk_logits(jax.lax.dynamic_index_in_dim(xs, i, 2, keepdims=False), w)
-        return None, _nll(logits, jax.lax.dynamic_index_in_dim(ys, i, 2, keepdims=False))
+        return None, token_nll(logits, jax.lax.dynamic_index_in_dim(ys, i, 2, keepdims=False))
 
     _, (nll, log_z) = jax.lax.scan(chunk, None, jnp.arange(chunks))
     nll, log_z = _unstrided(nll)[:, :t], _unstrided(log_z)[:, :t]
