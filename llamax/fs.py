@@ -157,6 +157,36 @@ def listdir(path: str) -> list[str]:
     return [os.path.basename(p.rstrip("/")) for p in filesystem.ls(inner, detail=False)]
 
 
+def require_file(path: str, what: str = "") -> str:
+    """`path` when it is a regular file (an object, on object storage); otherwise an error
+    that says what it is instead: `FileNotFoundError` when there is nothing there,
+    `IsADirectoryError` for a directory, and `ValueError` for anything else (a device such as
+    /dev/zero, a pipe, a socket), which reading would never finish or make sense of. `what`
+    names the caller's input in the message ("--tokenizer ", "adapters: ")."""
+    import stat
+
+    if is_remote(path):
+        if isfile(path):
+            return path
+        if isdir(path):
+            raise IsADirectoryError(f"{what}{path} is a directory, not a file")
+        raise FileNotFoundError(f"{what}{path} not found")
+    try:
+        mode = os.stat(expand(path)).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}{path} not found") from None
+    except OSError as e:
+        raise OSError(e.errno, f"{what}{path}: {e.strerror}") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{what}{path} is a directory, not a file")
+    kinds = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+             stat.S_ISFIFO: "a pipe", stat.S_ISSOCK: "a socket"}  # fmt: skip
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    raise ValueError(f"{what}{path} is {kind}, not a regular file")
+
+
 def makedirs(path: str) -> None:
     """A directory and its parents (object storage has no directories: nothing to do)."""
     if not is_remote(path):
@@ -300,7 +330,8 @@ def upload(local: str, path: str) -> None:
 # ----- writing whole or not at all -----
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host has the id `pid` (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -322,7 +353,7 @@ def remove_stale_temporaries(path: str) -> list[str]:
             if match is None or full in _ACTIVE or match["host"] not in (None, _HOST):
                 continue
             pid = int(match["pid"])
-            if pid == os.getpid() or not _alive(pid):
+            if pid == os.getpid() or not pid_alive(pid):
                 log.warning("removing %s, left by a process that is gone", full)
                 remove(full)
                 removed.append(full)

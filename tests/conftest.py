@@ -205,3 +205,75 @@ def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny", la
             )  # fmt: skip
         )
     return procs
+
+
+# ----- tiny checkpoints shared by the tests (written, not trained) -----
+
+
+def write_checkpoint(path, config, params, tokenizer_path):
+    """A llamax checkpoint of `params` with its tokenizer, as llamax-convert writes one
+    (`config.json`, `checkpoints/0/`, `tokenizer.model`, `manifest.json`)."""
+    import shutil
+
+    from llamax.convert import hf, manifest, native
+
+    tensors = {k: (lambda v=v: v) for k, v in hf.params_to_hf(params, config).items()}
+    os.makedirs(path)
+    native.write(config, tensors, path, "float32")
+    shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model"))
+    manifest.write(path, config, "llamax", "float32")
+    return path
+
+
+def _tiny_lm_config():
+    return llamax.LlamaConfig.preset("tiny", vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tokenizer_path):
+    """A converted tiny language model (random weights, the test tokenizer): read it, never
+    write into it (copy it first)."""
+    config = _tiny_lm_config()
+    path = str(tmp_path_factory.mktemp("tiny") / "lm")
+    return write_checkpoint(path, config, random_params(config, seed=21), tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tmp_path_factory, tokenizer_path):
+    """A converted tiny reward model (a score head; random weights, the test tokenizer)."""
+    config = _tiny_lm_config().replace(head="score")
+    path = str(tmp_path_factory.mktemp("tiny") / "rm")
+    return write_checkpoint(path, config, random_params(config, seed=22), tokenizer_path)
+
+
+def chat_records(n, seed=0):
+    """`n` short chat SFT records (question and answer over the test corpus's words)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b = int(rng.integers(0, 9)), int(rng.integers(0, 9))
+        words = " ".join(rng.choice(WORDS[:20], 3))
+        question = {"role": "user", "content": f"{words} {a} plus {b}?"}
+        out.append({"messages": [question, {"role": "assistant", "content": f"{a + b} {words}"}]})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_lm, tokenizer_path):
+    """A training run's workdir: 2 steps of chat SFT from `tiny_lm` (config.json, metrics,
+    checksummed checkpoints of steps 1 and 2, tokenizer.model). Copy it before changing it."""
+    import json
+
+    from llamax import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    files = root / "chat.jsonl"
+    files.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
+    c = load_config("tiny", **{
+        "model.vocab_size": 600, "data.source": "chat", "data.files": str(files),
+        "data.tokenizer": tokenizer_path, "train.steps": 2, "train.log_every": 1,
+        "train.eval_every": 0, "checkpoint.every": 1, "checkpoint.async_save": False,
+    })  # fmt: skip
+    c.init_from = tiny_lm
+    train.run(c, str(root / "run"))
+    return str(root / "run")
