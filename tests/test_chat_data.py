@@ -3,6 +3,8 @@ multi-turn dialogs, bad records skipped and counted, packing of whole examples, 
 resume, and the masked loss."""
 
 import json
+import logging
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +293,157 @@ def test_train_on_chat_data(tmp_path, tokenizer_path):
     assert (tmp_path / "run" / "tokenizer.model").exists()
     rows = make_iterator(c.data, "validation", 64, range(2))
     assert set(next(rows)) == {"tokens", "segment_ids", "positions", "loss_mask"}
+
+
+def _pair_line(i):
+    return json.dumps({"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}",
+                       "rejected": "no idea"}).encode()  # fmt: skip
+
+
+HOSTILE = {  # a line, and the reason it is skipped for
+    "nested too deeply": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "not valid Unicode": b'{"prompt": "q \\ud800 here", "completion": " a", "chosen": "a", '
+                         b'"rejected": "b", "messages": [{"role": "user", "content": "\\udfff"},'
+                         b' {"role": "assistant", "content": "a"}]}',
+    "not UTF-8": b'{"prompt": "caf\xe9", "completion": " a", "chosen": "a", "rejected": "b"}',
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["chat", "preference"])
+def test_hostile_lines_are_skipped_and_counted_during_iteration(source, tokenizer_path):
+    """JSON nested 100k deep (a RecursionError that used to kill the run), a lone surrogate
+    escaped in JSON and a byte that is not UTF-8 (sentencepiece's "Unable to cast"): each one
+    skipped record with its reason, in a pass that packs every good one."""
+    from llamax.data import preference
+
+    good = _records(6) if source == "chat" else [_pair_line(i) for i in range(6)]
+    lines = good[:3] + list(HOSTILE.values()) + good[3:]
+    if source == "chat":
+        it = chat.make_dataset(lines, tokenizer_path, 128, 1, seed=0, num_epochs=1)
+    else:
+        it = preference.make_dataset(lines, tokenizer_path, 128, 1, seed=0, num_epochs=1)
+    it = iter(it)
+    segments = sum(len(set(b["segment_ids"][0].tolist()) - {0}) for b in it)
+    assert segments == (6 if source == "chat" else 12)  # a pair is two segments
+    assert it.get_state()["skipped"] == {reason: 1 for reason in HOSTILE}
+
+
+@pytest.mark.parametrize("reason, line", list(HOSTILE.items()))
+def test_parse_turns_every_hostile_line_into_a_bad_record(reason, line):
+    with pytest.raises(chat.BadRecord) as e:
+        chat.parse(line)
+    assert e.value.reason == reason and str(e.value).startswith(reason)
+
+
+def test_a_bad_records_message_says_its_reason_once(tokenizer_path, caplog):
+    assert str(chat.BadRecord("empty answer")) == "empty answer"
+    assert str(chat.BadRecord("malformed", "prompt must be a string")) == (
+        "malformed: prompt must be a string"
+    )
+    assert str(chat.BadRecord("roles", "Roles must be ...")) == "Roles must be ..."
+    empty = json.dumps({"prompt": "p", "completion": " "}).encode()
+    with caplog.at_level(logging.WARNING, logger="llamax"):
+        _batches(_records(4) + [empty], tokenizer_path, 1, seq_len=256, num_epochs=1)
+    assert "(empty answer);" in caplog.text and "empty answer: empty answer" not in caplog.text
+
+
+def test_the_skip_counts_of_no_usable_record_add_up_to_the_records(tokenizer_path):
+    """One whole pass of this process's share, all skipped: the error, with counts that add
+    up to that share (it used to say 51 of 50), and the share of each of several processes."""
+    bad = [json.dumps({"text": f"not a chat record {i}"}).encode() for i in range(50)]
+    match = r"none of the 50 records is usable \(skipped: \{'malformed': 50\}"
+    with pytest.raises(ValueError, match=match):
+        _batches(bad, tokenizer_path, 1)
+    match = r"none of the 25 records process 1 of 2 reads \(of 50\) is usable .*'malformed': 25\}"
+    with pytest.raises(ValueError, match=match):
+        _batches(bad, tokenizer_path, 1, shard=(1, 2))
+
+
+def test_a_usable_record_among_bad_ones_is_never_taken_for_none(tokenizer_path):
+    """Skips in a row across two passes outnumber the records (here 2 bad of 3: 4 in a row
+    when one pass ends and the next begins with both), yet a usable record is there: no
+    error, however long it runs."""
+    bad = [b"{oops", json.dumps({"prompt": "p", "completion": ""}).encode()]
+    it = iter(chat.make_dataset(_records(1) + bad, tokenizer_path, 128, 1, seed=3))
+    for _ in range(30):  # dozens of passes; counting skips in a row raised in the 13th
+        next(it)
+    assert set(it.get_state()["skipped"]) == {"not JSON", "empty answer"}
+
+
+def _crc_line(below: bool, fraction=0.05):
+    """A chat line whose CRC-32 hashes it into the validation share (`below`) or not."""
+    for i in range(10_000):
+        line = json.dumps({"prompt": f"q{i}", "completion": " a"}).encode()
+        if (zlib.crc32(line) < fraction * 2**32) == below:
+            return line
+    raise AssertionError("no such line")
+
+
+@pytest.mark.parametrize(
+    "lines, fraction, split, message",
+    [(_records(50), 0.0, "validation",
+      r"data.validation_fraction is 0, so there is no validation split.*set train.eval_every=0"),
+     ([_crc_line(False)] * 50, 0.05, "validation",
+      r"no record of the 50 records \(1 distinct\) hashed into the validation share "
+      r"\(data.validation_fraction 0.05\): with few or duplicated records, raise "
+      r"data.validation_fraction, or set train.eval_every=0"),
+     ([_crc_line(True)] * 50, 0.05, "train",
+      r"every record of the 50 records \(1 distinct\) hashed into the validation share.*none "
+      r"is left to train on: .*lower data.validation_fraction")],
+)  # fmt: skip
+def test_an_empty_split_says_why_and_what_to_do(lines, fraction, split, message, tmp_path,
+                                                tokenizer_path):  # fmt: skip
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    c = load_config("tiny", **{"data.source": "chat", "data.files": str(path),
+                               "data.tokenizer": tokenizer_path,
+                               "data.validation_fraction": fraction})  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        make_iterator(c.data, split, 48, range(2))
+
+
+def test_the_data_is_summarized_when_read_and_after_its_first_pass(tmp_path, tokenizer_path,
+                                                                   caplog):  # fmt: skip
+    """What was read (records, files, held out, too long to read), then after the first pass
+    what it made: examples, the rows they fill, the skips by reason."""
+    long = json.dumps({"prompt": "the model " * 20_000, "completion": " x"}).encode()
+    lines = _records(30) + [b"{oops", long]
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    c = load_config("tiny", **{"data.source": "chat", "data.files": str(path),
+                               "data.tokenizer": tokenizer_path,
+                               "data.validation_fraction": 0.2})  # fmt: skip
+    held_out = sum(zlib.crc32(line) < 0.2 * 2**32 for line in lines)
+    train_lines = [line for line in lines if zlib.crc32(line) >= 0.2 * 2**32]
+    assert b"{oops" in train_lines and long in train_lines  # the test's premise
+    with caplog.at_level(logging.INFO, logger="llamax"):
+        it = make_iterator(c.data, "train", 256, range(1))
+        assert f"data: chat train split: {len(train_lines)} of the 32 records of 1 file(s) " \
+               f"({held_out} held out: data.validation_fraction 0.2); 1 of them lines over " in \
+               caplog.text  # fmt: skip
+        while "a pass over" not in caplog.text:
+            next(it)
+    one_pass = chat.split_records(chat.read_records(str(path)), "train", 0.2)
+    rows = sum(1 for _ in chat.make_dataset(one_pass, tokenizer_path, 256, 1, seed=0,
+                                            num_epochs=1))  # fmt: skip
+    skipped = "2 records skipped ({'not JSON': 1, 'too long': 1})"
+    assert (
+        f"data: chat train split: a pass over the {len(train_lines)} records: "
+        f"{len(train_lines) - 2} examples packed into {rows} rows, {skipped}"
+    ) in caplog.text
+
+
+def test_text_that_is_not_valid_unicode_is_a_bad_record_wherever_it_comes_from(tokenizer_path):
+    """Parsed records are checked when parsed; a dialog or a response given as Python strings
+    (generation's prompts, scoring's responses) is refused as a BadRecord when tokenized."""
+    from llamax.data import preference
+
+    tok = Tokenizer(tokenizer_path)
+    with pytest.raises(chat.BadRecord, match=r"not valid Unicode: a lone surrogate '\\ud800'"):
+        chat.dialog_tokens([{"role": "user", "content": "q \ud800"}], tok)
+    with pytest.raises(chat.BadRecord) as e:
+        preference.response_tokens("q", "a \udfff", tok)
+    assert e.value.reason == "not valid Unicode"
+    with pytest.raises(chat.BadRecord) as e:
+        chat.example_tokens({"prompt": "p", "completion": " \ud800"}, tok)
+    assert e.value.reason == "not valid Unicode"

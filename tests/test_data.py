@@ -249,3 +249,13 @@ def test_long_documents_are_tokenized_in_pieces_and_resume_inside_one(tokenizer_
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_corpus_too_small_to_hold_one_out_says_what_to_do(tmp_path):
+    """One document and a validation fraction: nothing can be held out, and the error says
+    the way to train on it (no validation split, no held-out loss)."""
+    (tmp_path / "one.txt").write_text("only document")
+    with pytest.raises(ValueError, match=r"no usable documents for one of its splits .*add "
+                       r"documents; with data.validation_fraction 0.05 each split needs one: set "
+                       r"data.validation_fraction=0 \(and train.eval_every=0"):  # fmt: skip
+        corpus.build_corpus(str(tmp_path / "one.txt"), str(tmp_path / "tfds"), "text", 0.05)

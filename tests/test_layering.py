@@ -15,10 +15,10 @@ from conftest import REPO
 LAYERS = {
     "model": ["sharding", "attention", "lora", "execution", "config", "rope", "model"],
     "parts": [
-        "fs", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
+        "fs", "lock", "cluster", "losses", "optim", "step", "metrics", "pretrained", "checkpoint",
         "generation", "evaluate", "reward", "rejection",
         "data", "data.markov", "data.tokenizer", "data.corpus", "data.pipeline",
-        "data.chat", "data.preference",
+        "data.records", "data.chat", "data.preference",
         "convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
         "convert.manifest", "convert.core", "convert.peft",
     ],

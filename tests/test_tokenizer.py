@@ -96,3 +96,89 @@ def test_pieces_concatenate_to_the_whole_texts_ids(tokenizer_path, max_chars):
         pieces = list(tok.encode_pieces(text, bos=True, eos=True, max_chars=max_chars))
         np.testing.assert_array_equal(np.concatenate(pieces), whole, err_msg=repr(text))
     assert len(pieces) > 2 or not text
+
+
+def test_text_that_is_not_valid_unicode_is_a_clear_error(tokenizer_path):
+    """A lone surrogate (JSON's "\\ud800", an undecodable byte of a command line): a
+    ValueError saying so and where, never sentencepiece's "Unable to cast"."""
+    tok = Tokenizer(tokenizer_path)
+    for call in (tok.encode, tok.encode_array, lambda t: list(tok.encode_pieces(t))):
+        with pytest.raises(ValueError, match=r"not valid Unicode: a lone surrogate '\\ud800' "
+                                             r"at character 4"):  # fmt: skip
+            call("abc \ud800 def")
+
+
+def _chat_file(path, n=40):
+    import json
+
+    rng = np.random.default_rng(0)
+    words = "the model trains on packed documents with rotary positions".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(rng.choice(words, 6))
+            record = [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i} {text}"},
+                        {"role": "assistant", "content": f"a{i} {text}"},
+                    ]
+                },
+                {"prompt": f"p{i} {text}", "completion": f" c{i}"},
+                {"prompt": f"p{i}", "chosen": f"yes {text}", "rejected": "no"},
+            ][i % 3]
+            f.write(json.dumps(record) + "\n")  # fmt: skip
+
+
+def test_tokenizer_cli_trains_on_chat_jsonl_and_says_what_it_read(tmp_path, caplog):
+    """Chat, prompt/completion and preference records (no `text` field) give their texts; the
+    command says how many lines of how many documents it read."""
+    from llamax.cli import tokenizer as cli
+
+    _chat_file(tmp_path / "chat.jsonl")
+    out = str(tmp_path / "chat.model")
+    with caplog.at_level("INFO", logger="llamax"):
+        assert cli.main(["train", "--input", str(tmp_path / "chat.jsonl"), "--vocab-size", "300",
+                         "--output", out]) == 0  # fmt: skip
+    assert "read 93 lines of 40 documents of 1 file(s)" in caplog.text
+    tok = Tokenizer(out)
+    assert tok.vocab_size == 300 and tok.decode(tok.encode("q7 a7 p7 c7")) == "q7 a7 p7 c7"
+
+
+@pytest.mark.parametrize(
+    "vocab, message",
+    [(2000, r"--vocab-size 2,000 is more pieces than the text can make; it allows at most "
+            r"\d+: lower --vocab-size, or give more text"),
+     (100, r"--vocab-size 100 is too small for the text: it needs at least \d+ pieces .*raise "
+           r"--vocab-size"),
+     (0, r"--vocab-size must be a positive number of pieces, got 0")],
+)  # fmt: skip
+def test_tokenizer_cli_says_what_vocabulary_would_do(vocab, message, tmp_path, capsys):
+    """sentencepiece's refusals in llamax's terms: the size that would do and the flag to
+    change, never sentencepiece's own flags (`--character_coverage`) or its source lines."""
+    import re
+
+    from llamax.cli import tokenizer as cli
+
+    _chat_file(tmp_path / "chat.jsonl")
+    out = tmp_path / "chat.model"
+    assert cli.main(["train", "--input", str(tmp_path / "chat.jsonl"), "--vocab-size",
+                     str(vocab), "--output", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert re.search(r"llamax-tokenizer: error: " + message, err), err
+    assert "character_coverage" not in err and ".cc" not in err and not out.exists()
+
+
+def test_no_token_stands_for_more_text_than_the_longest_piece(tokenizer_path):
+    """What bounds the tokens of a line from below (`records.max_record_bytes`): a text of B
+    bytes of UTF-8 has at least B / max_piece_bytes tokens."""
+    tok = Tokenizer(tokenizer_path)
+    longest = tok.max_piece_bytes
+    assert 4 <= longest < 40
+    rng = np.random.default_rng(0)
+    pieces = [
+        tok.sp.id_to_piece(i).replace("\u2581", " ")
+        for i in range(tok.vocab_size)
+        if not (tok.sp.is_control(i) or tok.sp.is_byte(i) or tok.sp.is_unknown(i))
+    ]
+    for text in [*TEXTS, "".join(rng.choice(pieces, 500)), " " * 1000, "a" * 1000]:
+        assert len(text.encode()) <= longest * len(tok.encode(text, bos=False)), text

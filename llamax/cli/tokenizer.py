@@ -1,9 +1,13 @@
 """`llamax-tokenizer train --input PATTERNS --vocab-size N --output FILE.model`.
 
 Trains a BPE sentencepiece model with byte fallback and Llama 2's conventions (UNK 0, BOS 1,
-EOS 2, no pad) on local text (.txt, .jsonl with a text field, optionally gzipped). The model
-sees lines, as sentencepiece trains on; newlines, like any byte never learned as a piece,
-are encoded by byte fallback (as in Meta's tokenizer).
+EOS 2, no pad) on text files (.txt, .jsonl with a text field, optionally gzipped, local or on
+gs://). A .jsonl record without the text field that is a chat record (`messages`,
+`prompt`/`completion`, or `prompt`/`chosen`/`rejected`, as `llamax-train` reads them)
+contributes its texts. The model sees lines, as sentencepiece trains on; newlines, like any
+byte never learned as a piece, are encoded by byte fallback (as in Meta's tokenizer). It says
+how many lines it read; a vocabulary the text cannot fill, or too small for its characters,
+is refused with the size that would do.
 
 `llamax-tokenizer encode --model FILE.model TEXT` prints the ids of TEXT (BOS and EOS added).
 """
@@ -25,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--input", required=True, help="comma-separated glob patterns")
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--output", required=True, help="path of the .model file to write")
-    train.add_argument("--text-field", default="text", help="JSON field of .jsonl documents")
+    train.add_argument(
+        "--text-field", default="text",
+        help="JSON field of .jsonl documents (chat records without it give their texts)",
+    )  # fmt: skip
     train.add_argument(
         "--max-lines", type=int, default=2_000_000,
         help="lines sampled at most, uniformly across all files (seeded)",
@@ -48,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
             raise FileExistsError(
                 f"--output {args.output} exists; remove it or choose another path"
             )
-        lines = sample_lines(args.input, args.text_field, args.max_lines, args.seed)
+        if args.vocab_size < 1:
+            raise ValueError(
+                f"--vocab-size must be a positive number of pieces, got {args.vocab_size}"
+            )
+        lines = sample_lines(args.input, args.text_field, args.max_lines, args.seed, chat=True)
         tok = train_tokenizer(
-            lines, args.output, args.vocab_size, input_sentence_size=args.max_lines
-        )
+            lines, args.output, args.vocab_size, input_sentence_size=args.max_lines,
+            vocab_name="--vocab-size",
+        )  # fmt: skip
     except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: sentencepiece's
         return error("llamax-tokenizer", e)
     logging.getLogger("llamax").info("wrote %s: %d pieces", args.output, tok.vocab_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -180,22 +181,68 @@ def tfds_builder(c: ml_collections.ConfigDict):
     return corpus.build_corpus(c.files, data_dir, c.text_field, c.validation_fraction)
 
 
-def _records(c: ml_collections.ConfigDict, split: str, accepted=None) -> Sequence:
+def _records(c: ml_collections.ConfigDict, split: str, seq_len: int, accepted=None) -> Sequence:
     """A split of the records of `chat` or `preference` data: a prepared tfds dataset's split,
-    or the train or held-out share of the jsonl files' lines."""
+    or the train or held-out share of the jsonl files' lines (those too long for a row of
+    `seq_len` tokens are never read: `records.max_record_bytes`). Logs what it holds."""
     from llamax.data import chat
+    from llamax.data.records import max_record_bytes
+    from llamax.data.tokenizer import Tokenizer
 
     vocab_size(c)  # checks the tokenizer exists
+    name = f"data: {c.source} {split} split"
     if not c.tfds_name:
-        return chat.split_records(chat.read_records(c.files), split, c.validation_fraction)
+        max_bytes = max_record_bytes(seq_len, Tokenizer(fs.expand(c.tokenizer)))
+        everything = _read_records(c.files, max_bytes)
+        chosen = chat.split_records(everything, split, c.validation_fraction)
+        too_long = int(np.sum(everything.lengths[chosen.indices] > max_bytes))
+        held = f"{len(everything) - len(chosen):,} held out" if split == "train" else "held out"
+        log.info(
+            "%s: %s of the %s records of %d file(s) (%s: data.validation_fraction %s)%s%s",
+            name, f"{len(chosen):,}", f"{len(everything):,}", len(everything.paths), held,
+            c.validation_fraction, _too_long(too_long, max_bytes), _share(len(chosen)),
+        )  # fmt: skip
+        return chosen
     from llamax.data import corpus
 
     builder = corpus.catalog_builder(c.tfds_name, local_data_dir(c.tfds_data_dir))
     source = corpus.data_source(builder, split)
-    name = f"tfds dataset {c.tfds_name!r}"
+    tfds_name = f"tfds dataset {c.tfds_name!r}"
+    log.info("%s: %s records of %s%s", name, f"{len(source):,}", tfds_name, _share(len(source)))
     if accepted is None:
-        return chat.TfdsRecords(source, c.text_field, name)
-    return chat.TfdsRecords(source, c.text_field, name, accepted)
+        return chat.TfdsRecords(source, c.text_field, tfds_name)
+    return chat.TfdsRecords(source, c.text_field, tfds_name, accepted)
+
+
+# Records indexed and still in use (a run's train split), by their files, the limit and the
+# files' sizes and times: the validation split reads the same files without a second pass.
+_INDEXED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _read_records(files: str, max_bytes: int):
+    """`chat.read_records`, or the records of the same files already indexed and in use."""
+    from llamax.data import chat
+    from llamax.data.records import expand_patterns
+
+    key = (files, max_bytes, tuple((p, fs.stat_key(p)) for p in expand_patterns(files)))
+    records = _INDEXED.get(key)
+    if records is None:
+        records = _INDEXED[key] = chat.read_records(files, max_bytes)
+    return records
+
+
+def _too_long(count: int, max_bytes: int) -> str:
+    if not count:
+        return ""
+    return f"; {count:,} of them lines over {max_bytes:,} bytes, too long for a row: skipped unread"
+
+
+def _share(count: int) -> str:
+    """This process's share of `count` records, when there are several processes."""
+    index, processes = jax.process_index(), jax.process_count()
+    if processes == 1:
+        return ""
+    return f"; process {index} of {processes} reads {len(range(index, count, processes)):,}"
 
 
 def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: Sequence[int]):
@@ -211,16 +258,17 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         from llamax.data import chat
 
         dataset = chat.make_dataset(
-            _records(c, split), fs.expand(c.tokenizer), seq_len, len(rows), seed, shard,
-            train_on=c.chat_train_on, too_long=c.chat_too_long,
+            _records(c, split, seq_len), fs.expand(c.tokenizer), seq_len, len(rows), seed, shard,
+            train_on=c.chat_train_on, too_long=c.chat_too_long, name=f"data: chat {split} split",
         )  # fmt: skip
         return iter(dataset)
     if c.source == "preference":
         from llamax.data import preference
 
         dataset = preference.make_dataset(
-            _records(c, split, ({"prompt", "chosen", "rejected"},)), fs.expand(c.tokenizer),
-            seq_len, len(rows), seed, shard, pairs_per_row=c.pairs_per_row,
+            _records(c, split, seq_len, ({"prompt", "chosen", "rejected"},)),
+            fs.expand(c.tokenizer), seq_len, len(rows), seed, shard,
+            pairs_per_row=c.pairs_per_row, name=f"data: preference {split} split",
         )  # fmt: skip
         return iter(dataset)
     if c.source != "tfds":

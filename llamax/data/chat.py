@@ -16,10 +16,16 @@ The loss mask is 1 on the tokens the model is trained to predict: each answer (c
 and the EOS that closes it; 0 on system and user turns, the `[INST]` markup, the BOS, and
 padding. `train_on="everything"` puts 1 on every token of the example.
 
-Bad records are skipped, counted by reason and logged: not JSON or not an object, roles out
-of order or unknown, an empty answer, special tags in the text, and, with `too_long="drop"`,
-an example longer than a row (`too_long="truncate"` keeps its first `seq_len` tokens, if an
-answer token is among them).
+The files are read in bounded memory (`records.JsonlRecords`): their lines are indexed in one
+streaming pass and read when an example needs them; a line too long for any example that fits
+a row (`records.max_record_bytes`) is never read.
+
+Bad records are skipped, counted by reason and logged with their file and line: a line that
+is not UTF-8, not JSON, nested too deeply or not an object, text that is not valid Unicode,
+roles out of order or unknown, an empty answer, special tags in the text, a line too long to
+read, and, with `too_long="drop"`, an example longer than a row (`too_long="truncate"` keeps
+its first `seq_len` tokens, if an answer token is among them). A whole pass over this
+process's share of the records with no usable one is an error that counts them by reason.
 
 Packing: whole examples, in shuffled order, one after the other into rows of `seq_len`; an
 example that does not fit in what is left of a row starts the next one (the rest of the
@@ -34,9 +40,7 @@ from __future__ import annotations
 import collections
 import gzip
 import io
-import json
 import logging
-import zlib
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -45,8 +49,10 @@ import grain
 import numpy as np
 
 from llamax import fs
+from llamax.data import records as records_lib
 from llamax.data.pipeline import READ_AHEAD, record_indices
-from llamax.data.tokenizer import Tokenizer
+from llamax.data.records import BadRecord, JsonlRecords, parse
+from llamax.data.tokenizer import NotUnicode, Tokenizer
 
 log = logging.getLogger("llamax")
 
@@ -57,12 +63,12 @@ TRAIN_ON = ("answers", "everything")
 TOO_LONG = ("drop", "truncate")
 
 
-class BadRecord(ValueError):
-    """A record that cannot be an example; `reason` is its short, countable cause."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(detail or reason)
-        self.reason = reason
+def _encode(tokenizer: Tokenizer, text: str, bos: bool, eos: bool) -> list[int]:
+    """`tokenizer.encode`, text that is not valid Unicode a bad record."""
+    try:
+        return tokenizer.encode(text, bos=bos, eos=eos)
+    except NotUnicode as e:
+        raise BadRecord("not valid Unicode", e.detail) from None
 
 
 def exchanges(dialog: Sequence[dict]) -> tuple[list[tuple[str, str]], str | None]:
@@ -99,31 +105,19 @@ def dialog_tokens(dialog: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[in
     mask: list[int] = []
     for question, answer in pairs:
         prompt = f"{B_INST} {question.strip()} {E_INST}"
-        whole = tokenizer.encode(f"{prompt} {answer.strip()} ", bos=True, eos=True)
+        whole = _encode(tokenizer, f"{prompt} {answer.strip()} ", True, True)
         # The answer starts where the prompt's own tokens stop matching the whole exchange's
         # (the space before the answer always starts a new piece in Llama's tokenizer).
-        head = tokenizer.encode(prompt, bos=True, eos=False)
+        head = _encode(tokenizer, prompt, True, False)
         cut = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), None)
         cut = min(len(head), len(whole) - 1) if cut is None else cut
         ids += whole
         mask += [0] * cut + [1] * (len(whole) - cut)
     if last is not None:
-        question = tokenizer.encode(f"{B_INST} {last.strip()} {E_INST}", bos=True, eos=False)
+        question = _encode(tokenizer, f"{B_INST} {last.strip()} {E_INST}", True, False)
         ids += question
         mask += [0] * len(question)
     return ids, mask
-
-
-def parse(record: Any) -> dict:
-    """A record as a dict: parsed when given as its JSON line; `BadRecord` if it is not one."""
-    if isinstance(record, bytes | str):
-        try:
-            record = json.loads(record)
-        except ValueError as e:
-            raise BadRecord("not JSON", f"not JSON: {str(e)[:100]}") from None
-    if not isinstance(record, dict):
-        raise BadRecord("malformed", "a record must be a JSON object")
-    return record
 
 
 def example_tokens(
@@ -145,8 +139,8 @@ def example_tokens(
             raise BadRecord("malformed", "prompt and completion must be strings")
         if not completion.strip():
             raise BadRecord("empty answer")
-        head = tokenizer.encode(prompt, bos=True, eos=False)
-        ids = tokenizer.encode(prompt + completion, bos=True, eos=True)
+        head = _encode(tokenizer, prompt, True, False)
+        ids = _encode(tokenizer, prompt + completion, True, True)
         cut = next((i for i, (a, b) in enumerate(zip(head, ids, strict=False)) if a != b), None)
         cut = min(len(head), len(ids) - 1) if cut is None else cut
         mask = [0] * cut + [1] * (len(ids) - cut)
@@ -158,7 +152,9 @@ def example_tokens(
 
 
 def read_file(path: str) -> bytes:
-    """A file's bytes, gunzipped when it ends in .gz; a broken gzip file is a ValueError."""
+    """A file's bytes, gunzipped when it ends in .gz; a broken gzip file is a ValueError. The
+    whole file in memory: for small files (prompts); training data is read as
+    `read_records`."""
     data = fs.read_bytes(path)
     if path.endswith(".gz"):
         try:
@@ -168,33 +164,22 @@ def read_file(path: str) -> bytes:
     return data
 
 
-def read_records(files: str) -> list[bytes]:
+def read_records(files: str, max_bytes: int | None = None) -> JsonlRecords:
     """Every non-blank line of the jsonl(.gz) files the comma-separated glob patterns match,
-    in sorted path order (parsed later, so that a bad line is one skipped record)."""
-    from llamax.data.corpus import expand_patterns
-
-    lines: list[bytes] = []
-    for path in expand_patterns(files):
-        lines += [line for line in read_file(path).splitlines() if line.strip()]
-    if not lines:
+    in sorted path order, read on demand in bounded memory (parsed later, so that a bad line
+    is one skipped record); a line longer than `max_bytes` raises `BadRecord("too long")`
+    when it is asked for (`records.JsonlRecords`)."""
+    records = JsonlRecords(files, max_bytes)
+    if not len(records):
         raise ValueError(f"No records in the files {files!r}")
-    return lines
+    return records
 
 
-def split_records(records: list[bytes], split: str, validation_fraction: float) -> list[bytes]:
-    """The train or validation share, by a hash of each record's text: the same record lands
-    in the same split whatever the files' order."""
-    if split not in ("train", "validation"):
-        raise ValueError(f"Unknown split {split!r}; expected train or validation")
-    cut = int(validation_fraction * 2**32)
-    held_out = [zlib.crc32(r) < cut for r in records]
-    chosen = [r for r, h in zip(records, held_out, strict=True) if h == (split == "validation")]
-    if not chosen:
-        raise ValueError(
-            f"The {split} split of {len(records)} records is empty (data.validation_fraction "
-            f"{validation_fraction})"
-        )
-    return chosen
+def split_records(records: Sequence[bytes], split: str, validation_fraction: float) -> Sequence:
+    """The train or validation share (a view of `records`), by a hash of each record's text:
+    the same record lands in the same split whatever the files' order. An empty share is an
+    error that says why and what to do (`records.split`)."""
+    return records_lib.split(records, split, validation_fraction)
 
 
 def _plain(value):
@@ -233,14 +218,18 @@ class TfdsRecords(Sequence):
 
     def __getitem__(self, index):
         example = self.source[int(index)]
-        if any(a <= set(example) for a in self.accepted):
-            return {k: _plain(v) for k, v in example.items()}
-        return _plain(example[self.text_field])
+        try:
+            if any(a <= set(example) for a in self.accepted):
+                return {k: _plain(v) for k, v in example.items()}
+            return _plain(example[self.text_field])
+        except UnicodeDecodeError as e:
+            raise BadRecord("not UTF-8", f"not UTF-8: {e}") from None
 
 
 class _Examples:
-    """Record index -> an example (`encode(record, tokenizer)`: a dict of int32 arrays with
-    `tokens` and `loss_mask`) or {"skip": reason}; runs on grain's threads."""
+    """(stream position, record index) -> an example (`encode(record, tokenizer)`: a dict of
+    int32 arrays with `tokens` and `loss_mask`) or {"skip": reason, ...}, each with its
+    position in the stream ("at"); runs on grain's threads."""
 
     def __init__(self, records, tokenizer_path, seq_len, encode, too_long):
         self.records, self.tokenizer_path, self.seq_len = records, tokenizer_path, seq_len
@@ -253,19 +242,23 @@ class _Examples:
             self._tokenizer = Tokenizer(self.tokenizer_path)
         return self._tokenizer
 
-    def __call__(self, index) -> dict[str, Any]:
+    def _skip(self, position: int, index: int, reason: str, detail: str) -> dict[str, Any]:
+        where = records_lib.where(self.records, index)
+        return {"skip": reason, "at": position, "where": where, "detail": detail}
+
+    def __call__(self, position, index) -> dict[str, Any]:
+        position, index = int(position), int(index)
         try:
-            example = self.encode(self.records[int(index)], self.tokenizer)
+            example = self.encode(self.records[index], self.tokenizer)
         except BadRecord as e:
-            detail = str(e) if str(e).startswith(e.reason) else f"{e.reason}: {e}"
-            return {"skip": e.reason, "index": int(index), "detail": detail}
+            return self._skip(position, index, e.reason, str(e))
         n = example["tokens"].size
         if n > self.seq_len:
             if self.too_long == "drop" or not example["loss_mask"][: self.seq_len].any():
                 detail = f"too long: {n} tokens > seq_len {self.seq_len}"
-                return {"skip": "too long", "index": int(index), "detail": detail}
+                return self._skip(position, index, "too long", detail)
             example = {k: v[: self.seq_len] for k, v in example.items()}
-        return example
+        return {**example, "at": position}
 
 
 def _chat_example(record, tokenizer: Tokenizer, train_on: str) -> dict[str, np.ndarray]:
@@ -279,32 +272,115 @@ class PackedExamples(grain.IterDataset):
     An example is int32 arrays of one length: `tokens`, `loss_mask`, any of `fields`, and
     optionally `segments` (its parts, numbered from 1: a preference pair is two, chosen and
     rejected) with `positions` (restarting at each part); without them it is one segment with
-    positions from 0. Segment ids run on across a row's examples."""
+    positions from 0. Segment ids run on across a row's examples. Each element carries its
+    position in this process's stream of `records` record indices ("at", `shard`: this
+    process's index and the process count), from which the packer knows where each pass over
+    the records ends: it logs the first whole pass (examples, rows, skips), and a whole pass
+    with no usable record is an error when another would follow (of `passes`; None: forever),
+    where repeating it would never make a row. `name` begins its messages."""
 
     def __init__(self, parent: grain.IterDataset, seq_len: int, fields=(), per_row=None,
-                 records: int | None = None):  # fmt: skip
+                 records: int | None = None, shard=(0, 1), name: str = "data",
+                 passes: int | None = None):  # fmt: skip
         super().__init__(parent)
         self.seq_len, self.fields, self.per_row = seq_len, tuple(fields), per_row
-        self.records = records  # more skips in a row than this: no record is usable
+        self.records, self.shard, self.name, self.passes = records, tuple(shard), name, passes
 
     def __iter__(self) -> _PackedExamplesIterator:
         return _PackedExamplesIterator(
-            self._parent.__iter__(), self.seq_len, self.fields, self.per_row, self.records
-        )
+            self._parent.__iter__(), self.seq_len, self.fields, self.per_row, self.records,
+            self.shard, self.name, self.passes,
+        )  # fmt: skip
 
     def __str__(self) -> str:
         return f"PackedExamples(seq_len={self.seq_len})"
 
 
+class _Pass:
+    """What one pass over this process's share of the records gave: examples, skips by
+    reason, and the rows its examples went into; `whole`: whether the iterator saw it from
+    its first record."""
+
+    def __init__(self, number: int, whole: bool):
+        self.number, self.whole = number, whole
+        self.examples = self.rows = 0
+        self.last_row = -1  # the last row an example of it went into
+        self.skipped: collections.Counter = collections.Counter()
+        self.report = False  # to be logged once its last example is in a row
+
+
 class _PackedExamplesIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, seq_len: int, fields=(), per_row=None,
-                 records: int | None = None):  # fmt: skip
+                 records: int | None = None, shard=(0, 1), name: str = "data",
+                 passes: int | None = None):  # fmt: skip
         super().__init__(parent)
         self.seq_len, self.fields, self.per_row, self.records = seq_len, fields, per_row, records
-        self._skips_in_a_row = 0
+        self.shard, self.name, self.passes = shard, name, passes
         self._pending: dict | None = None  # an example waiting for the next row
         self._pending_state = None  # the stream's state before it
         self.skipped: collections.Counter = collections.Counter()
+        self._pass: _Pass | None = None
+        self._rows = 0  # rows made
+        self._summarized = False
+
+    def _pass_of(self, at: int) -> int:
+        """The pass over the records that stream position `at` of this process belongs to."""
+        index, processes = self.shard
+        return (index + at * processes) // self.records
+
+    def _count(self, element: dict) -> None:
+        """Counts an element in its pass; at the last element of a pass seen whole, reports
+        it (the first time) or refuses data of which no record is usable."""
+        if not self.records:
+            return
+        at = element["at"]
+        number = self._pass_of(at)
+        if self._pass is None or self._pass.number != number:
+            whole = at == 0 or self._pass_of(at - 1) != number
+            self._pass = _Pass(number, whole)
+        if "skip" in element:
+            self._pass.skipped[element["skip"]] += 1
+        else:
+            self._pass.examples += 1
+        if self._pass.whole and self._pass_of(at + 1) != number:
+            self._pass_done(self._pass, last_is_example="skip" not in element)
+
+    def _records_read(self, done: _Pass) -> str:
+        index, processes = self.shard
+        if processes == 1:
+            return f"the {self.records:,} records"
+        share = done.examples + sum(done.skipped.values())
+        return f"the {share:,} records process {index} of {processes} reads (of {self.records:,})"
+
+    def _pass_done(self, done: _Pass, last_is_example: bool) -> None:
+        if not done.examples and (self.passes is None or done.number + 1 < self.passes):
+            raise ValueError(
+                f"{self.name}: none of {self._records_read(done)} is usable (skipped: "
+                f"{dict(done.skipped)}; the warnings above say why)"
+            )
+        if done.examples and not self._summarized:
+            self._summarized = done.report = True
+            if not last_is_example:
+                self._report(done)
+
+    def _report(self, done: _Pass) -> None:
+        skipped = sum(done.skipped.values())
+        reasons = f" ({dict(done.skipped)})" if skipped else ""
+        log.info(
+            "%s: a pass over %s: %d examples packed into %d rows, %d records skipped%s",
+            self.name, self._records_read(done), done.examples, done.rows, skipped, reasons,
+        )  # fmt: skip
+        done.report = False
+
+    def _placed(self) -> None:
+        """Counts the row of an example just placed in it (an example of the current pass)."""
+        done = self._pass
+        if done is None:
+            return
+        if done.last_row != self._rows:
+            done.rows, done.last_row = done.rows + 1, self._rows
+        if done.report and self._pass_of(self._pending["at"] + 1) != done.number:
+            self._report(done)
 
     def _take(self) -> dict | None:
         while self._pending is None:
@@ -315,21 +391,16 @@ class _PackedExamplesIterator(grain.DatasetIterator):
                 return None
             if "skip" in element:
                 self.skipped[element["skip"]] += 1
-                self._skips_in_a_row += 1
-                if self.records is not None and self._skips_in_a_row > self.records:
-                    raise ValueError(
-                        f"data: none of the {self.records} records is usable (skipped so far: "
-                        f"{dict(self.skipped)}; the warnings above say why)"
-                    )
                 total = sum(self.skipped.values())
                 if total <= 10 or total % 1000 == 0:
                     log.warning(
-                        "data: skipped record %d (%s); %d skipped so far: %s",
-                        element["index"], element["detail"], total, dict(self.skipped),
+                        "%s: skipped %s (%s); %d skipped so far: %s",
+                        self.name, element["where"], element["detail"], total, dict(self.skipped),
                     )  # fmt: skip
+                self._count(element)
                 continue
+            self._count(element)
             self._pending, self._pending_state = element, state
-            self._skips_in_a_row = 0
         return self._pending
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -349,9 +420,11 @@ class _PackedExamplesIterator(grain.DatasetIterator):
             segment += int(parts.max())
             filled += n
             examples += 1
+            self._placed()
             self._pending = None
         if filled == 0:
             raise StopIteration
+        self._rows += 1
         return row
 
     def get_state(self) -> dict[str, Any]:
@@ -362,6 +435,7 @@ class _PackedExamplesIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._pending = self._pending_state = None
         self.skipped = collections.Counter(state.get("skipped", {}))
+        self._pass = None
 
 
 def make_dataset(
@@ -374,26 +448,28 @@ def make_dataset(
     num_epochs: int | None = None,
     train_on: str = "answers",
     too_long: str = "drop",
+    name: str = "data",
 ) -> grain.IterDataset:
     """Batches of `batch_size` packed rows of examples for this process (`shard`: its index,
     the process count), with the fields `tokens`, `segment_ids`, `positions`, `loss_mask`;
-    `num_epochs=None` repeats forever."""
+    `num_epochs=None` repeats forever; `name` begins the log lines and errors."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"data.chat_train_on must be one of {TRAIN_ON}, got {train_on!r}")
     if too_long not in TOO_LONG:
         raise ValueError(f"data.chat_too_long must be one of {TOO_LONG}, got {too_long!r}")
     encode = partial(_chat_example, train_on=train_on)
     return packed_dataset(records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs,
-                          encode, too_long)  # fmt: skip
+                          encode, too_long, name=name)  # fmt: skip
 
 
 def packed_dataset(
     records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs, encode,
-    too_long="drop", fields=(), per_row=None,
+    too_long="drop", fields=(), per_row=None, name="data",
 ) -> grain.IterDataset:  # fmt: skip
     """Batches of rows packed from the examples `encode(record, tokenizer)` makes of `records`
     (shuffled, sharded, repeated as `record_indices`); see `PackedExamples`."""
     examples = _Examples(records, tokenizer_path, seq_len, encode, too_long)
-    ds = record_indices(len(records), seed, shard, num_epochs).map(examples)
-    packed = PackedExamples(ds.to_iter_dataset(READ_AHEAD), seq_len, fields, per_row, len(records))
+    ds = record_indices(len(records), seed, shard, num_epochs).map_with_index(examples)
+    packed = PackedExamples(ds.to_iter_dataset(READ_AHEAD), seq_len, fields, per_row,
+                            len(records), shard, name, num_epochs)  # fmt: skip
     return packed.batch(batch_size, drop_remainder=num_epochs is None)

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import tensorflow_datasets as tfds
 
 from llamax import fs
+from llamax.data.records import expand_patterns
 
 log = logging.getLogger("llamax")
 SPLITS = ("train", "validation")
@@ -116,21 +117,6 @@ def split_text(text: str, size: int) -> list[str]:
     return [*parts, text[start:]]
 
 
-def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
-    """Sorted files matching comma-separated glob patterns (`**` recurses)."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p.strip()]
-    if not patterns:
-        raise ValueError("No corpus files given: set data.files to glob patterns")
-    files: set[str] = set()
-    for pattern in patterns:
-        matches = [p for p in fs.glob(pattern.strip()) if fs.isfile(p)]
-        if not matches:
-            raise FileNotFoundError(f"No files match {pattern!r}")
-        files.update(matches)
-    return sorted(files)
-
-
 @contextlib.contextmanager
 def _open(path: str) -> Iterator:
     with fs.open(path, "rb") as raw:
@@ -145,11 +131,31 @@ def _valid_unicode(text: str) -> bool:
     return True
 
 
-def read_documents(path: str, text_field: str):
-    """(key, text, problem) for each document of a file; problem is None for a good one."""
+def chat_texts(record: dict) -> list[str] | None:
+    """The texts of a chat record (`messages`), a prompt/completion pair or a preference pair
+    (`prompt`, `chosen`, `rejected`; a prompt may be messages), what a tokenizer for such
+    data should see; None for a record of another kind."""
+    if isinstance(record.get("messages"), list):
+        parts = [m.get("content") for m in record["messages"] if isinstance(m, dict)]
+    elif "prompt" in record and any(k in record for k in ("completion", "chosen", "rejected")):
+        prompt = record["prompt"]
+        if isinstance(prompt, list):
+            parts = [m.get("content") for m in prompt if isinstance(m, dict)]
+        else:
+            parts = [prompt]
+        parts += [record.get(k) for k in ("completion", "chosen", "rejected")]
+    else:
+        return None
+    return [t for t in parts if isinstance(t, str) and t]
+
+
+def read_documents(path: str, text_field: str, chat: bool = False):
+    """(key, text, problem) for each document of a file; problem is None for a good one. With
+    `chat`, a jsonl record without the text field that is a chat record gives its texts
+    (`chat_texts`), one a line."""
     key = path
     try:
-        for key, text, problem in _documents(path, text_field):
+        for key, text, problem in _documents(path, text_field, chat):
             yield key, text, problem
     except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         problem = "truncated or corrupt files" if not isinstance(e, gzip.BadGzipFile) else (
@@ -159,7 +165,7 @@ def read_documents(path: str, text_field: str):
         yield f"{where} ({type(e).__name__})", None, problem
 
 
-def _documents(path: str, text_field: str):
+def _documents(path: str, text_field: str, chat: bool = False):
     """(key, text, problem) for each document of a file; raises if the file breaks off."""
     base = path[:-3] if path.endswith(".gz") else path
     if base.endswith(".jsonl") or base.endswith(".json"):
@@ -177,8 +183,12 @@ def _documents(path: str, text_field: str):
                     yield key, None, "lines that are not JSON"
                     continue
                 text = record.get(text_field) if isinstance(record, dict) else None
+                if chat and text is None and isinstance(record, dict):
+                    texts = chat_texts(record)
+                    text = text if texts is None else "\n".join(texts)
                 if not isinstance(text, str):
-                    yield key, None, f"records without a string {text_field!r} field"
+                    kinds = " or the texts of a chat record" if chat else ""
+                    yield key, None, f"records without a string {text_field!r} field{kinds}"
                 elif not text:
                     yield key, None, "empty documents"
                 elif not _valid_unicode(text):
@@ -197,17 +207,25 @@ def _documents(path: str, text_field: str):
 
 
 def sample_lines(
-    patterns: str | Sequence[str], text_field: str, max_lines: int, seed: int = 0
+    patterns: str | Sequence[str],
+    text_field: str,
+    max_lines: int,
+    seed: int = 0,
+    chat: bool = False,
 ) -> list[str]:
     """At most `max_lines` non-empty lines drawn uniformly (reservoir sampling, seeded) from
-    every good document of the files: what a tokenizer trains on, from the whole corpus
-    rather than its alphabetically first files."""
-    rng, sample, seen = random.Random(seed), [], 0
+    every good document of the files (with `chat`, chat records' texts too: `chat_texts`):
+    what a tokenizer trains on, from the whole corpus rather than its alphabetically first
+    files. Logs how many lines of how many documents it read, and what it skipped."""
+    rng, sample, seen, documents = random.Random(seed), [], 0, 0
+    skipped: dict[str, list] = collections.defaultdict(list)
     files = expand_patterns(patterns)
     for path in files:
-        for _, text, problem in read_documents(path, text_field):
+        for key, text, problem in read_documents(path, text_field, chat):
             if problem is not None:
+                skipped[problem].append(key)
                 continue
+            documents += 1
             for line in text.splitlines():
                 if not line.strip():
                     continue
@@ -216,10 +234,16 @@ def sample_lines(
                     sample.append(line)
                 elif (slot := rng.randrange(seen)) < max_lines:
                     sample[slot] = line
-    log.info("sampled %d of the %d lines of %d files (seed %d)", len(sample), seen,
-             len(files), seed)  # fmt: skip
+    for problem, keys in skipped.items():
+        log.warning("skipped %d %s (first: %s)", len(keys), problem, keys[0])
+    log.info("read %d lines of %d documents of %d file(s); sampled %d (seed %d)", seen,
+             documents, len(files), len(sample), seed)  # fmt: skip
     if not sample:
-        raise ValueError(f"No text in {patterns!r}: every document is empty or unreadable")
+        why = "; ".join(f"{len(k)} {problem} (first: {k[0]})" for problem, k in skipped.items())
+        raise ValueError(
+            f"No text in {patterns!r}: every document is empty or unreadable"
+            + (f" ({why})" if why else "")
+        )
     return sample
 
 
@@ -256,9 +280,14 @@ def build_corpus(
         except AssertionError as e:  # tfds refuses to write an empty split
             if "No examples were yielded" not in str(e):
                 raise
+            held_out = (
+                f"; with data.validation_fraction {validation_fraction} each split needs one: "
+                "set data.validation_fraction=0 (and train.eval_every=0, no held-out loss) to "
+                "train on all of them" if validation_fraction > 0 else ""
+            )  # fmt: skip
             raise ValueError(
-                f"{e}: the corpus {patterns!r} has no usable documents for that split "
-                "(see the warnings above); add documents or change data.validation_fraction"
+                f"the corpus {patterns!r} has no usable documents for one of its splits (see "
+                f"the warnings above): add documents{held_out}"
             ) from e
     return builder
 
@@ -289,7 +318,11 @@ def data_source(builder: tfds.core.DatasetBuilder, split: str):
             f"({e}). Catalog datasets must be prepared with file_format=array_record."
         ) from e
     if len(source) == 0:
-        raise ValueError(f"The {split!r} split of {builder.name} has no documents")
+        fix = (" the run evaluates on it (train.eval_every > 0): set train.eval_every=0 to "
+               "train without a held-out loss, or" if split == "validation" else "")  # fmt: skip
+        raise ValueError(
+            f"The {split!r} split of {builder.name} has no documents:{fix} add documents to it"
+        )
     return source
 
 

@@ -20,9 +20,11 @@ so the pair shares a row without either seeing the other. Fields: `tokens`, `seg
 at most `pairs_per_row` a row (`chat.PackedExamples`); a pair longer than a row is skipped and
 counted (cutting it would move the token its score is read at).
 
-Bad records are skipped, counted by reason and logged, as chat data's are: not JSON or not an
-object, a missing or non-string response, an empty response, identical responses, a prompt
-whose roles are out of order or that does not end with the user's turn, an unknown rating.
+Bad records are skipped, counted by reason and logged, as chat data's are: a line that is not
+UTF-8, not JSON, nested too deeply or not an object, text that is not valid Unicode, a line
+longer than any pair that fits a row, a missing or non-string response, an empty response,
+identical responses, a prompt whose roles are out of order or that does not end with the
+user's turn, an unknown rating.
 """
 
 from __future__ import annotations
@@ -119,10 +121,12 @@ def make_dataset(
     shard: tuple[int, int] = (0, 1),
     num_epochs: int | None = None,
     pairs_per_row: int = 1,
+    name: str = "data",
 ):
     """Batches of `batch_size` rows of packed pairs for this process (`shard`: its index, the
-    process count); `num_epochs=None` repeats forever."""
+    process count); `num_epochs=None` repeats forever; `name` begins the log lines and
+    errors."""
     return chat.packed_dataset(
         records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs, pair_example,
-        too_long="drop", fields=FIELDS, per_row=pairs_per_row,
+        too_long="drop", fields=FIELDS, per_row=pairs_per_row, name=name,
     )  # fmt: skip

@@ -9,8 +9,10 @@ from scratch, the demo and tests.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -22,6 +24,26 @@ UNK, BOS, EOS = 0, 1, 2
 # The most characters encoded in one call of `encode_pieces` (where the text allows a cut):
 # SentencePiece needs about 50 bytes per character of a call, and returns a Python list.
 PIECE_CHARS = 1 << 16
+
+
+class NotUnicode(ValueError):
+    """Text that sentencepiece cannot encode: it is not valid Unicode (a lone surrogate at
+    character `position`; `detail` says so without the preamble)."""
+
+    def __init__(self, text: str, position: int):
+        self.position = position
+        self.detail = f"a lone surrogate {text[position]!r} at character {position}"
+        super().__init__(f"text that is not valid Unicode: {self.detail}")
+
+
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first character of `text` that UTF-8 cannot encode (a lone surrogate
+    half, which JSON's `"\\ud800"` or a file name's undecodable byte can make), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 class Tokenizer:
@@ -50,9 +72,30 @@ class Tokenizer:
             )
         self._cuttable, self._dummy_prefix = _cut_settings(self.sp)
 
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return self.sp.encode(text)
+        except RuntimeError:  # pybind's "Unable to cast" of a str UTF-8 cannot encode
+            at = lone_surrogate(text) if isinstance(text, str) else None
+            if at is None:
+                raise
+            raise NotUnicode(text, at) from None
+
+    @functools.cached_property
+    def max_piece_bytes(self) -> int:
+        """The most bytes of UTF-8 text one token stands for: the longest piece's (`▁` the
+        one space it stands for, a byte piece one byte, an unknown piece a character: up to
+        4), what bounds the tokens of a text from below (`records.max_record_bytes`)."""
+        sp, longest = self.sp, 4
+        for i in range(self.vocab_size):
+            if not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i) or sp.is_unused(i)):
+                longest = max(longest, len(sp.id_to_piece(i).replace("\u2581", " ").encode()))
+        return longest
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Meta's `Tokenizer.encode(s, bos, eos)`."""
-        ids = self.sp.encode(text)
+        """Meta's `Tokenizer.encode(s, bos, eos)`; `NotUnicode` (a ValueError) for text that
+        is not valid Unicode."""
+        ids = self._encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_array(self, text: str, bos: bool = True, eos: bool = True) -> np.ndarray:
@@ -73,7 +116,7 @@ class Tokenizer:
         for start, end in self._cuts(text, max_chars or PIECE_CHARS):
             # After a cut the piece starts with the space; the dummy prefix `▁` stands for it.
             piece = text[start + 1 : end] if start and self._dummy_prefix else text[start:end]
-            yield np.asarray(self.sp.encode(piece), np.int32)
+            yield np.asarray(self._encode(piece), np.int32)
         if eos:
             yield np.asarray([self.eos_id], np.int32)
 
@@ -129,9 +172,40 @@ def train_tokenizer(
     vocab_size: int,
     max_sentence_length: int = 1 << 16,
     input_sentence_size: int = 2_000_000,
+    vocab_name: str = "vocab_size",
 ) -> Tokenizer:
-    """Trains a BPE SentencePiece model on `texts` and writes it atomically to `output_path`."""
+    """Trains a BPE SentencePiece model on `texts` and writes it atomically to `output_path`.
+    What sentencepiece refuses is a ValueError in llamax's terms (`vocab_name`: how the
+    caller's users set the vocabulary size)."""
     model = io.BytesIO()
+    try:
+        _train(texts, model, vocab_size, max_sentence_length, input_sentence_size)
+    except RuntimeError as e:
+        raise ValueError(training_error(str(e), vocab_size, vocab_name)) from None
+    fs.write_bytes(output_path, model.getvalue())
+    return Tokenizer(output_path)
+
+
+def training_error(message: str, vocab_size: int, vocab_name: str = "vocab_size") -> str:
+    """sentencepiece's refusal to train, said in llamax's terms: what the vocabulary size
+    must be and what to do (never a sentencepiece flag llamax does not have)."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)(?:.*<= (\d+))?", message)
+    if too_high:
+        limit = f"; it allows at most {int(too_high[2]):,}" if too_high[2] else ""
+        return (f"{vocab_name} {vocab_size:,} is more pieces than the text can make{limit}: "
+                f"lower {vocab_name}, or give more text")  # fmt: skip
+    too_low = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+    if too_low:
+        return (
+            f"{vocab_name} {vocab_size:,} is too small for the text: it needs at least "
+            f"{int(too_low[1]):,} pieces (the 256 bytes of byte fallback, the special pieces "
+            f"and each character of the text); raise {vocab_name}"
+        )
+    detail = re.sub(r"^\w+: \S+\(\d+\) \[.*?\] ", "", message.strip())
+    return f"sentencepiece cannot train on the text: {detail}"
+
+
+def _train(texts, model, vocab_size, max_sentence_length, input_sentence_size) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
         model_writer=model,
@@ -154,5 +228,3 @@ def train_tokenizer(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    fs.write_bytes(output_path, model.getvalue())
-    return Tokenizer(output_path)
