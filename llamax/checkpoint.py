@@ -10,8 +10,10 @@ A checkpoint at step N is one directory `DIR/checkpoints/N/` with four items:
 - `meta`: the resolved config and run facts (tokens seen).
 
 and, once the save is complete, `checksums.json` (the sha256 of every file, computed on a
-thread of its own; on `gs://`, the CRC32C the storage keeps of each object), checked before
-a resume.
+thread of its own; on `gs://`, the MD5 or CRC32C the storage keeps of each object), checked
+before a resume: the whole step. Every other reader of a step (`init_from`, a LoRA base, a
+DPO reference, `load_pretrained`, the converter) checks the files it reads
+(`pretrained.verified`).
 
 orbax writes a step into a temporary directory and renames it when complete (on `gs://`,
 where renames are copies, it marks a complete step with a `commit_success.txt` instead), so
@@ -110,7 +112,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or one on disk is corrupt."""
 
 
-CHECKSUMS = "checksums.json"
+CHECKSUMS = pretrained.CHECKSUMS
 
 
 def record_checksums(step_dir: str) -> None:
@@ -129,24 +131,15 @@ def _record_checksums_quietly(step_dir: str) -> None:
 
 
 def verify(step_dir: str) -> list[str]:
-    """What differs between a checkpoint's files and its recorded checksums (empty: nothing).
-    A checkpoint without checksums (written before llamax recorded them, or by a run killed
-    between finishing the save and hashing it) cannot be checked and passes."""
-    path = fs.join(step_dir, CHECKSUMS)
-    if not fs.exists(path):
+    """What differs between a checkpoint's files, all of them, and its recorded checksums
+    (empty: nothing; `pretrained.verify_step`). A checkpoint without checksums (written
+    before llamax recorded them, or by a run killed between finishing the save and hashing
+    it) cannot be checked and passes, with a warning."""
+    problems = pretrained.verify_step(step_dir)
+    if problems is None:
         log.warning("%s has no %s: its integrity cannot be checked", step_dir, CHECKSUMS)
         return []
-    try:
-        recorded = fs.read_json(path)
-    except ValueError as e:
-        return [f"{CHECKSUMS} is not JSON ({e})"]
-    if not isinstance(recorded, dict):
-        return [f"{CHECKSUMS} is not a JSON object"]
-    present = set(fs.files_under(step_dir, CHECKSUMS))
-    problems = [f"{rel} is missing" for rel in sorted(set(recorded) - present)]
-    actual = fs.checksums(step_dir, sorted(set(recorded) & present), like=recorded)
-    changed = [rel for rel, digest in actual.items() if digest != recorded[rel]]
-    return problems + [f"{rel} differs from its checksum" for rel in changed]
+    return problems
 
 
 def is_complete(step_dir: str) -> bool:

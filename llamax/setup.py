@@ -220,17 +220,20 @@ class Setup:
         workdir's latest checkpoint (with the data position), else `init_from`'s parameters,
         else a fresh initialization."""
         latest = checkpoints.latest_step()
-        frozen = self._frozen_base()
         if latest is not None:
             state, data_state, meta = checkpoints.restore(latest, self.abstract, self.shardings)
+            # The run's base and reference, by content, before either is read.
+            if self.abstract.frozen is not None:
+                pretrained.check_same_base(meta.get("lora_base"), self.c.init_from)
+            if self.abstract.reference is not None:
+                pretrained.check_same_base(meta.get("dpo_reference"), self.c.init_from, dpo=True)
             data_iter.set_state(data_state)
             log.info("resuming from the checkpoint of step %d in %s", latest, checkpoints.directory)
+            frozen = self._frozen_base()
             if frozen is not None:
-                pretrained.check_same_base(meta.get("lora_base"), self.c.init_from)
                 state = state.replace(frozen=frozen)
-            if self.abstract.reference is not None:  # the run's reference, not another
-                pretrained.check_same_base(meta.get("dpo_reference"), self.c.init_from, dpo=True)
             return state.replace(reference=self._reference()), meta
+        frozen = self._frozen_base()
         rng = jax.random.key(self.c.train.seed)
         if frozen is not None:
             log.info("LoRA adapters (%s) on the frozen base %s", self.model.lora, self.c.init_from)
@@ -332,7 +335,9 @@ class Setup:
 
     def run_meta(self) -> dict:
         """What a checkpoint records about how its parameters relate to others: a LoRA run's
-        base, a DPO run's reference (their path, step and manifest checksum)."""
+        base, a DPO run's reference (`pretrained.base_fingerprint`: their path, step and
+        content, the digests recorded of their parameters), so that a resume notices another
+        model put in their place."""
         meta = {}
         if self.abstract.frozen is not None:
             meta["lora_base"] = pretrained.base_fingerprint(self.c.init_from)

@@ -41,11 +41,15 @@ PREFETCH = 2
 
 def read(path: str) -> tuple[LlamaConfig, Tensors]:
     """The config and lazy tensors of a llamax checkpoint or training workdir: each load reads
-    one layer's slice. A LoRA run's workdir reads as its base with its adapters merged in."""
+    one layer's slice. Its files are verified against the checksums recorded when it was
+    written before anything is read (`pretrained.verified`), so that a conversion never makes
+    a corrupt input into an output with a fresh manifest. A LoRA run's workdir reads as its
+    base with its adapters merged in, the base being the one they were trained on."""
     if pretrained.lora_run(path) is not None:
         from llamax.convert import peft
 
         adapters, adapters_config, base = pretrained.run_adapters(path)
+        pretrained.check_run_base(path, base)
         config, tensors = read(base)
         return peft.merged_tensors(config, tensors, adapters, adapters_config)
     config = pretrained.read_model_config(path)
