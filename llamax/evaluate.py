@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llamax import fs
+from llamax import fs, generation
 
 log = logging.getLogger("llamax")
 
@@ -91,11 +91,19 @@ def perplexity(
     batch_size: int = 1,
     progress: bool = False,
 ) -> dict:
-    """Sliding-window perplexity of `stream` at context `length` (see the module docstring);
-    `progress` shows a bar of the windows scored."""
+    """Sliding-window perplexity of `stream` at context `length` (see the module docstring),
+    `batch_size` windows a call (fewer when there are fewer), refused before any is scored
+    when the device cannot hold a call's buffers; `progress` shows a bar of the windows
+    scored."""
     from tqdm import tqdm
 
     spans = windows(len(stream), length, stride or length)
+    batch_size = min(batch_size, len(spans))
+    generation.check_memory(
+        f"perplexity at {length:,} tokens, {batch_size:,} windows a call",
+        generation.forward_bytes(model, batch_size, length, logits=False),
+        "lower --batch-size or --lengths",
+    )
     nll, count = 0.0, 0.0
     bar = tqdm(total=len(spans), desc=f"perplexity at {length}", unit="window",
                disable=not progress, leave=False)  # fmt: skip
@@ -163,9 +171,18 @@ def passkey(
     seed: int = 0,
     batch_size: int = 8,
 ) -> dict:
-    """Passkey accuracy for each length and depth, over `trials` random keys each."""
+    """Passkey accuracy for each length and depth, over `trials` random keys each,
+    `batch_size` prompts a call (fewer when there are fewer), refused before any is scored
+    when the device cannot hold a call's buffers."""
     rng = np.random.default_rng(seed)
     accuracy: dict[str, dict[str, float]] = {}
+    batch_size = min(batch_size, len(depths) * trials)
+    for length in lengths:
+        generation.check_memory(
+            f"passkey at {length:,} tokens, {batch_size:,} prompts a call",
+            generation.forward_bytes(model, batch_size, length),
+            "lower --batch-size or --lengths",
+        )
     for length in lengths:
         cases = []
         for depth in depths:

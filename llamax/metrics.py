@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 
@@ -140,11 +141,43 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def show_progress(progress_bar: bool) -> bool:
+    """Whether a loop shows a tqdm bar: when asked (`train.progress_bar`), on process 0, and
+    with stderr a terminal; a log file gets plain lines instead of a bar's carriage returns."""
+    return bool(progress_bar) and jax.process_index() == 0 and sys.stderr.isatty()
+
+
+def parameter_counts(setup) -> str | None:
+    """The line of a LoRA run's parameters (None without LoRA), as PEFT's `trainable params`:
+    what trains (the adapters, and what trains beside them: a reward model's score head), its
+    share of the model's parameters with the adapters, and how the frozen base is stored."""
+    from llamax import lora
+
+    if setup.model.lora is None:
+        return None
+
+    def count(tree) -> int:
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+    trainable = count(setup.abstract.params)
+    beside, adapters = lora.split(setup.abstract.params)
+    total = setup.model.config.num_params() + count(adapters)
+    besides = f" and {', '.join(sorted(beside))} beside them" if beside else ""
+    return (
+        f"LoRA: {trainable:,} trainable parameters ({trainable / total:.2%} of {total:,}: "
+        f"{count(adapters):,} in the adapters{besides}); frozen base in "
+        f"{setup.c.lora.base_dtype}"
+    )
+
+
 class TrainLog:
     """A training loop's metrics: each step's device values are queued without waiting for
     them and fetched together at a log or save step; tokens/s, TFLOP/s and MFU are measured
     between logged steps (from the end of the first step, which compiles); records go to
-    `metrics.jsonl`, TensorBoard and a line on the console (a tqdm bar on process 0)."""
+    `metrics.jsonl`, TensorBoard and a line on the console. On process 0 with stderr a
+    terminal and `train.progress_bar`, a tqdm bar too (`show_progress`), started at the end
+    of the first step, so that its rate and ETA are the steady steps' and not the compile's;
+    otherwise the logged steps' plain lines only."""
 
     def __init__(self, workdir: str, setup, start_step: int):
         c, t = setup.c, setup.c.train
@@ -158,7 +191,8 @@ class TrainLog:
         self.is_main = jax.process_index() == 0
         self.pending: list[tuple[int, dict]] = []
         self.timer_start, self.timer_step = None, start_step
-        self.progress = None
+        self.progress, self.total_steps = None, t.steps
+        self.bar_wanted = show_progress(t.progress_bar)
         if self.is_main:
             log.info(
                 "model (%s preset%s): %s parameters; mesh %s over %d devices (%d processes); "
@@ -171,13 +205,9 @@ class TrainLog:
                 jax.process_count(),
                 self.flops_token / 1e9,
             )
-            if t.progress_bar:
-                from tqdm import tqdm
-
-                self.progress = tqdm(
-                    total=t.steps, initial=start_step, desc="train", unit="step",
-                    dynamic_ncols=True,
-                )  # fmt: skip
+            lora_line = parameter_counts(setup)
+            if lora_line:
+                log.info("%s", lora_line)
 
     def add(self, step: int, metrics: dict) -> None:
         """Queues the metrics of a finished step (device arrays; not waited for)."""
@@ -185,7 +215,14 @@ class TrainLog:
         if self.timer_start is None:  # the first step compiles: time from its end
             jax.block_until_ready(metrics)
             self.timer_start, self.timer_step = time.perf_counter(), step
-        if self.progress is not None:
+            if self.bar_wanted:
+                from tqdm import tqdm
+
+                self.progress = tqdm(
+                    total=self.total_steps, initial=step, desc="train", unit="step",
+                    dynamic_ncols=True, file=sys.stderr,
+                )  # fmt: skip
+        elif self.progress is not None:
             self.progress.update(1)
 
     def fetch(self, resume_from: int | None) -> dict:

@@ -7,15 +7,23 @@ kept and written as chat SFT data, on which the policy is then fine-tuned.
 
 - `read_prompts`: jsonl records with a `prompt` (a question, or a dialog ending with the
   user's turn); a bad line is an error naming it.
+- `check_round`: the round's request, refused before anything is sampled: K and the batch
+  positive, each prompt and `max_new_tokens` within the policy's window, the samples (prompts
+  x K of up to `max_new_tokens` tokens, their texts and their scoring's tokens) within the
+  host's available memory.
 - `sample`: K responses per prompt through the jitted generation path (`generation.generate`),
-  `batch_size` rows (prompt x sample) a call; each row samples its own random stream (rows
-  of a call draw independently, each call has its own key from `seed` and the call's index),
-  so K samples of a prompt differ at temperature > 0 and are K equal greedy answers at 0.
-  Each response is the policy's tokens up to its first EOS, decoded to text.
+  `batch_size` rows (prompt x sample) a call, fewer when the round has fewer; each row samples
+  its own random stream (rows of a call draw independently, each call has its own key from
+  `seed` and the call's index), so K samples of a prompt differ at temperature > 0 and are K
+  equal greedy answers at 0. Each response is the policy's tokens up to its first EOS,
+  decoded to text without trailing whitespace (`generation.answer_text`: the space the chat
+  format puts before EOS is no part of the answer).
 - `score`: each (prompt, response) re-tokenized with the reward model's tokenizer in Meta's
   chat format (`preference.response_tokens`) and scored at its last token
   (`reward.score_sequences`). A response that cannot be an answer (empty, or holding the
-  chat format's special tags) gets no score (NaN) and is counted by reason.
+  chat format's special tags), one longer than the reward model's window, or one cut off by
+  `max_new_tokens` (unless kept) gets no score (NaN) and is counted by reason: every sample
+  is scored or counted once, so the counts add up to the samples.
 - `select`: the best-scoring response per prompt as a chat SFT record,
   `{"messages": [*prompt, {"role": "assistant", "content": best}], "score": ...}` (what
   `data.source=chat` reads); a prompt none of whose samples has a score is skipped and
@@ -49,10 +57,15 @@ import numpy as np
 from llamax import fs, generation, reward
 from llamax.data import chat, preference
 from llamax.data.chat import BadRecord
+from llamax.data.records import JsonlRecords
+from llamax.generation import Sampling
 
 log = logging.getLogger("llamax")
 
 GLOB_CHARACTERS = "*?[,"  # what data.files reads as patterns (or separators), not a name
+# Host memory per sample kept through a round (its text, its slot, its tokens for scoring),
+# and per token of it: what `check_round` estimates a round's samples need.
+SAMPLE_BYTES, TOKEN_BYTES = 512, 16
 
 
 @dataclasses.dataclass
@@ -76,25 +89,25 @@ class Round:
     report: dict
 
 
-def read_prompts(path: str) -> list[dict]:
+def read_prompts(path: str, max_bytes: int | None = None) -> list[dict]:
     """The records of a jsonl(.gz) file of prompts, in order, blank lines left out; each a
-    JSON object with a `prompt` (a question or a dialog ending with the user's turn). A bad
-    line is a `ValueError` naming the file, the line and what is wrong."""
+    JSON object with a `prompt` (a question or a dialog ending with the user's turn), read a
+    line at a time (a line longer than `max_bytes` is refused unread). A bad line is a
+    `ValueError` naming the file, the line and what is wrong."""
+    lines = JsonlRecords(path, max_bytes)
+    if not len(lines):
+        raise ValueError(f"{path}: no prompts in the file")
     records = []
-    for number, line in enumerate(chat.read_file(path).splitlines(), 1):
-        if not line.strip():
-            continue
+    for i in range(len(lines)):
         try:
-            record = chat.parse(line)
+            record = chat.parse(lines[i])
             if "prompt" not in record:
                 raise BadRecord("malformed", 'a record needs a "prompt"')
             preference.prompt_messages(record["prompt"])
         except BadRecord as e:
-            detail = str(e) if str(e).startswith(e.reason) else f"{e.reason}: {e}"
-            raise ValueError(f"{path}: line {number}: {detail}") from None
+            where = lines.where(i).rpartition(":")
+            raise ValueError(f"{where[0]}: line {where[2]}: {e}") from None
         records.append(record)
-    if not records:
-        raise ValueError(f"{path}: no prompts in the file")
     return records
 
 
@@ -116,6 +129,38 @@ def prompt_tokens(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
     return out
 
 
+def check_round(config, tokenizer, prompts: Sequence[Any], k: int, sampling: Sampling,
+                batch_size: int) -> list[list[int]]:  # fmt: skip
+    """The prompts' tokens (`prompt_tokens`) once the round is known to be possible with the
+    policy of `config` (its `LlamaConfig`): `k` and `batch_size` positive, every prompt and
+    `sampling.max_new_tokens` within the window, `top_k` within the vocabulary, and the
+    prompts x `k` samples within the host's memory. A `ValueError` otherwise, before any
+    sampling (and, from llamax-reward sample, before the policy is loaded)."""
+    for name, value in (("k", k), ("batch_size", batch_size)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    tokens = prompt_tokens(prompts, tokenizer)
+    longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+    try:
+        generation.check_window(config, len(tokens[longest]), sampling.max_new_tokens)
+    except ValueError as e:
+        raise ValueError(f"prompt {longest}: {e}") from None
+    if sampling.top_k > config.vocab_size:
+        raise ValueError(f"top_k {sampling.top_k:,} is more than the policy's vocabulary "
+                         f"({config.vocab_size:,} tokens)")  # fmt: skip
+    samples = len(tokens) * k
+    mean_prompt = sum(len(t) for t in tokens) / len(tokens)
+    per_sample = SAMPLE_BYTES + TOKEN_BYTES * (sampling.max_new_tokens + mean_prompt)
+    generation.check_memory(
+        f"a round of {len(tokens):,} prompts x {k:,} samples of up to "
+        f"{sampling.max_new_tokens:,} new tokens",
+        {"the samples and their scoring": int(samples * per_sample)},
+        "lower --k, sample fewer prompts a round, or lower --max-new-tokens",
+        host=True,
+    )
+    return tokens
+
+
 def sample(
     model,
     params,
@@ -131,33 +176,34 @@ def sample(
     batch_size: int = 8,
 ) -> Samples:
     """`k` responses to each prompt from the policy (`model`, `params`, a language model),
-    `batch_size` rows a generation call (a call's last rows are filled with copies, so every
-    call has one batch shape), decoded with `tokenizer`. A log line per call."""
-    if k < 1 or batch_size < 1:
-        raise ValueError(f"k and batch_size must be positive, got {k} and {batch_size}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    `min(batch_size, prompts x k)` rows a generation call (a call's last rows are filled
+    with copies, so every call has one batch shape), decoded with `tokenizer` as answers
+    (`generation.answer_text`). The round is checked first (`check_round`, and the calls'
+    buffers: `generation.check_request`). A log line per call."""
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
     if model.config.head != "lm":
         raise ValueError("sampling needs a language model (LlamaConfig.head 'lm') as policy")
+    tokens = check_round(model.config, tokenizer, prompts, k, sampling, batch_size)
+    total = len(tokens) * k
+    rows = min(batch_size, total)
+    generation.check_request(model, [len(t) for t in tokens], sampling, rows=rows)
     if temperature == 0 and k > 1:
         log.warning("temperature 0: the %d samples of each prompt are the same greedy answer", k)
-    tokens = prompt_tokens(prompts, tokenizer)
-    rows = [(i, j) for i in range(len(tokens)) for j in range(k)]
     texts = [[""] * k for _ in tokens]
     truncated = np.zeros((len(tokens), k), bool)
-    calls = -(-len(rows) // batch_size)
+    calls = -(-total // rows)
     for call in range(calls):
-        chunk = rows[call * batch_size : (call + 1) * batch_size]
+        chunk = [divmod(r, k) for r in range(call * rows, min((call + 1) * rows, total))]
         ids = [tokens[i] for i, _ in chunk]
         out = generation.generate(
-            model, params, ids + [ids[-1]] * (batch_size - len(ids)),
+            model, params, ids + [ids[-1]] * (rows - len(ids)),
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=_call_seed(seed, call), eos_id=tokenizer.eos_id,
         )  # fmt: skip
         for (i, j), new in zip(chunk, out, strict=False):
-            texts[i][j] = tokenizer.decode(new)
+            texts[i][j] = generation.answer_text(tokenizer, new)
             truncated[i, j] = len(new) == max_new_tokens
-        done = (call * batch_size + len(chunk)) // k
+        done = (call * rows + len(chunk)) // k
         log.info("rejection sampling: %d/%d prompts sampled (%d of %d generation calls)",
                  done, len(tokens), call + 1, calls)  # fmt: skip
     return Samples(texts, truncated)
@@ -165,25 +211,33 @@ def sample(
 
 def score(
     model, params, tokenizer, prompts: Sequence[Any], texts: Sequence[Sequence[str]],
-    batch_size: int = 8,
+    batch_size: int = 8, truncated: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, int]]:  # fmt: skip
     """(float32 [N, K]: each response's reward, NaN where it has none; the responses without
     one, counted by reason). Each is re-tokenized with the reward model's `tokenizer` as the
-    assistant's answer to its prompt and scored at its last token."""
+    assistant's answer to its prompt and scored at its last token; one the model's window
+    cannot hold is counted "too long", and those `truncated` marks (bool [N, K]) are left
+    unscored and counted "truncated"."""
     n, k = len(texts), max((len(t) for t in texts), default=0)
     if len(prompts) != n or any(len(t) != k for t in texts):
         raise ValueError("score needs one list of K responses per prompt, K the same for all")
     sequences, where, unscored = [], [], collections.Counter()
+    window = model.config.max_seq_len
     for i, (prompt, responses) in enumerate(zip(prompts, texts, strict=True)):
         for j, text in enumerate(responses):
+            if truncated is not None and truncated[i, j]:
+                unscored["truncated"] += 1
+                continue
             try:
-                sequences.append(preference.response_tokens(prompt, text, tokenizer)[0])
+                tokens = preference.response_tokens(prompt, text, tokenizer)[0]
             except BadRecord as e:
                 unscored[e.reason] += 1
                 continue
+            if len(tokens) > window:
+                unscored[reward.TOO_LONG] += 1
+                continue
+            sequences.append(tokens)
             where.append((i, j))
-    log.info("rejection sampling: scoring %d responses (%d without a score)",
-             len(sequences), sum(unscored.values()))  # fmt: skip
     scores = np.full((n, k), np.nan, np.float32)
     if sequences:
         values = reward.score_sequences(model, params, sequences, batch_size)
@@ -246,16 +300,18 @@ def finish_round(reward_model: tuple, prompts: Sequence[Any], samples: Samples,
                  batch_size: int = 8, keep_truncated: bool = False) -> Round:  # fmt: skip
     """The scoring and selection of a round whose samples are drawn (the policy may be
     released first): `reward_model` is `(model, params, tokenizer)`. A sample cut off by
-    `max_new_tokens` is not kept unless `keep_truncated` (written as a whole answer, closed
-    by EOS, it would teach the policy to stop mid-answer): counted as "truncated"."""
-    scores, unscored = score(*reward_model, prompts, samples.texts, batch_size)
-    if not keep_truncated:
-        cut = samples.truncated & ~np.isnan(scores)
-        scores = np.where(cut, np.nan, scores)
-        if cut.any():
-            unscored = {**unscored, "truncated": int(cut.sum())}
+    `max_new_tokens` is not scored nor kept unless `keep_truncated` (written as a whole
+    answer, closed by EOS, it would teach the policy to stop mid-answer): counted as
+    "truncated". One log line gives the counts the report holds."""
+    cut = None if keep_truncated else samples.truncated
+    scores, unscored = score(*reward_model, prompts, samples.texts, batch_size, truncated=cut)
     records, report = select(prompts, samples.texts, scores)
     report.update(unscored=unscored, truncated=int(samples.truncated.sum()))
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(unscored.items()))
+    reasons = f" ({reasons})" if reasons else ""
+    log.info("rejection sampling: %d of %d responses scored, %d without a score%s",
+             report["scored"], report["samples"], report["samples"] - report["scored"],
+             reasons)  # fmt: skip
     messages = [preference.prompt_messages(p) for p in prompts]
     return Round(messages, samples, scores, records, report)
 

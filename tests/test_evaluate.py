@@ -72,6 +72,27 @@ def test_uniform_model_has_perplexity_vocab_size(rng):
     assert math.isclose(result["perplexity"], config.vocab_size, rel_tol=1e-5)
 
 
+def test_a_batch_larger_than_the_windows_is_clamped_and_memory_is_checked(rng, monkeypatch):
+    config = llamax.LlamaConfig.preset("tiny")
+    params = llamax.model.init_params(llamax.Llama(config), jax.random.key(0))
+    stream = rng.integers(0, config.vocab_size, 70).astype(np.int32)
+    model = llamax.Llama(config)
+    one = evaluate.perplexity(model, params, stream, 16, batch_size=1)
+    huge = evaluate.perplexity(model, params, stream, 16, batch_size=10**9)
+    assert math.isclose(huge["perplexity"], one["perplexity"], rel_tol=1e-5)
+    assert huge["windows"] == one["windows"] == 4
+
+    from llamax import generation
+
+    monkeypatch.setattr(generation, "available_memory", lambda host=False: (1000, "the test's"))
+    with pytest.raises(
+        ValueError,
+        match=r"perplexity at 16 tokens, 4 windows a call needs "
+        r"about .* more than the test's \(1,000 bytes\): lower --batch-size",
+    ):
+        evaluate.perplexity(model, params, stream, 16, batch_size=10**9)
+
+
 def test_passkey_prompt(tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
     filler = tokenizer.encode(evaluate.FILLER, bos=False)

@@ -6,11 +6,10 @@ line is an error naming it, and `llamax-reward sample` runs a round and its fine
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
-from conftest import random_params
+from conftest import random_params, write_checkpoint
 
 import llamax
 from llamax import generation, rejection, reward
@@ -28,18 +27,6 @@ PROMPTS = [
 ]  # fmt: skip
 SAMPLING = {"temperature": 1.0, "max_new_tokens": 6, "seed": 1}
 TOL = 1e-4
-
-
-def write_checkpoint(path, config, params, tokenizer_path):
-    """A llamax checkpoint of `params` with its tokenizer, as llamax-convert writes one."""
-    from llamax.convert import hf, manifest, native
-
-    tensors = {k: (lambda v=v: v) for k, v in hf.params_to_hf(params, config).items()}
-    os.makedirs(path)
-    native.write(config, tensors, path, "float32")
-    shutil.copyfile(tokenizer_path, os.path.join(path, "tokenizer.model"))
-    manifest.write(path, config, "llamax", "float32")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +67,7 @@ def test_k_samples_are_distinct_streams_and_greedy_is_k_copies(models, a_round):
                               **{**SAMPLING, "temperature": 0.0})  # fmt: skip
     ids = [generation.chat_tokens(preference.prompt_messages(p), tok) for p in PROMPTS]
     alone = generation.generate(model, params, ids, max_new_tokens=6, eos_id=tok.eos_id)
-    assert greedy.texts == [[tok.decode(x)] * 2 for x in alone]
+    assert greedy.texts == [[generation.answer_text(tok, x)] * 2 for x in alone]
     assert len({t[0] for t in greedy.texts}) == 3
 
 
@@ -186,10 +173,10 @@ def test_a_bad_prompt_line_is_an_error_naming_it(tmp_path):
     path = tmp_path / "prompts.jsonl"
     for body, problem in [
         ('{"prompt": "ok"}\n\n{"prompt": [{"role": "assistant", "content": "x"}]}\n',
-         "line 3: roles"),
+         "line 3: Roles must be"),
         ('{"prompt": "ok"}\n{"question": "x"}\n', 'line 2: malformed: a record needs a "prompt"'),
         ('{oops\n', "line 1: not JSON"),
-        ('{"prompt": "[INST] x"}\n', "line 1: special tags"),
+        ('{"prompt": "[INST] x"}\n', "line 1: Special tags"),
         ("\n", "no prompts"),
     ]:  # fmt: skip
         path.write_text(body)
@@ -336,3 +323,42 @@ def test_answers_cut_off_by_max_new_tokens_are_not_kept_by_default(models, a_rou
         i = record["prompt_index"]
         best = 2 + int(np.argmax(a_round.scores[i, 2:]))
         assert record["messages"][-1]["content"] == a_round.samples.texts[i][best]
+
+
+def test_the_rounds_counts_add_up_in_its_log_line_and_its_report(models, a_round, caplog):
+    """Every sample is scored or counted once, by one reason; the one log line says what the
+    report holds. A response too long for the reward model's window is not scored."""
+    import logging
+
+    texts = [list(t) for t in a_round.samples.texts]
+    texts[0][0] = " "  # an empty answer
+    texts[1][1] = " ".join(["the model trains"] * 200)  # past the window (256 tokens)
+    cut = np.zeros_like(a_round.samples.truncated)
+    cut[2, :3] = True  # stopped by max_new_tokens
+    caplog.set_level(logging.INFO, logger="llamax")
+    strict = rejection.finish_round(models[1], PROMPTS, rejection.Samples(texts, cut), 6)
+    report = strict.report
+    assert report["unscored"] == {"empty answer": 1, "too long": 1, "truncated": 3}
+    assert report["scored"] + sum(report["unscored"].values()) == report["samples"] == 12
+    assert int(np.isnan(strict.scores).sum()) == 5
+    lines = [m for m in caplog.messages if m.startswith("rejection sampling:")]
+    assert lines == ["rejection sampling: 7 of 12 responses scored, 5 without a score "
+                     "(1 empty answer, 1 too long, 3 truncated)"]  # fmt: skip
+
+
+def test_a_round_never_calls_generation_with_more_rows_than_it_has(models, monkeypatch):
+    model, params, tok = models[0]
+    want = rejection.sample(model, params, tok, PROMPTS, 2, batch_size=6, **SAMPLING)
+    shapes = []
+    generate = generation.generate
+
+    def counted(model, params, prompts, **kwargs):
+        shapes.append(len(prompts))
+        return generate(model, params, prompts, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counted)
+    huge = rejection.sample(model, params, tok, PROMPTS, 2, batch_size=10**9, **SAMPLING)
+    assert shapes == [6] and huge.texts == want.texts
+    with pytest.raises(ValueError, match="a round of 3 prompts x 1,000,000,000 samples"):
+        rejection.sample(model, params, tok, PROMPTS, 10**9, batch_size=8, **SAMPLING)
+    assert shapes == [6]  # refused before any generation

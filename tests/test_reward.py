@@ -388,4 +388,36 @@ def test_llamax_reward_scores_and_evaluates(tmp_path, tokenizer_path, capsys):
     bad_out = tmp_path / "bad_scored.jsonl"
     assert reward_cli.main(["score", "--checkpoint", rm, "--input", str(tmp_path / "bad.jsonl"),
                             "--output", str(bad_out)]) == 2  # fmt: skip
-    assert "record 2: malformed" in capsys.readouterr().err and not bad_out.exists()
+    assert "bad.jsonl:2: malformed" in capsys.readouterr().err and not bad_out.exists()
+
+
+def test_scoring_stays_within_the_window_and_the_work(rng):
+    """A batch larger than the sequences scores them in one call of as many rows; a sequence
+    longer than the model's window is refused, never scored past it."""
+    from llamax import reward
+
+    model, params = llamax.Llama(CONFIG), random_params(CONFIG, seed=3)
+    sequences = [rng.integers(3, CONFIG.vocab_size, n).astype(np.int32) for n in (5, 70, 9)]
+    small = reward.score_sequences(model, params, sequences, batch_size=2)
+    huge = reward.score_sequences(model, params, sequences, batch_size=10**9)
+    np.testing.assert_allclose(huge, small, atol=TOL)
+    too_long = [*sequences, np.ones(CONFIG.max_seq_len + 1, np.int32)]
+    with pytest.raises(ValueError, match="sequence 3 is 257 tokens, longer than the reward "
+                       r"model's window of 256 tokens \(max_seq_len\)"):  # fmt: skip
+        reward.score_sequences(model, params, too_long, batch_size=10**9)
+
+
+def test_pairs_longer_than_the_window_are_skipped_and_no_usable_pair_says_why(tokenizer_path):
+    from llamax import reward
+    from llamax.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    long = " ".join(["the model trains"] * 200)
+    records = [_pair(0, "better"), {**_pair(1, None), "chosen": long}, "{oops", _pair(2, 0)]
+    sequences, ratings, skipped = reward.pair_sequences(records, tok, CONFIG.max_seq_len)
+    assert skipped == {"too long": 1, "not JSON": 1} and ratings.tolist() == [1, 0]
+    assert len(sequences) == 4 and max(len(x) for x in sequences) <= CONFIG.max_seq_len
+    with pytest.raises(ValueError) as e:
+        reward.pair_sequences(records[1:3], tok, CONFIG.max_seq_len)
+    assert str(e.value) == ("no usable preference pair to evaluate: 2 skipped (1 not JSON, "
+                            "1 too long)")  # fmt: skip

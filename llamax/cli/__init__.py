@@ -21,8 +21,8 @@ def usage_error(prog: str, message: str) -> int:
 def run_absl(main, module_name: str) -> None:
     """`absl.app.run(main)` for a command whose flags are defined in `module_name`: `--help`
     shows that module's docstring and flags (absl shows only the key flags of `sys.argv[0]`,
-    a console-script wrapper with none), and a bad flag or a misspelt config key is one
-    `error:` line (exit 2) instead of a traceback."""
+    a console-script wrapper with none) and exits 0 (absl exits 1 after printing it), and a
+    bad flag or a misspelt config key is one `error:` line (exit 2) instead of a traceback."""
     from absl import app, flags
 
     module = sys.modules[module_name]
@@ -34,14 +34,24 @@ def run_absl(main, module_name: str) -> None:
     def parse(argv):
         try:
             return flags.FLAGS(argv)
+        except SystemExit as e:
+            # While flags are parsed, only absl's help flags (--help, --helpfull, ...) exit,
+            # and with 1, once their text is printed: asking for help is no failure.
+            sys.exit(0 if e.code == 1 else e.code)
         except Exception as e:  # absl's flags errors, ml_collections' unknown keys
-            text = str(e).replace("\\n", "\n").replace("\\'", "'")
-            lines = [line.strip("'\" ") for line in text.splitlines() if line.strip("'\" ")]
-            if isinstance(e, KeyError | AttributeError) and len(lines) > 1:  # ml_collections
-                lines[0] = f"no config key {lines[0]!r}:"
-            sys.exit(usage_error(prog, " ".join(lines)))
+            sys.exit(usage_error(prog, flag_error_text(e)))
 
     app.run(main, flags_parser=parse)
+
+
+def flag_error_text(e: BaseException) -> str:
+    """One line of an absl flags error or of ml_collections' unknown config key (whose
+    message is the key and the close matches, over several quoted lines)."""
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip("'\" ") for line in text.splitlines() if line.strip("'\" ")]
+    if isinstance(e, KeyError | AttributeError) and len(lines) > 1:  # ml_collections
+        lines[0] = f"no config key {lines[0]!r}:"
+    return " ".join(lines)
 
 
 def config_value(flag, prog: str):

@@ -12,7 +12,9 @@ Each writes `perplexity.json` and `perplexity.png` (perplexity against context l
 `--adapters` merges LoRA adapters (a PEFT adapter directory or a llamax LoRA run's workdir)
 into the checkpoint's weights first. `--rope-scaling` evaluates the checkpoint with another
 rotary scaling than its own, e.g. dynamic NTK without fine-tuning:
-`--rope-scaling '{"rope_type": "dynamic", "factor": 4}'`.
+`--rope-scaling '{"rope_type": "dynamic", "factor": 4}'`. `--batch-size` windows (prompts)
+are scored a call, fewer when there are fewer; a call whose buffers the device cannot hold
+is refused before any is scored.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.command == "passkey" and args.trials < 1:
+        parser.error("--trials must be positive")
 
     import llamax
     from llamax import data, evaluate
@@ -101,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.text, args.tfds, args.tfds_data_dir, args.split, args.text_field
             )
             stream = evaluate.token_stream(texts, tokenizer, args.max_tokens)
+            bar = sys.stderr.isatty()  # a log file gets no bar's carriage returns
             results = [
                 evaluate.perplexity(
-                    model, params, stream, n, args.stride, args.batch_size, progress=True
+                    model, params, stream, n, args.stride, args.batch_size, progress=bar
                 )
                 for n in args.lengths
             ]

@@ -3,7 +3,10 @@
 Loads a converted checkpoint (or a training run's workdir) with its `tokenizer.model`, LoRA
 adapters merged in when given (a PEFT adapter directory or a llamax LoRA run's workdir), and
 prints the continuation of the prompt; with `--chat`, the prompt is the user's turn of a
-Llama 2 chat dialog formatted exactly as Meta's `chat_completion` does.
+Llama 2 chat dialog formatted exactly as Meta's `chat_completion` does, and the answer is
+printed without the space the chat format puts before its EOS. A prompt and
+`--max-new-tokens` longer than the model's window (`max_seq_len`), or a prompt that is not
+UTF-8 text, is refused before the model is loaded.
 """
 
 from __future__ import annotations
@@ -35,31 +38,49 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--system needs --chat")
 
     import llamax
-    from llamax.generation import chat_tokens
-    from llamax.pretrained import load_with_tokenizer
+    from llamax import generation, pretrained
 
     try:
-        model, params, tokenizer = load_with_tokenizer(
+        sampling = generation.Sampling.from_flags(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        for flag, text in (("--prompt", args.prompt), ("--system", args.system or "")):
+            generation.check_text(text, flag)
+        if args.adapters:
+            pretrained.require_adapters_dir(args.adapters)
+        # The request meets the model's window before the model is loaded.
+        config = pretrained.read_model_config(args.checkpoint)
+        tokenizer = pretrained.checkpoint_tokenizer(args.checkpoint, args.tokenizer,
+                                                    config.vocab_size)  # fmt: skip
+        ids = _prompt_ids(args, tokenizer)
+        generation.check_window(config, len(ids), sampling.max_new_tokens)
+        model, params, tokenizer = pretrained.load_with_tokenizer(
             args.checkpoint,
             args.tokenizer,
             dtype=args.dtype,
             adapters=args.adapters,
             attention=args.attention,
         )
-        if args.chat:
-            dialog = [{"role": "system", "content": args.system}] if args.system else []
-            ids = chat_tokens([*dialog, {"role": "user", "content": args.prompt}], tokenizer)
-        else:
-            ids = tokenizer.encode(args.prompt, bos=True, eos=False)
         (out,) = llamax.generate(
-            model, params, [ids], max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            eos_id=tokenizer.eos_id,
+            model, params, [ids], max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            seed=sampling.seed, eos_id=tokenizer.eos_id,
         )  # fmt: skip
     except (ValueError, OSError) as e:
         return error("llamax-generate", e)
-    print(tokenizer.decode(out))
+    print(generation.answer_text(tokenizer, out) if args.chat else tokenizer.decode(out))
     return 0
+
+
+def _prompt_ids(args, tokenizer) -> list[int]:
+    """The prompt's tokens: a Llama 2 chat turn (with its system prompt) or the text as it is."""
+    from llamax.generation import chat_tokens
+
+    if not args.chat:
+        return tokenizer.encode(args.prompt, bos=True, eos=False)
+    dialog = [{"role": "system", "content": args.system}] if args.system else []
+    return chat_tokens([*dialog, {"role": "user", "content": args.prompt}], tokenizer)
 
 
 def run() -> None:
