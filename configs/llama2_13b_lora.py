@@ -4,7 +4,9 @@
     llamax-train --config configs/llama2_13b_lora.py --workdir runs/llama2-13b-lora \
         --config.init_from=$HOME/ckpt/llama2-13b --config.data.files='$HOME/chat/*.jsonl' \
         --config.data.tokenizer=$HOME/ckpt/llama2-13b/tokenizer.model
-    llamax-convert --from llamax --to peft --input runs/llama2-13b-lora --output adapters/13b
+    llamax-convert --from llamax --to hf --input $HOME/ckpt/llama2-13b --output $HOME/hf/llama2-13b
+    llamax-convert --from llamax --to peft --input runs/llama2-13b-lora --output adapters/13b \
+        --base-name $HOME/hf/llama2-13b
 
 Recipe: `llamax.experiment.lora_recipe` with the QLoRA paper's Llama settings (Dettmers et
 al. 2023: r 64, alpha 16, every linear layer, dropout 0.05, 2e-4) over a frozen bfloat16

@@ -4,7 +4,9 @@
     llamax-train --config configs/llama2_7b_lora.py --workdir runs/llama2-7b-lora \
         --config.init_from=$HOME/ckpt/llama2-7b --config.data.files='$HOME/chat/*.jsonl' \
         --config.data.tokenizer=$HOME/ckpt/llama2-7b/tokenizer.model
-    llamax-convert --from llamax --to peft --input runs/llama2-7b-lora --output adapters/7b
+    llamax-convert --from llamax --to hf --input $HOME/ckpt/llama2-7b --output $HOME/hf/llama2-7b
+    llamax-convert --from llamax --to peft --input runs/llama2-7b-lora --output adapters/7b \
+        --base-name $HOME/hf/llama2-7b
 
 Recipe: `llamax.experiment.lora_recipe` with the QLoRA paper's Llama settings (Dettmers et
 al. 2023: r 64, alpha 16, every linear layer, dropout 0.05, 2e-4) over a frozen bfloat16

@@ -133,13 +133,17 @@ def combine(base, adapters) -> dict:
 def merge(params, lora: LoraConfig) -> dict:
     """The base with each adapted weight replaced by W + s A B (in W's dtype, computed in
     float32; a quantized base's matrices dequantized to float32 first, `dequantize`); works on
-    stacked layers ([L, ...]) and per-layer ones alike."""
+    stacked layers ([L, ...]) and per-layer ones alike. A merged weight holding a NaN or an
+    infinite value (adapters that hold one, or overflow with the scale) is refused with a
+    `ValueError` naming it (outside `jit`: one finiteness flag per merged weight, fetched
+    together)."""
+    merged = {}
 
-    def visit(tree):
+    def visit(tree, path):
         out = {}
         for name, value in tree.items():
             if isinstance(value, Mapping):
-                out[name] = visit(value)
+                out[name] = visit(value, (*path, name))
             elif is_adapter(name) or (name.endswith("_scale") and name[:-6] in AXES):
                 continue
             else:
@@ -147,9 +151,33 @@ def merge(params, lora: LoraConfig) -> dict:
                     value = dequantize(value, tree[f"{name}_scale"], name)
                 a, b = tree.get(f"{name}_lora_a"), tree.get(f"{name}_lora_b")
                 out[name] = value if a is None else _merged(value, a, b, lora.scale)
+                if a is not None:
+                    stacked = a.ndim + b.ndim - 2 > value.ndim
+                    merged["/".join((*path, name))] = (out[name], stacked)
         return out
 
-    return visit(params)
+    out = visit(params, ())
+    _require_finite(merged, lora)
+    return out
+
+
+def _require_finite(merged: dict, lora: LoraConfig) -> None:
+    """Refuses the first merged weight (by name) that is not finite."""
+    flags = {name: jnp.isfinite(w).all() for name, (w, _) in merged.items()}
+    if any(isinstance(f, jax.core.Tracer) for f in flags.values()):
+        return  # traced: there are no values to check
+    for name, finite in jax.device_get(flags).items():
+        if not finite:
+            w, stacked = merged[name]
+            # Counted per slice of the first axis (a layer, when stacked): int32 each.
+            counts = np.asarray(jax.device_get(jnp.sum(~jnp.isfinite(w), tuple(range(1, w.ndim)))))
+            bad, first = int(counts.sum(dtype=np.int64)), int(np.flatnonzero(counts)[0])
+            raise ValueError(
+                f"LoRA merge: {name} with the adapters merged (W + s A B, s = {lora.scale:g}) "
+                f"has {bad:,} of {w.size:,} values NaN or infinite"
+                f"{f', the first in layer {first}' if stacked else ''}: the adapters hold such "
+                "values, or are too large for the base's dtype"
+            )
 
 
 def _merged(w, a, b, scale):

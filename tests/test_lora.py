@@ -345,7 +345,7 @@ def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(
     out = {name: str(tmp_path / name) for name in ("hf_base", "hf_merged", "peft", "back")}
     convert.convert("llamax", "hf", base_run, out["hf_base"])
     convert.convert("llamax", "hf", lora_run, out["hf_merged"])
-    convert.convert("llamax", "peft", lora_run, out["peft"])
+    convert.convert("llamax", "peft", lora_run, out["peft"], base_name=out["hf_base"])
     hf = LlamaForCausalLM.from_pretrained(out["hf_base"], dtype="float32")
     with_adapters = hf_logits(PeftModel.from_pretrained(hf, out["peft"]).eval(), tokens)
     np.testing.assert_allclose(with_adapters, unmerged, atol=1e-4)

@@ -182,7 +182,8 @@ def test_peft_export_scores_as_llamax_in_transformers(runs, rng):
     from llamax.convert import peft as peft_lib
 
     out = {k: str(runs.root / k) for k in ("peft", "hf_lm", "hf_rm", "back", "resaved")}
-    convert.convert("llamax", "peft", runs.rm, out["peft"])
+    convert.convert("llamax", "hf", runs.lm, out["hf_lm"])
+    convert.convert("llamax", "peft", runs.rm, out["peft"], base_name=out["hf_lm"])
     config = json.loads(open(os.path.join(out["peft"], "adapter_config.json")).read())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
     model, params = pretrained.load_pretrained(runs.rm)
@@ -193,7 +194,6 @@ def test_peft_export_scores_as_llamax_in_transformers(runs, rng):
         with torch.no_grad():
             return m(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits[:, 0].numpy()
 
-    convert.convert("llamax", "hf", runs.lm, out["hf_lm"])
     base = LlamaForSequenceClassification.from_pretrained(
         out["hf_lm"], num_labels=1, pad_token_id=0, dtype=torch.float32
     ).eval()

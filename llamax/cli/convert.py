@@ -7,8 +7,14 @@
 
 LoRA (docs/finetuning.md): a LoRA run's workdir reads as its base with the adapters merged
 in (`--from llamax --input RUN --to llamax|hf|meta`); `--to peft` writes its adapters alone
-in Hugging Face PEFT's format; `--from peft --input ADAPTERS --base CKPT` merges PEFT adapters
-into a llamax checkpoint.
+in Hugging Face PEFT's format, for PEFT to load on the base named by `--base-name` (a hub id
+or a Hugging Face directory; default: the one the run's base was converted from); `--from
+peft --input ADAPTERS --base CKPT` merges PEFT adapters into a llamax checkpoint.
+
+The input is verified before anything is written (a directory llamax wrote against its
+manifest.json, Meta's release against its checklist.chk), and every tensor written is
+checked finite: a NaN, an infinite value or one beyond the output dtype's range is refused
+with the tensor named.
 
 The output appears only when complete (written to a temporary directory, then renamed), with
 a manifest.json that `--verify` checks. Ctrl-C or SIGTERM stop the conversion and remove the
@@ -33,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="src", choices=(*FORMATS, "peft"))
     parser.add_argument("--to", dest="dst", choices=(*FORMATS, "peft"))
     parser.add_argument("--base", help="--from peft: the llamax checkpoint the adapters fit")
+    parser.add_argument(
+        "--base-name", help="--to peft: the base PEFT loads the adapters on (a Hugging Face hub "
+        "id or directory; default: the Hugging Face directory the run's base was converted from)",
+    )  # fmt: skip
     parser.add_argument("--input")
     parser.add_argument("--output")
     parser.add_argument("--shards", type=int, default=1, help="model-parallel shards (--to meta)")
@@ -61,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert.convert(
             args.src, args.dst, args.input, args.output, args.shards, args.dtype,
-            args.tokenizer, args.base,
+            args.tokenizer, args.base, args.base_name,
         )  # fmt: skip
     except (ValueError, OSError) as e:  # bad input; a missing, existing or unwritable path
         return error("llamax-convert", e)

@@ -12,7 +12,8 @@ refuses any attempt to set the state of its stand-ins (pickle's BUILD), which co
 point a tensor at another file. A safetensors header is checked as the reference `safetensors`
 library checks it: its size, a JSON object, known dtypes, shapes of non-negative integers, and
 byte ranges that tile the data exactly (no gap, overlap, alias or range past the end) and
-match shape x dtype. Every problem is a `FormatError` that names the file.
+match shape x dtype. Every problem is a `FormatError` that names the file; `require_finite`
+refuses a tensor that holds a NaN or an infinite value, naming it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ MAX_SAFETENSORS_HEADER = 100_000_000
 
 class FormatError(ValueError):
     """A file that is truncated, corrupt, or not in the expected format."""
+
+
+def require_finite(name: str, array: np.ndarray, where: str = "") -> np.ndarray:
+    """`array` when every value of it is finite; otherwise a `FormatError` naming the tensor
+    (`where`: the file or what it is part of) and how many of its values are NaN or infinite,
+    so that no NaN or inf passes into a model's weights."""
+    if np.isfinite(array).all():
+        return array
+    values = np.asarray(array, np.float32) if array.dtype.kind not in "fc" else array
+    nan = int(np.count_nonzero(np.isnan(values)))
+    inf = int(np.count_nonzero(np.isinf(values)))
+    found = " and ".join(f"{kind} ({n:,} of {array.size:,} values)"
+                         for kind, n in (("NaN", nan), ("inf", inf)) if n)  # fmt: skip
+    raise FormatError(f"{where}{': ' if where else ''}{name} has {found}")
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""`manifest.json` of a converted directory: its files (size, sha256), format, config and
-parameter shapes; `verify` checks a directory against it (`llamax-convert --verify`)."""
+"""`manifest.json` of a converted directory: its files (size, sha256), format, config,
+parameter shapes and what it was converted from (`source`); `verify` checks a directory
+against it (`llamax-convert --verify`, and a conversion of a directory llamax wrote)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from llamax import fs
 from llamax.config import LlamaConfig
@@ -13,7 +15,11 @@ from llamax.convert.formats import FormatError
 NAME = "manifest.json"
 
 
-def write(directory: str, config: LlamaConfig, fmt: str, dtype: str) -> None:
+def write(
+    directory: str, config: LlamaConfig, fmt: str, dtype: str, source: dict | None = None
+) -> None:
+    """The manifest of the converted directory `directory`; `source`: what it was converted
+    from, `{"format": ..., "path": absolute input path}` (older manifests have none)."""
     manifest = {
         "format": fmt,
         "config": config.to_dict(),
@@ -27,7 +33,26 @@ def write(directory: str, config: LlamaConfig, fmt: str, dtype: str) -> None:
             for rel, digest in fs.sha256_files(directory, fs.files_under(directory, NAME)).items()
         },
     }
+    if source is not None:
+        manifest["source"] = dict(source)
     fs.write_json(os.path.join(directory, NAME), manifest, indent=1, sort_keys=True)
+
+
+def source(directory: str) -> dict | None:
+    """What the converted directory `directory` was converted from, as its manifest recorded
+    it (`{"format": ..., "path": ...}`); None when it records none (no manifest, one written
+    before llamax recorded sources, or a malformed one)."""
+    path = fs.join(directory, NAME)
+    if not fs.isfile(path):
+        return None
+    try:
+        recorded = _read(path).get("source")
+    except FormatError:
+        return None
+    ok = isinstance(recorded, dict) and all(
+        isinstance(recorded.get(k), str) and recorded[k] for k in ("format", "path")
+    )
+    return {"format": recorded["format"], "path": recorded["path"]} if ok else None
 
 
 def _read(path: str) -> dict:
@@ -49,9 +74,11 @@ def _read(path: str) -> dict:
     return manifest
 
 
-def verify(directory: str) -> list[str]:
+def verify(directory: str, reads: Callable[[str], bool] | None = None) -> list[str]:
     """The problems found in a converted directory against its manifest (empty: all good); a
-    missing or malformed manifest raises `FormatError`."""
+    missing or malformed manifest raises `FormatError`. `reads`: which file names a reader of
+    the directory reads; a file the manifest does not list is a problem only then (other
+    files added beside, a README, are not read)."""
     path = fs.join(directory, NAME)
     if not fs.isfile(path):
         raise FormatError(f"no {NAME} in {directory}: not a converted directory")
@@ -69,5 +96,6 @@ def verify(directory: str) -> list[str]:
     for rel, digest in fs.sha256_files(directory, to_hash).items():
         if digest != manifest["files"][rel]["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest")
-    problems += [f"unexpected file {rel}" for rel in sorted(present - set(manifest["files"]))]
+    unlisted = sorted(present - set(manifest["files"]))
+    problems += [f"unexpected file {rel}" for rel in unlisted if reads is None or reads(rel)]
     return problems

@@ -9,15 +9,21 @@ the rows of wq and wk are permuted per head on import, and back on export.
 
 Tensors are exchanged in Hugging Face's names and layout (`model.layers.0.self_attn.q_proj.
 weight`, half-split rotary), the converter's common currency.
+
+Meta's release carries md5 sums beside its files (`checklist.chk` beside the shards,
+`tokenizer_checklist.chk` beside the tokenizer): `verify_checklist` checks what a conversion
+reads against them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -166,6 +172,79 @@ def shard_files(directory: str) -> list[str]:
             f"{missing}, unexpected {extra}"
         )
     return [fs.join(directory, n) for n in names]
+
+
+# ----- Meta's checksums: md5sum's lines, `<md5>  <file name>` -----
+
+CHECKLIST = "checklist.chk"
+TOKENIZER_CHECKLIST = "tokenizer_checklist.chk"
+MAX_CHECKLIST_BYTES = 1 << 20  # a line per file of the directory: a few hundred bytes
+
+
+def read_checklist(path: str) -> dict[str, str]:
+    """File name -> md5 (hex) of an md5sum checklist; `FormatError` naming it when it is
+    not one."""
+    fs.require_file(path)
+    if fs.getsize(path) > MAX_CHECKLIST_BYTES:
+        raise FormatError(f"{path}: {fs.getsize(path):,} bytes is not an md5 checklist")
+    try:
+        text = fs.read_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not an md5 checklist ({e})") from None
+    sums = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"\\?([0-9a-fA-F]{32}) [ *](.+)", line.rstrip("\r"))
+        if not m:
+            raise FormatError(f"{path}: line {number} is not '<md5>  <file name>': {line[:100]!r}")
+        sums[m.group(2)] = m.group(1).lower()
+    return sums
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checklist(directory: str, names: list[str], checklist: str = CHECKLIST,
+                     listed_only: bool = False) -> bool:  # fmt: skip
+    """Checks the files `names` of `directory` that a conversion reads against the md5 sums
+    of `directory/checklist`, each read once (on threads); False when there is no checklist.
+    A shard or `params.json` it lists that is not among `names`, a file of `names` it does
+    not list, or an md5 that differs: `FormatError` naming the file. `listed_only`: only the
+    files of `names` it lists are checked (a tokenizer's directory holds other files)."""
+    path = fs.join(directory, checklist)
+    if not fs.exists(path):
+        return False
+    sums = read_checklist(path)
+    if listed_only:
+        names = [n for n in names if n in sums]
+    unlisted = [n for n in names if n not in sums]
+    if unlisted:
+        raise FormatError(f"{directory}: {unlisted[0]} is read but {path} does not list it: "
+                          "it cannot be verified")  # fmt: skip
+    lost = sorted(n for n in sums if n not in names and _is_read(n) and not listed_only)
+    if lost:
+        raise FormatError(f"{path} lists {lost[0]}, which is not in {directory}")
+    with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:
+        actual = dict(zip(names, pool.map(lambda n: _md5(fs.join(directory, n)), names),
+                          strict=True))  # fmt: skip
+    for name in names:
+        if actual[name] != sums[name]:
+            raise FormatError(
+                f"{fs.join(directory, name)}: md5 {actual[name]} differs from {path}'s "
+                f"{sums[name]}: the file is corrupt or not the one released"
+            )
+    return True
+
+
+def _is_read(name: str) -> bool:
+    """Whether a conversion from Meta's layout reads the file `name` of the shards' directory."""
+    return name == "params.json" or re.fullmatch(r"consolidated\.\d+\.pth", name) is not None
 
 
 def check_shard_count(config: LlamaConfig, shards: int) -> None:
