@@ -14,23 +14,27 @@ import logging
 import jax
 import ml_collections
 
-from llamax import checkpoint, experiment, fs, metrics, setup, sharding
+from llamax import checkpoint, experiment, fs, lock, metrics, setup, sharding
 from llamax import data as data_lib
 from llamax.step import TrainState
 
 log = logging.getLogger("llamax")
+TOKENIZED = ("tfds", "chat", "preference")  # the data sources read through data.tokenizer
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains for `c.train.steps` steps; returns the final state."""
     check_workdir(workdir)  # before anything is written to it
-    with fs.no_empty_directory_on_error(workdir):
+    # One writer: a second run on this workdir is refused here, naming this one.
+    with fs.no_empty_directory_on_error(workdir), lock.workdir(workdir) as held:
         t, every = c.train, c.checkpoint.every
         s = setup.build(c, setup.make_mesh(c, devices))
-        check_data(c, s)
+        check_data(c, s, workdir)
         rows = s.local_rows()
         train_iter = data_lib.make_iterator(c.data, "train", t.seq_len, rows)
         held_out = HeldOutLoss(s, rows) if t.eval_every > 0 else None
+        # Data that gives no batch fails here, before the run writes anything.
+        first_batch(train_iter)
         saves = checkpoint.Checkpoints(fs.join(workdir, "checkpoints"), c.checkpoint)
         check_resume(c, workdir, saves)
         state, meta = s.restore_or_init(saves, train_iter)
@@ -60,6 +64,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
                         eval_loss = held_out(state) if eval_now else None
                         train_log.write(done, latest, eval_loss)
                     if save_now:
+                        lock.check(held)  # still this run's workdir (object storage)
                         # The metrics up to this step reach the workdir (on object storage,
                         # an upload) before the checkpoint does, so none are lost by a kill.
                         train_log.flush()
@@ -82,7 +87,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
 
 # What a training run writes into its workdir (and nothing else may be there without a
 # run's config.json).
-RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model")
+RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model",
+               lock.NAME)  # fmt: skip
 
 
 def check_workdir(workdir: str) -> None:
@@ -140,8 +146,18 @@ def check_resume(c: ml_collections.ConfigDict, workdir: str, saves) -> None:
         log.warning("resuming with %s (accepted)", change)
 
 
-def check_data(c: ml_collections.ConfigDict, s: setup.Setup) -> None:
-    """The data fits the model: its ids the vocabulary, its rows the context (a warning)."""
+def first_batch(iterator) -> None:
+    """Makes the iterator's first batch and rewinds it: data that gives none (every record
+    skipped, an empty split) stops the run before anything is written."""
+    start = iterator.get_state()
+    next(iterator)
+    iterator.set_state(start)
+
+
+def check_data(c: ml_collections.ConfigDict, s: setup.Setup, workdir: str) -> None:
+    """The data fits the model: its ids the vocabulary, its tokenizer the one the model was
+    trained with (`check_tokenizer`), its rows the context (a warning)."""
+    check_tokenizer(c, workdir)
     data_vocab, model_vocab = data_lib.vocab_size(c.data), s.model.config.vocab_size
     if data_vocab > model_vocab:
         raise ValueError(
@@ -159,6 +175,30 @@ def check_data(c: ml_collections.ConfigDict, s: setup.Setup) -> None:
         )  # fmt: skip
 
 
+def check_tokenizer(c: ml_collections.ConfigDict, workdir: str) -> None:
+    """`data.tokenizer` must be the tokenizer of what the run continues: the `tokenizer.model`
+    an earlier run recorded in this workdir, and `init_from`'s. Another file gives other ids
+    for the same text, and the model would train on what it reads as noise."""
+    if c.data.source not in TOKENIZED or not c.data.tokenizer:
+        return
+    mine = fs.expand(c.data.tokenizer)
+    for what, path in (("this workdir's earlier run", workdir), ("init_from", c.init_from)):
+        own = fs.join(fs.expand(path), "tokenizer.model") if path else None
+        if own is None or not fs.isdir(fs.expand(path)):
+            continue
+        if not fs.exists(own):
+            if what == "init_from":
+                log.warning("init_from %s keeps no tokenizer.model: data.tokenizer %s cannot "
+                            "be checked against the model's", path, mine)  # fmt: skip
+            continue
+        if fs.sha256(own) != fs.sha256(mine):
+            raise ValueError(
+                f"data.tokenizer {mine} is not the tokenizer of {what} ({own} differs): the "
+                "same text would become other ids. Use --config.data.tokenizer="
+                f"{own}, or train from scratch with this tokenizer"
+            )
+
+
 def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     """`workdir/config.json`: the resolved config, its `model.resolved` the architecture that
     `llamax.load_pretrained` reads; and a copy of the data's tokenizer as `tokenizer.model`,
@@ -168,7 +208,7 @@ def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     resolved = json.loads(c.to_json_best_effort())
     resolved["model"]["resolved"] = experiment.model_config(c).to_dict()
     fs.write_json(fs.join(workdir, "config.json"), resolved, indent=2, sort_keys=True)
-    if c.data.source in ("tfds", "chat", "preference") and c.data.tokenizer:
+    if c.data.source in TOKENIZED and c.data.tokenizer:
         fs.copy_file(fs.expand(c.data.tokenizer), fs.join(workdir, "tokenizer.model"))
 
 
@@ -181,7 +221,8 @@ class HeldOutLoss:
         self.setup, self.num_batches = s, s.c.train.eval_batches
         self.batches = data_lib.make_iterator(s.c.data, "validation", s.c.train.seq_len, rows)
         self.start = self.batches.get_state()
-        self.progress = s.c.train.progress_bar and jax.process_index() == 0
+        first_batch(self.batches)
+        self.progress = metrics.show_progress(s.c.train.progress_bar)
 
     def __call__(self, state) -> float:
         from tqdm import tqdm

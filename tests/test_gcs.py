@@ -310,3 +310,50 @@ def test_metrics_reach_the_bucket_while_the_run_goes_on(gcs, monkeypatch):
     # Resuming from step 1 drops the records after it, in the bucket too.
     metrics.MetricsWriter(f"{BUCKET}/metrics", start_step=1, enabled=True).close()
     assert [r["step"] for r in read_metrics(f"{BUCKET}/metrics")] == [1]
+
+
+def test_one_writer_per_workdir_in_a_bucket(gcs, monkeypatch, caplog):
+    """The lock of a workdir in a bucket, by object preconditions: a second holder is refused
+    naming the first; a lock whose holder is gone (a dead process of this host, or a holder
+    elsewhere that stopped renewing) is taken over once, even by two processes at the same
+    time; a holder whose lock was taken over learns it at its next renewal."""
+    from llamax import lock
+
+    path = f"{BUCKET}/locked/{lock.NAME}"
+    first = lock.Lock(path, "--workdir a").acquire()
+    with pytest.raises(lock.Held, match=f"in use by process {os.getpid()} on host"):
+        lock.Lock(path, "--workdir a").acquire()
+    first.release()
+    assert not fs.exists(path)
+
+    # A holder on another host that stopped renewing five minutes ago.
+    stale = {"host": "elsewhere", "pid": 7, "taken": 0, "renewed": time.time() - 400}
+    generation = lock._write_object(path, stale, "0")
+    with caplog.at_level("WARNING", logger="llamax"):
+        taker = lock.Lock(path, "--workdir a").acquire()
+    assert "taking over the lock left by process 7 on host elsewhere" in caplog.text
+    # A second taker that saw the same stale generation loses the race.
+    with pytest.raises(FileExistsError):
+        lock._write_object(path, stale, generation)
+    taker.release()
+
+    # A process of this host that is gone; and one elsewhere that renews (not stale).
+    dead = {"host": lock.socket.gethostname(), "pid": 2**22 + 1, "renewed": time.time()}
+    lock._write_object(path, dead, "0")
+    lock.Lock(path, "--workdir a").acquire().release()
+    lock._write_object(path, {**stale, "renewed": time.time()}, "0")
+    with pytest.raises(lock.Held, match="process 7 on host elsewhere"):
+        lock.Lock(path, "--workdir a").acquire()
+    fs.remove(path)
+
+    # Renewal under the precondition of the generation written last: taken over meanwhile,
+    # the holder finds out and `check` stops it.
+    monkeypatch.setattr(lock, "RENEW_SECONDS", 0.2)
+    holder = lock.Lock(path, "--workdir a").acquire()
+    _, now = lock._read_object(path)
+    lock._write_object(path, stale, now)
+    time.sleep(1.0)
+    with pytest.raises(lock.Held, match="was taken over by process 7 on host elsewhere"):
+        holder.check()
+    holder.release()
+    assert lock._read_object(path)[0]["host"] == "elsewhere"  # not removed by the loser
