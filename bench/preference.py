@@ -1,6 +1,7 @@
 """From an SFT model to preferences, measured on CPU: a synthetic task whose true reward is known.
 
     .venv/bin/python bench/preference.py [--sft runs/finetune/full_SFT] [--workdir runs/preference]
+    .venv/bin/python bench/preference.py --write-data DIR   # the task's files alone
 
 The task is bench/finetune.py's lookup (16 made-up places, each with a code such as
 `amber 2`), and the policy is its full-SFT model (`--sft`; without one, bench/finetune.py's
@@ -130,6 +131,24 @@ def greedy_reward(path: str, tokenizer: str, prompts: list[tuple[str, list[dict]
     return total / len(prompts)
 
 
+def write_data(directory: str, seed: int = 0) -> None:
+    """The task's files for the walkthrough (docs/finetuning.md, configs/walkthrough.py):
+    `chat.jsonl` (dialogs of the lookup task), `pairs.jsonl` (preference pairs with ratings)
+    and `prompts.jsonl` (questions for a rejection-sampling round)."""
+    rng = random.Random(seed)
+    os.makedirs(directory, exist_ok=True)
+    files = {
+        "chat.jsonl": [{"messages": finetune.dialog(rng, TRAIN_ASK)} for _ in range(400)],
+        "pairs.jsonl": pairs(rng, TRAIN_ASK, 400),
+        "prompts.jsonl": [{"prompt": prompt(rng, TRAIN_ASK, rng.choice(PLACES))}
+                          for _ in range(16)],
+    }  # fmt: skip
+    for name, records in files.items():
+        with open(os.path.join(directory, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"wrote {', '.join(files)} to {directory}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -144,7 +163,15 @@ def main() -> None:
     parser.add_argument("--rs-steps", type=int, default=30, help="SFT steps per round")
     parser.add_argument("--rs-prompts", type=int, default=256)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument(
+        "--write-data",
+        metavar="DIR",
+        help="only write the task's chat, pair and prompt files into DIR",
+    )
     args = parser.parse_args()
+    if args.write_data:
+        write_data(args.write_data)
+        return
     os.makedirs(args.workdir, exist_ok=True)
     from llamax import pretrained, rejection, reward
     from llamax.data import chat
