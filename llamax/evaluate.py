@@ -221,7 +221,9 @@ def passkey(
 
 
 def write_json(path: str, data) -> None:
-    fs.write_json(path, data, indent=1)
+    """An evaluation's results as JSON; a perplexity that is not finite (a model whose loss
+    overflows) is written as null."""
+    fs.write_json(path, fs.json_safe(data), indent=1)
 
 
 def save_figure(fig, path: str) -> None:

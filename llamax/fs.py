@@ -381,14 +381,32 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         was_directory = os.path.isdir(tmp)
         remove(tmp)
         if was_directory:
             _remove_when_settled(tmp)
+        if isinstance(e, OSError):
+            raise _naming_target(e, tmp, path) from e
         raise
     finally:
         _ACTIVE.discard(tmp)
+
+
+def _naming_target(e: OSError, tmp: str, path: str) -> OSError:
+    """A write's error that names what the user asked for (`path`, or the file under it),
+    not the temporary written first, and says it was a write: "[Errno 28] No space left on
+    device" alone names nothing."""
+    where = path
+    for name in (e.filename, e.filename2):
+        if isinstance(name, str) and name.startswith(tmp):
+            where = path + name[len(tmp) :]
+            break
+        if isinstance(name, str):  # a file elsewhere (a copy's source): the error says it
+            return e
+    out = type(e)(f"cannot write {where}: {e.strerror or e}")
+    out.errno = e.errno
+    return out
 
 
 @contextlib.contextmanager
@@ -454,7 +472,23 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_json(path: str, data: Any, **dump_args) -> None:
+    """`data` as JSON at `path`, whole or not at all. Strict JSON: a NaN or an infinity is a
+    `ValueError` (nothing written) unless the caller asks otherwise; results that may hold
+    one go through `json_safe` first."""
+    dump_args.setdefault("allow_nan", False)
     write_text(path, json.dumps(data, **dump_args))
+
+
+def json_safe(data: Any) -> Any:
+    """`data` with every NaN or infinite float replaced by None (JSON's null): what strict
+    JSON readers accept."""
+    if isinstance(data, float):
+        return data if data == data and abs(data) != float("inf") else None
+    if isinstance(data, dict):
+        return {k: json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(v) for v in data]
+    return data
 
 
 def write_lines(path: str, lines) -> None:

@@ -206,3 +206,14 @@ def test_the_validation_split_reuses_the_train_splits_index(tmp_path, tokenizer_
     path.write_bytes(b"\n".join(_lines(41)) + b"\n")
     next(make_iterator(c.data, "train", 128, range(1)))
     assert len(calls) == 2
+
+
+def test_a_data_file_that_is_not_a_file_says_what_it_is(tmp_path):
+    from llamax.data import records
+
+    with pytest.raises(ValueError, match="/dev/zero is a character device"):
+        records.JsonlRecords("/dev/zero")
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        records.JsonlRecords(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="No files match"):
+        records.JsonlRecords(str(tmp_path / "*.jsonl"))

@@ -414,3 +414,43 @@ def test_sample_finetune_takes_config_overrides(tiny_lm, tiny_rm, tmp_path, caps
     ((c, workdir),) = trained
     assert c.train.steps == 1 and c.optimizer.learning_rate == 1e-4
     assert c.init_from == tiny_lm and c.data.files == str(out) and workdir == str(tmp_path / "w")
+
+
+# ----- JSON output never holds NaN -----
+
+
+def test_json_outputs_are_strict(tmp_path):
+    from llamax import evaluate, fs
+
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        fs.write_json(str(tmp_path / "x.json"), {"score": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+    results = {"results": [{"perplexity": float("inf")}, {"perplexity": 3.5}]}
+    evaluate.write_json(str(tmp_path / "ppl.json"), results)
+    text = (tmp_path / "ppl.json").read_text()
+    assert json.loads(text) == {"results": [{"perplexity": None}, {"perplexity": 3.5}]}
+    assert "Infinity" not in text and "NaN" not in text
+
+
+def test_a_reward_model_giving_nan_scores_writes_nothing(tmp_path, tokenizer_path, capsys):
+    """A reward model whose scores are NaN (its weights hold NaN): score and eval stop with
+    one error line each and write no `"score": NaN`, which is not JSON."""
+    from conftest import random_params, write_checkpoint
+
+    config = llamax.LlamaConfig.preset("tiny", vocab_size=600, head="score")
+    params = random_params(config, seed=3)
+    params["score"] = params["score"] * float("nan")
+    rm = write_checkpoint(str(tmp_path / "rm"), config, params, tokenizer_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"prompt": "What is it?", "response": "green 3"}) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "What is it?", "chosen": "green 3",
+                                 "rejected": "no idea"}) + "\n")  # fmt: skip
+    capsys.readouterr()
+    code = reward_cli.main(["score", "--checkpoint", rm, "--input", str(answers), "--output",
+                            str(tmp_path / "scored.jsonl")])  # fmt: skip
+    assert code == 2 and "non-finite score" in _one_error(capsys, "llamax-reward")
+    code = reward_cli.main(["eval", "--checkpoint", rm, "--pairs", str(pairs), "--output",
+                            str(tmp_path / "eval")])  # fmt: skip
+    assert code == 2 and "non-finite scores to 1 of 1 pairs" in _one_error(capsys, "llamax-reward")
+    assert not (tmp_path / "scored.jsonl").exists() and not (tmp_path / "eval").exists()

@@ -387,3 +387,22 @@ def test_the_reference_and_ours_agree_on_real_files(tmp_path):
             np.testing.assert_array_equal(ours[name].load(), f.get_tensor(name))
     assert math.prod(ours["model.norm.weight"].shape) == CONFIGS[1].dim
     shutil.rmtree(tmp_path / "hf")
+
+
+def test_a_failed_write_names_its_target_not_the_temporary(tmp_path):
+    """A full disk's "[Errno 28] No space left on device" named nothing, and a read-only
+    file system's error named the temporary written first: the error names the file the user
+    asked for (or the file under the directory being written), and nothing is left."""
+    import errno
+
+    target = tmp_path / "out.json"
+    with pytest.raises(OSError) as e, fs.atomic_path(str(target)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert str(e.value) == f"cannot write {target}: No space left on device"
+    assert e.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as e, fs.atomic_path(str(tmp_path / "out")) as tmp:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(tmp, "config.json"))
+    assert str(e.value) == f"cannot write {tmp_path / 'out' / 'config.json'}: Read-only file system"
+    with pytest.raises(FileNotFoundError, match="no-such-source"):  # another file's error
+        fs.copy_file(str(tmp_path / "no-such-source"), str(target))
+    assert not os.listdir(tmp_path)

@@ -47,6 +47,10 @@ def test_unseen_bytes_use_byte_fallback(tokenizer_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="Tokenizer model not found"):
         Tokenizer(str(tmp_path / "nope.model"))
+    with pytest.raises(ValueError, match="/dev/zero is a character device, not a regular"):
+        Tokenizer("/dev/zero")  # not "not found", and never read (it would never end)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        Tokenizer(str(tmp_path))
 
 
 def test_transformers_llama_tokenizer_differences(tokenizer_path, tmp_path):

@@ -198,6 +198,8 @@ def _score(args) -> int:
 def _evaluate(args) -> int:
     """`llamax-reward eval`: the pairs are read, and the unusable ones counted (too long for
     the reward model's window among them), before the model is loaded."""
+    import numpy as np
+
     from llamax import reward
     from llamax.data import chat, records
 
@@ -211,6 +213,10 @@ def _evaluate(args) -> int:
         raise ValueError(f"{args.pairs}: {e}") from None
     model, params = _load_reward_model(args)
     scores = reward.score_sequences(model, params, sequences, args.batch_size).reshape(-1, 2)
+    bad = int((~np.isfinite(scores)).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"{args.pairs}: the reward model gives non-finite scores to {bad:,} of "
+                         f"{len(scores):,} pairs; nothing was written")  # fmt: skip
     result = reward.accuracy_by_rating(scores, ratings)
     label = args.label or os.path.basename(fs.absolute(args.adapters or args.checkpoint))
     result.update(checkpoint=args.checkpoint, adapters=args.adapters,

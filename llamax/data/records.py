@@ -120,6 +120,8 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         matches = [p for p in fs.glob(pattern.strip()) if fs.isfile(p)]
         if not matches:
+            if not any(c in pattern for c in "*?["):  # a name: say what it is instead
+                fs.require_file(pattern.strip())
             raise FileNotFoundError(f"No files match {pattern!r}")
         files.update(matches)
     return sorted(files)

@@ -49,8 +49,10 @@ def lone_surrogate(text: str) -> int | None:
 class Tokenizer:
     def __init__(self, model_path: str):
         model_path = fs.expand(model_path)
-        if not fs.isfile(model_path):
-            raise FileNotFoundError(f"Tokenizer model not found: {model_path}")
+        try:
+            fs.require_file(model_path, "the tokenizer model ")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Tokenizer model not found: {model_path}") from None
         self.path = model_path
         try:
             proto = fs.read_bytes(model_path)
