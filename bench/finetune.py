@@ -125,11 +125,11 @@ def finetune(name, base, data, tokenizer, workdir, steps) -> dict:
 
 
 def accuracy(path: str, tokenizer_path: str, dialogs: list[list[dict]]) -> float:
-    from llamax import generation, pretrained
+    from llamax import generation, loading
     from llamax.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
-    model, params = pretrained.load_pretrained(path)
+    model, params = loading.load_pretrained(path)
     right = 0
     for start in range(0, len(dialogs), 32):
         batch = dialogs[start : start + 32]

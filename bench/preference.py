@@ -116,11 +116,11 @@ def train(c, path: str) -> dict:
 
 
 def greedy_reward(path: str, tokenizer: str, prompts: list[tuple[str, list[dict]]]) -> float:
-    from llamax import generation, pretrained
+    from llamax import generation, loading
     from llamax.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer)
-    model, params = pretrained.load_pretrained(path)
+    model, params = loading.load_pretrained(path)
     total = 0.0
     for start in range(0, len(prompts), 32):
         batch = prompts[start : start + 32]
@@ -173,8 +173,8 @@ def main() -> None:
         write_data(args.write_data)
         return
     os.makedirs(args.workdir, exist_ok=True)
-    from llamax import pretrained, rejection, reward
-    from llamax.data import chat
+    from llamax import loading, rejection, reward
+    from llamax.data import records as records_lib
     from llamax.data.tokenizer import Tokenizer
 
     tokenizer = os.path.join(os.path.dirname(args.sft), "tokenizer.model")
@@ -199,7 +199,7 @@ def main() -> None:
                    **{"model.head": "score", "data.source": "preference",
                       "data.pairs_per_row": 2, "reward.margins": margins})  # fmt: skip
         run = train(c, os.path.join(args.workdir, f"rm_{margins}"))
-        model, params = pretrained.load_pretrained(run["path"])
+        model, params = loading.load_pretrained(run["path"])
         scores, ratings, _ = reward.pair_scores(model, params, tok, held_pairs)
         rms[margins] = {**run, "eval": reward.accuracy_by_rating(scores, ratings)}
         emit({"run": f"reward model, {margins} margins", "accuracy": rms[margins]["eval"],
@@ -214,8 +214,8 @@ def main() -> None:
         data = os.path.join(args.workdir, f"rs_round{n}.jsonl")
         if not os.path.exists(data):
             start = time.perf_counter()
-            loaded = pretrained.load_with_tokenizer(policy)
-            rm = pretrained.load_with_tokenizer(rms["small"]["path"], head="score")
+            loaded = loading.load_with_tokenizer(policy)
+            rm = loading.load_with_tokenizer(rms["small"]["path"], head="score")
             done = rejection.run_round(loaded, rm, rs_prompts, args.k, batch_size=64,
                                        temperature=1.0, max_new_tokens=8, seed=n)  # fmt: skip
             rejection.write_dataset(data, done.records)
@@ -226,7 +226,13 @@ def main() -> None:
         policy, timing[f"rejection sampling round {n} (SFT)"] = run["path"], run
         name = f"after rejection sampling round {n}"
         rewards[name] = greedy_reward(policy, tokenizer, held_prompts)
-        emit({"policy": name, "true_reward": rewards[name], "chosen": len(chat.read_records(data))})
+        emit(
+            {
+                "policy": name,
+                "true_reward": rewards[name],
+                "chosen": len(records_lib.read_records(data)),
+            }
+        )
 
     # 3. DPO on the training pairs from the SFT model, at two learning rates
     for lr in args.dpo_lr:

@@ -7,8 +7,8 @@ from llamax import cluster
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
 from llamax.generation import generate
+from llamax.loading import load_pretrained
 from llamax.model import Llama
-from llamax.pretrained import load_pretrained
 
 cluster.threads_for_simulated_devices()  # before JAX starts its CPU backend
 

@@ -19,8 +19,6 @@ from typing import Any
 
 from flax.core import FrozenDict
 
-from llamax import execution
-
 # rope_scaling keys by type (Hugging Face's names; `ntk` is llamax's, see llamax/rope.py):
 # required, then optional. "type"/"rope_type" name the type itself.
 ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
@@ -40,6 +38,12 @@ ROPE_KEYS: dict[str, tuple[set[str], set[str]]] = {
 }  # fmt: skip
 ROPE_TYPES = tuple(ROPE_KEYS)
 HEADS = ("lm", "score")
+# What checkpoints written before llamax 0.2 recorded beside the architecture: how their run
+# computed (now `llamax.execution.Execution`'s), ignored when they are read.
+RECORDED_EXECUTION_KEYS = (
+    "dtype", "param_dtype", "remat_policy", "scan_unroll", "attention", "attention_chunk",
+    "attention_block_q", "attention_block_kv",
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +194,7 @@ class LlamaConfig:
         llamax 0.2 recorded beside the architecture (`dtype`, `attention`, ...) are ignored."""
         if not isinstance(d, Mapping):
             raise ValueError(f"A LlamaConfig must be a JSON object, got {type(d).__name__}")
-        d = {k: v for k, v in d.items() if k not in execution.FIELDS}
+        d = {k: v for k, v in d.items() if k not in RECORDED_EXECUTION_KEYS}
         unknown = sorted(set(d) - set(FIELDS))
         if unknown:
             raise ValueError(f"Unknown LlamaConfig key(s): {unknown}; known keys: {sorted(FIELDS)}")

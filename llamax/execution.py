@@ -19,12 +19,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from llamax import attention, lora
+from llamax import attention, quantization
 
 # Floating-point dtypes for computation and parameter storage.
 DTYPES = ("float32", "bfloat16", "float16")
-# How the layers' matrices may be stored: "none" (param_dtype) or a format of llamax.lora.
-QUANTIZATIONS = ("none", *lora.QUANTIZATIONS)
+# How the layers' matrices may be stored: "none" (param_dtype) or a format of
+# llamax.quantization.
+QUANTIZATIONS = ("none", *quantization.QUANTIZATIONS)
 # What `nn.remat` saves inside a layer for the backward pass ("none": no remat at all).
 # "none" runs the layers without remat; "full" saves only each layer's input (jax's default).
 REMAT_POLICIES = {
@@ -67,7 +68,7 @@ class Execution:
     # How the layers' matrices (wq ... w3) are stored: "none" (param_dtype), "int8" with a
     # float32 scale per output channel, or "nf4" (4-bit NormalFloat, two codes a byte) with a
     # float32 absmax per 64 inputs of an output channel; dequantized inside each layer to the
-    # compute dtype (a frozen LoRA base; llamax.lora.layout).
+    # compute dtype (a frozen LoRA base; llamax.quantization.layout).
     weight_quantization: str = "none"
 
     def __post_init__(self):

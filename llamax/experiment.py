@@ -17,9 +17,10 @@ import json
 
 import ml_collections
 
-from llamax import checkpoint, lora, losses, optim
+from llamax import checkpoint, lora, optim, quantization
 from llamax import data as data_lib
 from llamax.config import ROPE_KEYS, LlamaConfig
+from llamax.data.ratings import MARGINS
 from llamax.execution import DTYPES, Execution
 from llamax.lora import LoraConfig
 
@@ -38,7 +39,7 @@ TRAIN_EXECUTION_FIELDS = (
 )
 # How a LoRA run may hold its frozen base: a float dtype, or its layer matrices quantized (int8,
 # or nf4: QLoRA's 4-bit NormalFloat; llamax.lora), the rest in bfloat16.
-BASE_DTYPES = (*DTYPES, *lora.QUANTIZATIONS)
+BASE_DTYPES = (*DTYPES, *quantization.QUANTIZATIONS)
 # Types of the LlamaConfig fields whose default is None, for their placeholders.
 _OPTIONAL_TYPES = {"n_kv_heads": int, "ffn_dim_multiplier": float, "ffn_dim": int}
 # Every key of a rotary scaling (llamax.config.ROPE_KEYS) with its type.
@@ -96,7 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
     c.lora.base_dtype = "bfloat16"
     # A reward model (`model.head = "score"`, trained on `data.source = "preference"`): Llama
-    # 2's ranking loss with the margin table ("none", "small", "large": losses.MARGINS) by the
+    # 2's ranking loss with the margin table ("none", "small", "large": MARGINS) by the
     # pairs' ratings, plus `centering` * the mean squared sum of a pair's scores.
     c.reward = ml_collections.ConfigDict()
     c.reward.margins = "small"
@@ -159,8 +160,8 @@ def check(c: ml_collections.ConfigDict) -> None:
     beta = c.dpo.beta
     if not (isinstance(beta, int | float) and 0 < beta < float("inf")):
         errors.append(f"dpo.beta must be a finite number > 0, got {beta!r}")
-    if c.reward.margins not in losses.MARGINS:
-        errors.append(f"reward.margins must be one of {sorted(losses.MARGINS)}, got "
+    if c.reward.margins not in MARGINS:
+        errors.append(f"reward.margins must be one of {sorted(MARGINS)}, got "
                       f"{c.reward.margins!r}")  # fmt: skip
     centering = c.reward.centering
     if not (isinstance(centering, int | float) and 0 <= centering < float("inf")):
@@ -256,7 +257,7 @@ def lora_config(c: ml_collections.ConfigDict) -> LoraConfig | None:
 def execution_config(c: ml_collections.ConfigDict) -> Execution:
     """How the run computes: the `model` section's execution keys, and quantized layer
     matrices for a LoRA run with a quantized `lora.base_dtype` ("int8", "nf4")."""
-    quantized = bool(c.lora.rank) and c.lora.base_dtype in lora.QUANTIZATIONS
+    quantized = bool(c.lora.rank) and c.lora.base_dtype in quantization.QUANTIZATIONS
     return Execution(
         **{name: c.model[name] for name in TRAIN_EXECUTION_FIELDS},
         weight_quantization=c.lora.base_dtype if quantized else "none",

@@ -28,7 +28,8 @@ import numpy as np
 
 from llamax.attention import resolve_backend
 from llamax.config import LlamaConfig
-from llamax.data import chat
+from llamax.data import chat_format
+from llamax.data import records as records_lib
 from llamax.model import Llama, init_cache, unstack_layers
 
 MAX_SEED = 2**63  # jax.random.key takes a signed 64-bit seed
@@ -334,7 +335,7 @@ def generate(
 
 def answer_text(tokenizer, ids: Sequence[int]) -> str:
     """The text of a chat answer's tokens, without trailing whitespace: Meta's chat format
-    closes each answer with a space before EOS (`chat.dialog_tokens`), which a chat model
+    closes each answer with a space before EOS (`chat_format.dialog_tokens`), which a chat model
     learns to produce and is no part of the answer."""
     return tokenizer.decode(ids).rstrip()
 
@@ -344,13 +345,13 @@ def chat_tokens(dialog: Sequence[dict], tokenizer) -> list[int]:
     turn) as Meta's `Llama.chat_completion` tokenizes it: the system prompt merged into the
     first user turn inside `<<SYS>>`, each finished exchange `[INST] q [/INST] a` between BOS
     and EOS, the last question after a BOS and awaiting its answer. The same formatting as
-    fine-tuning's (`llamax.data.chat.dialog_tokens`)."""
+    fine-tuning's (`llamax.data.chat_format.dialog_tokens`)."""
     if not dialog or dialog[-1].get("role") != "user":
         raise ValueError("The last turn of a dialog must be the user's")
     for i, turn in enumerate(dialog):
         if isinstance(turn, dict) and isinstance(turn.get("content"), str):
             check_text(turn["content"], f"message {i} ({turn.get('role')})")
     try:
-        return chat.dialog_tokens(dialog, tokenizer)[0]
-    except chat.BadRecord as e:
+        return chat_format.dialog_tokens(dialog, tokenizer)[0]
+    except records_lib.BadRecord as e:
         raise ValueError(str(e)) from None

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from llamax import lora
+from llamax.data.ratings import MARGINS
 from llamax.model import token_nll
 
 
@@ -61,16 +62,6 @@ def lm_loss(params, model, batch, z_loss: float = 0.0, rngs=None):
 
 
 # ----- preferences: reward models (Llama 2's ranking loss) and DPO -----
-
-# Llama 2's preference ratings, clearest first, and the margin m(rating) its reward models
-# subtract from the score gap (Touvron et al. 2023, section 3.2.2 and Table 28): the "small"
-# and "large" margin tables, or none. A pair without a rating takes margin 0.
-RATINGS = ("significantly better", "better", "slightly better", "negligibly better / unsure")
-MARGINS = {
-    "none": (0.0, 0.0, 0.0, 0.0),
-    "small": (1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0),
-    "large": (3.0, 2.0, 1.0, 0.0),
-}
 
 
 def rating_margins(ratings: jnp.ndarray, table: str = "small") -> jnp.ndarray:

@@ -34,8 +34,9 @@ from llamax import rope, sharding
 from llamax.attention import attend
 from llamax.config import LlamaConfig
 from llamax.execution import REMAT_POLICIES, Execution
-from llamax.lora import LoraConfig, dequantize, layout
+from llamax.lora import LoraConfig
 from llamax.lora import init_a as lora_init_a
+from llamax.quantization import dequantize, layout
 
 Cache = dict[str, Any]
 
@@ -50,7 +51,7 @@ def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int
 def _matrix(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...]):
     """Layer matrix `name` in the compute dtype: a parameter, or with weight quantization
     (int8, nf4) its codes times their scales `<name>_scale`, dequantized here, inside the layer
-    (`llamax.lora.layout` says how each is stored and what logical axes shard it)."""
+    (`llamax.quantization.layout` says how each is stored and what logical axes shard it)."""
     e = module.execution
     if e.weight_quantization == "none":
         return _param(module, name, axes, shape).astype(e.compute_dtype)

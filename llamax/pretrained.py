@@ -7,7 +7,7 @@ with a `params` item: directly under `checkpoints/`. The latest complete step is
 This module is what `llamax.checkpoint` (the training manager, `init_from`) and
 `llamax.convert` (the llamax format) share: the checkpoint directory, its latest step, the
 model config, shape checks, restoring the parameters onto shardings, lazy per-slice reads of
-them, and `load_pretrained`.
+them (loading a model to run it, adapters and tokenizer included, is `llamax.loading`'s).
 
 Every read of a step is verified first (`verified`): its files are hashed against the
 checksums recorded when it was written (a training step's `checksums.json`, a converted
@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from llamax import fs, lora, sharding
+from llamax import fs, lora
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
 from llamax.lora import LoraConfig
@@ -305,9 +305,9 @@ def with_shardings(tree, shardings):
 def restore_params(path: str, abstract, shardings, what: str = "checkpoint", partial: bool = False):
     """(parameters, step) of the latest checkpoint under `path` (a workdir or a converted
     checkpoint), cast to `abstract`'s dtypes and placed on `shardings`: `init_from` and
-    `load_pretrained`. `partial`: `abstract`'s parameters only, each of which the checkpoint
-    must hold, the others it holds left unread (a language model's body without its output,
-    a LoRA base without the head that trains beside the adapters)."""
+    `llamax.loading.load_pretrained`. `partial`: `abstract`'s parameters only, each of which
+    the checkpoint must hold, the others it holds left unread (a language model's body without
+    its output, a LoRA base without the head that trains beside the adapters)."""
     item, step = _params_item(path, what)
     check_shapes(ocp.StandardCheckpointHandler().metadata(item), abstract, str(item.parent),
                  partial)  # fmt: skip
@@ -423,41 +423,6 @@ def check_run_base(run: str, base: str) -> None:
     check_same_base(_recorded_base(run), base, "the base")
 
 
-def require_adapters_dir(path: str) -> None:
-    """`FileNotFoundError` unless `path` (LoRA adapters: a PEFT directory or a run) is a
-    directory: a check a command makes before anything is loaded."""
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"adapters: no directory at {path}")
-
-
-def read_adapters(path: str, config: LlamaConfig) -> tuple[dict, LoraConfig, LlamaConfig]:
-    """LoRA adapters for a base of `config` (float32 numpy, layers stacked), their config, and
-    the model they make of the base: a PEFT adapter directory (`adapter_config.json` +
-    `adapter_model.safetensors`), or the workdir of a llamax LoRA run (its latest checkpoint);
-    clear errors for anything else and for adapters of another model's shapes. The tree holds
-    the parameters trained beside the adapters too (`model.trained_with_adapters`: a reward
-    model's score head, PEFT's `modules_to_save`), and the model's head is the adapters' (a
-    LoRA reward model on a language model's body is a reward model)."""
-    from llamax.convert import peft
-
-    if fs.exists(fs.join(path, peft.CONFIG_FILE)):
-        tree, adapters_config = peft.import_adapters(path, config)
-        return tree, adapters_config, peft.adapted_config(config, tree)
-    require_adapters_dir(path)
-    if lora_run(path) is None:
-        raise ValueError(
-            f"adapters: {path} is neither a PEFT adapter directory (no {peft.CONFIG_FILE}) "
-            "nor the workdir of a llamax LoRA run (lora.rank > 0)"
-        )
-    adapters, adapters_config, _ = run_adapters(path)
-    adapted = config.replace(head=read_model_config(path).head)
-    want = lora.split(abstract_params(Llama(adapted, Execution(), adapters_config)),
-                      trained_with_adapters(adapted))[1]  # fmt: skip
-    check_shapes(adapters, nn.unbox(want), path)
-    tree = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
-    return tree, adapters_config, adapted
-
-
 def run_adapters(path: str) -> tuple[dict, LoraConfig, str]:
     """(what a LoRA run trained as numpy arrays, layers stacked: its adapters, and the
     parameters trained beside them, `model.trained_with_adapters`; its LoRA config; its base
@@ -480,61 +445,6 @@ def run_adapters(path: str) -> tuple[dict, LoraConfig, str]:
         return np.asarray(leaf.read().result())
 
     return jax.tree_util.tree_map_with_path(read, want), adapters_config, base
-
-
-def load_pretrained(
-    path: str,
-    dtype: str = "float32",
-    mesh: jax.sharding.Mesh | None = None,
-    adapters: str | None = None,
-    **execution,
-):
-    """`(model, params)` from a converted checkpoint or a training run's workdir: the latest
-    checkpoint's parameters, in their stored dtype, on `mesh` (default: one device), and the
-    model computing in `dtype`. The attention backend is `auto` (the platform's fused kernel
-    where it applies); `execution` overrides any `Execution` field (`attention="xla"`, ...).
-
-    LoRA: `adapters` (a PEFT adapter directory or a LoRA run's workdir) are merged into the
-    base `path`'s weights (W + s A B, in float32); a LoRA run's workdir given as `path` reads as
-    its recorded base with its adapters. Adapters of a llamax run must meet the base they
-    were trained on (its content: `check_same_base`). Adapters that trained a head beside
-    them (a LoRA reward model's score head) bring it: the model has their head, its body read
-    from the base (a language model's, without its output). Every checkpoint read is
-    verified first (`verified`)."""
-    adapted = lora_run(path)
-    if adapted is not None:  # a LoRA run: its base, with the adapters merged in
-        if adapters:
-            raise ValueError(
-                f"{path} is a LoRA run (adapters on the base {adapted[1]}): load it alone, or "
-                "give its base as the checkpoint and the run as the adapters"
-            )
-        return load_pretrained(adapted[1], dtype, mesh, adapters=path, **execution)
-    config = read_model_config(path)
-    stored = np.dtype(jax.tree.leaves(saved_params(path))[0].dtype).name
-    run = Execution(dtype=dtype, param_dtype=stored, attention="auto")
-    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
-    if not adapters:
-        model = Llama(config, run.replace(**execution))
-        boxed = abstract_params(model)
-        params, _ = restore_params(path, nn.unbox(boxed), sharding.tree_shardings(boxed, mesh))
-        return model, params
-    tree, adapters_config, config = read_adapters(adapters, config)
-    if lora_run(adapters) is not None:
-        check_run_base(adapters, path)
-    model = Llama(config, run.replace(**execution))
-    # What trains beside the adapters and they bring (a PEFT adapter of a language model on
-    # a reward model keeps the base's score head).
-    trained = tuple(k for k in trained_with_adapters(config) if k in tree)
-    base, boxed = lora.split(abstract_params(Llama(config, model.execution, adapters_config)),
-                             trained)  # fmt: skip
-    params, _ = restore_params(path, nn.unbox(base), sharding.tree_shardings(base, mesh),
-                               partial=True)  # fmt: skip
-    # What trained beside the adapters in the base's stored dtype, as the merged weights
-    # will be (the adapters stay float32 until the merge).
-    tree = {k: jax.tree.map(lambda x: x.astype(stored), v) if k in trained else v
-            for k, v in tree.items()}  # fmt: skip
-    tree = jax.device_put(tree, sharding.tree_shardings(boxed, mesh))
-    return model, lora.merge(lora.combine(params, tree), adapters_config)
 
 
 def open_param_leaves(path: str, what: str = "checkpoint") -> Callable[[str], Any]:
@@ -562,48 +472,3 @@ def open_param_leaves(path: str, what: str = "checkpoint") -> Callable[[str], An
         raise ValueError(f"{params}: cannot read parameter {name}: {errors[-1]}")
 
     return open_leaf
-
-
-def load_with_tokenizer(
-    path: str,
-    tokenizer: str | None = None,
-    dtype: str = "float32",
-    adapters: str | None = None,
-    head: str = "lm",
-    **execution,
-):
-    """`(model, params, tokenizer)` for generating or evaluating with a checkpoint (and LoRA
-    `adapters` merged in, as `load_pretrained`) and its tokenizer (`checkpoint_tokenizer`).
-    The model must have the `head` the caller needs (`LlamaConfig.head`: "lm" to generate and
-    evaluate, "score" to score)."""
-    model, params = load_pretrained(path, dtype=dtype, adapters=adapters, **execution)
-    if model.config.head != head:
-        kinds = {"lm": "a language model", "score": "a reward model (a score head)"}
-        what = f"{path} with the adapters {adapters}" if adapters else path
-        raise ValueError(f"{what} is {kinds[model.config.head]}; this needs {kinds[head]}")
-    loaded = checkpoint_tokenizer(path, tokenizer, model.config.vocab_size)
-    return model, params, loaded
-
-
-def checkpoint_tokenizer(path: str, tokenizer: str | None, vocab_size: int):
-    """The tokenizer of the checkpoint at `path`: its own `tokenizer.model` (converted
-    checkpoints and training workdirs keep one), or `tokenizer`, refused when it is not the
-    checkpoint's (a different file gives other ids: outputs that mean nothing) or has more ids
-    than the model's `vocab_size`."""
-    from llamax.data.tokenizer import Tokenizer
-
-    own = fs.join(path, "tokenizer.model")
-    if tokenizer and fs.exists(own) and fs.sha256(own) != fs.sha256(tokenizer):
-        raise ValueError(
-            f"{tokenizer} is not the tokenizer of {path} ({own} differs): leave out "
-            "--tokenizer to use the checkpoint's own"
-        )
-    if not tokenizer and not fs.exists(own):
-        raise FileNotFoundError(f"No tokenizer.model in {path}: pass --tokenizer")
-    loaded = Tokenizer(tokenizer or own)
-    if loaded.vocab_size > vocab_size:
-        raise ValueError(
-            f"{loaded.path} has {loaded.vocab_size} pieces, more than the model's vocabulary "
-            f"({vocab_size}): not this model's tokenizer"
-        )
-    return loaded

@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 
 from llamax import fs, generation, reward
-from llamax.data import chat, preference
-from llamax.data.chat import BadRecord
-from llamax.data.records import JsonlRecords
+from llamax.data import preference
+from llamax.data import records as records_lib
+from llamax.data.records import BadRecord, JsonlRecords
 from llamax.generation import Sampling
 
 log = logging.getLogger("llamax")
@@ -100,7 +100,7 @@ def read_prompts(path: str, max_bytes: int | None = None) -> list[dict]:
     records = []
     for i in range(len(lines)):
         try:
-            record = chat.parse(lines[i])
+            record = records_lib.parse(lines[i])
             if "prompt" not in record:
                 raise BadRecord("malformed", 'a record needs a "prompt"')
             preference.prompt_messages(record["prompt"])

@@ -23,7 +23,8 @@ import numpy as np
 
 from llamax import generation, losses
 from llamax.data import preference
-from llamax.data.chat import BadRecord
+from llamax.data.ratings import RATINGS
+from llamax.data.records import BadRecord
 
 TOO_LONG = "too long"  # the reason a sequence longer than the model's window is left out
 
@@ -117,13 +118,13 @@ def pair_scores(model, params, tokenizer, records: Sequence, batch_size: int = 8
 
 
 def accuracy_by_rating(scores: np.ndarray, ratings: np.ndarray) -> dict:
-    """Share of pairs ranked right, overall and per rating level (losses.RATINGS; None where a
+    """Share of pairs ranked right, overall and per rating level (RATINGS; None where a
     level has no pairs), with the pair counts and the mean score margin."""
     if not len(scores):
         raise ValueError("No usable preference pair to evaluate")
     right = scores[:, 0] > scores[:, 1]
     levels = {}
-    for i, level in enumerate(losses.RATINGS):
+    for i, level in enumerate(RATINGS):
         chosen = ratings == i
         accuracy = float(right[chosen].mean()) if chosen.any() else None
         levels[level] = {"accuracy": accuracy, "pairs": int(chosen.sum())}
@@ -144,11 +145,11 @@ def plot_accuracy(results: dict[str, dict], path: str, title: str = "") -> None:
 
     from llamax.evaluate import save_figure
 
-    names = [*losses.RATINGS, "overall"]
+    names = [*RATINGS, "overall"]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(len(results), 1)
     for k, (label, result) in enumerate(results.items()):
-        values = [result["by_rating"][n]["accuracy"] for n in losses.RATINGS]
+        values = [result["by_rating"][n]["accuracy"] for n in RATINGS]
         values = [np.nan if v is None else v for v in [*values, result["accuracy"]]]
         ax.bar(np.arange(len(names)) + k * width, values, width, label=label)
     ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)

@@ -25,7 +25,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llamax import checkpoint, experiment, lora, losses, optim, pretrained, sharding, step
+from llamax import (
+    checkpoint,
+    experiment,
+    lora,
+    losses,
+    optim,
+    pretrained,
+    quantization,
+    sharding,
+    step,
+)
 from llamax import data as data_lib
 from llamax.execution import compiler_options
 from llamax.model import Llama, abstract_params, trained_with_adapters
@@ -102,11 +112,13 @@ def state_shardings(
 def _frozen_abstract(boxed, dtype: str):
     """The frozen base's shapes in `dtype`; quantized ("int8", "nf4"), the matrices' codes and
     float32 scales as the model declares them and the rest in bfloat16."""
-    floats = "bfloat16" if dtype in lora.QUANTIZATIONS else dtype
+    floats = "bfloat16" if dtype in quantization.QUANTIZATIONS else dtype
 
     def cast(path, x):
         name = str(getattr(path[-1], "key", ""))
-        keep = dtype in lora.QUANTIZATIONS and (name in lora.AXES or name.endswith("_scale"))
+        keep = dtype in quantization.QUANTIZATIONS and (
+            name in quantization.AXES or name.endswith("_scale")
+        )
         return jax.ShapeDtypeStruct(x.shape, x.dtype if keep else floats)
 
     return jax.tree_util.tree_map_with_path(cast, flax.linen.unbox(boxed))
@@ -305,7 +317,7 @@ class Setup:
         # Quantized: read as the float weights the checkpoint holds (in bfloat16), then
         # quantized on the mesh one matrix at a time, each float matrix let go once quantized
         # (so that the float base and the quantized one never exist whole at once).
-        quantization = self.model.execution.weight_quantization
+        kind = self.model.execution.weight_quantization
         plain = self.model.clone(execution=self.model.execution.replace(weight_quantization="none"))
         boxed = lora.split(abstract_params(plain), self._trained)[0]
         base, _ = pretrained.restore_params(
@@ -319,9 +331,9 @@ class Setup:
                 name, value = tree.popitem()
                 if isinstance(value, Mapping):
                     out[name] = visit(value, shardings[name])
-                elif name in lora.AXES:
+                elif name in quantization.AXES:
                     quantize = jax.jit(
-                        partial(lora.quantize_matrix, name=name, quantization=quantization),
+                        partial(quantization.quantize_matrix, name=name, quantization=kind),
                         out_shardings=(shardings[name], shardings[f"{name}_scale"]),
                     )
                     out[name], out[f"{name}_scale"] = quantize(value)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import chat_records, load_config
 
-from llamax.data import chat, make_iterator, records
+from llamax.data import make_iterator, records
+from llamax.data import records as records_lib
 from llamax.data.tokenizer import Tokenizer
 
 
@@ -41,20 +42,20 @@ def test_the_index_holds_the_lines_splitlines_gives(tmp_path, monkeypatch, block
     last_line = data.count(b"\n") + 1
     assert got.where(11) == f"{tmp_path}/a.jsonl:{last_line}"
     old_split = [r for r in want if zlib.crc32(r) < int(0.3 * 2**32)]  # the split as it was
-    assert list(chat.split_records(got, "validation", 0.3)) == old_split
+    assert list(records_lib.split(got, "validation", 0.3)) == old_split
 
 
 def test_a_broken_gzip_file_is_an_error_naming_it(tmp_path):
     whole = gzip.compress(b"\n".join(_lines(200)))
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):
-        chat.read_records(str(tmp_path / "cut.jsonl.gz"))
+        records_lib.read_records(str(tmp_path / "cut.jsonl.gz"))
 
 
 def test_a_file_changed_after_indexing_is_an_error_not_a_wrong_record(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b"\n".join(_lines(3)) + b"\n")
-    got = chat.read_records(str(path))
+    got = records_lib.read_records(str(path))
     path.write_bytes(b"\n".join(_lines(3, seed=1)) + b"\n")
     with pytest.raises(ValueError, match=r"chat.jsonl:1: the file changed after"):
         got[0]
@@ -105,7 +106,7 @@ def test_a_record_far_longer_than_a_row_is_skipped_unread(tmp_path, tokenizer_pa
     assert peak - baseline < 8e6, (peak, baseline)  # the smaller record alone is 20 MB
     limit = records.max_record_bytes(48, Tokenizer(tokenizer_path))
     assert max(map(len, good)) < limit < len(big)
-    assert chat.read_records(str(tmp_path / "big.jsonl"), limit).too_long == 2
+    assert records_lib.read_records(str(tmp_path / "big.jsonl"), limit).too_long == 2
 
 
 def _gzip_of(chunk: bytes, times: int) -> bytes:
@@ -118,15 +119,15 @@ def test_a_gzip_that_expands_to_hundreds_of_megabytes_is_read_in_bounded_memory(
     time, never held, nor copied to disk; many ordinary lines expanding to 100 MB: spilled to a
     local file and read on demand, memory O(records) (a few bytes each), never O(bytes)."""
     (tmp_path / "bomb.jsonl.gz").write_bytes(_gzip_of(b"x" * (1 << 20), 100))
-    peak, bomb = _peak(lambda: chat.read_records(str(tmp_path / "bomb.jsonl.gz"), 1 << 16))
+    peak, bomb = _peak(lambda: records_lib.read_records(str(tmp_path / "bomb.jsonl.gz"), 1 << 16))
     assert len(bomb) == 1 and bomb.too_long == 1 and bomb.lengths[0] == 100 << 20
     assert bomb._spill.size == 0 and peak < 8e6, peak
-    with pytest.raises(chat.BadRecord, match="too long: a line of 104,857,600 bytes"):
+    with pytest.raises(records_lib.BadRecord, match="too long: a line of 104,857,600 bytes"):
         bomb[0]
 
     line = json.dumps({"prompt": "the model " * 1000, "completion": " trains"}).encode()
     (tmp_path / "many.jsonl.gz").write_bytes(_gzip_of((line + b"\n") * 100, 100))
-    peak, many = _peak(lambda: chat.read_records(str(tmp_path / "many.jsonl.gz"), 1 << 16))
+    peak, many = _peak(lambda: records_lib.read_records(str(tmp_path / "many.jsonl.gz"), 1 << 16))
     assert len(many) == 10_000 and not many.too_long and peak < 8e6, peak
     assert many[0] == many[9_999] == line and many.where(9_999).endswith("many.jsonl.gz:10000")
     spill = many._spill.directory
@@ -178,12 +179,12 @@ def test_records_in_a_bucket_are_streamed_once_and_read_locally(bucket, tmp_path
     data = b"\n".join(lines[:15] + [long] + lines[15:]) + b"\n"
     fs.write_bytes(f"{bucket}/chat/a.jsonl", data)
     fs.write_bytes(f"{bucket}/chat/b.jsonl.gz", gzip.compress(data))
-    got = chat.read_records(f"{bucket}/chat/*", max_bytes=1 << 16)
+    got = records_lib.read_records(f"{bucket}/chat/*", max_bytes=1 << 16)
     assert len(got) == 62 and got.too_long == 2
     assert [got[i] for i in range(len(got)) if i % 31 != 15] == lines * 2
     assert got._spill.size == 2 * sum(map(len, lines))  # the long line was not copied
     assert got.where(46) == f"{bucket}/chat/b.jsonl.gz:16"
-    with pytest.raises(chat.BadRecord, match="too long"):
+    with pytest.raises(records_lib.BadRecord, match="too long"):
         got[46]
 
 
@@ -194,8 +195,8 @@ def test_the_validation_split_reuses_the_train_splits_index(tmp_path, tokenizer_
     path = tmp_path / "chat.jsonl"
     path.write_bytes(b"\n".join(_lines(40)) + b"\n")
     calls = []
-    read = chat.read_records
-    monkeypatch.setattr(chat, "read_records", lambda *args: calls.append(args) or read(*args))
+    read = records_lib.read_records
+    monkeypatch.setattr(records_lib, "read_records", lambda *a: calls.append(a) or read(*a))
     c = load_config("tiny", **{"data.source": "chat", "data.files": str(path),
                                "data.tokenizer": tokenizer_path,
                                "data.validation_fraction": 0.2})  # fmt: skip

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from conftest import load_config
 
 from llamax import losses, train
-from llamax.data import chat, make_iterator
+from llamax.data import chat, chat_format, make_iterator
+from llamax.data import records as records_lib
 from llamax.data.tokenizer import Tokenizer
 from llamax.metrics import read_metrics
 
@@ -44,7 +45,7 @@ def meta_tokens(dialog, tok):
 
 def test_dialog_tokens_are_metas_and_the_mask_covers_the_answers(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
-    ids, mask = chat.dialog_tokens(DIALOG, tok)
+    ids, mask = chat_format.dialog_tokens(DIALOG, tok)
     want, exchanges = meta_tokens(DIALOG, tok)
     assert ids == want and len(mask) == len(ids)
     start = 0
@@ -57,16 +58,16 @@ def test_dialog_tokens_are_metas_and_the_mask_covers_the_answers(tokenizer_path)
         assert tok.decode(exchange[cut:-1]).strip() == answer
         assert tok.decode(exchange[1:cut]).endswith("[/INST]")
         start += len(exchange)
-    tokens, loss_mask = chat.example_tokens({"messages": DIALOG}, tok)
+    tokens, loss_mask = chat_format.example_tokens({"messages": DIALOG}, tok)
     assert tokens.tolist() == ids and loss_mask.tolist() == mask
-    _, everything = chat.example_tokens({"messages": DIALOG}, tok, train_on="everything")
+    _, everything = chat_format.example_tokens({"messages": DIALOG}, tok, train_on="everything")
     assert everything.all()
 
 
 def test_prompt_completion_pairs(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     record = json.dumps({"prompt": "the model trains on", "completion": " packed documents"})
-    tokens, mask = chat.example_tokens(record, tok)
+    tokens, mask = chat_format.example_tokens(record, tok)
     assert tokens.tolist() == tok.encode("the model trains on packed documents", bos=True, eos=True)
     cut = int(np.argmax(mask))
     assert mask[cut:].all() and not mask[:cut].any()
@@ -90,8 +91,8 @@ def test_prompt_completion_pairs(tokenizer_path):
      ({"prompt": 1, "completion": "c"}, "malformed")],
 )  # fmt: skip
 def test_bad_records_are_refused_with_their_reason(record, reason, tokenizer_path):
-    with pytest.raises(chat.BadRecord) as e:
-        chat.example_tokens(record, Tokenizer(tokenizer_path))
+    with pytest.raises(records_lib.BadRecord) as e:
+        chat_format.example_tokens(record, Tokenizer(tokenizer_path))
     assert e.value.reason == reason
 
 
@@ -121,7 +122,7 @@ def test_packing_keeps_examples_whole_and_apart(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     records = _records(40)
     batches, _ = _batches(records, tokenizer_path, 6)
-    examples = {tuple(chat.example_tokens(r, tok)[0].tolist()) for r in records}
+    examples = {tuple(chat_format.example_tokens(r, tok)[0].tolist()) for r in records}
     for batch in batches:
         assert set(batch) == {"tokens", "segment_ids", "positions", "loss_mask"}
         for row in range(2):
@@ -210,7 +211,7 @@ def test_chat_data_from_a_tfds_dataset(builder, tmp_path, tokenizer_path):
     for split, records in builder.RECORDS.items():
         expected = {}
         for r in records:
-            tokens, mask = chat.example_tokens(r, tok)
+            tokens, mask = chat_format.example_tokens(r, tok)
             expected[tuple(tokens.tolist())] = mask.tolist()
         rows, seen = make_iterator(c.data, split, 128, range(2)), set()
         for _ in range(40):
@@ -251,7 +252,7 @@ def test_truncate_keeps_the_first_seq_len_tokens(tokenizer_path):
     answer = " ".join(["trains"] * 60)
     record = json.dumps({"prompt": "the model", "completion": " " + answer}).encode()
     batches, it = _batches([record], tokenizer_path, 1, too_long="truncate")
-    full = chat.example_tokens(record, tok)[0]
+    full = chat_format.example_tokens(record, tok)[0]
     np.testing.assert_array_equal(batches[0]["tokens"][0], full[:48])
     assert batches[0]["loss_mask"][0][-1] == 1 and not it.get_state()["skipped"]
     with pytest.raises(StopIteration):  # dropped: nothing left to make a row of
@@ -330,17 +331,17 @@ def test_hostile_lines_are_skipped_and_counted_during_iteration(source, tokenize
 
 @pytest.mark.parametrize("reason, line", list(HOSTILE.items()))
 def test_parse_turns_every_hostile_line_into_a_bad_record(reason, line):
-    with pytest.raises(chat.BadRecord) as e:
-        chat.parse(line)
+    with pytest.raises(records_lib.BadRecord) as e:
+        records_lib.parse(line)
     assert e.value.reason == reason and str(e.value).startswith(reason)
 
 
 def test_a_bad_records_message_says_its_reason_once(tokenizer_path, caplog):
-    assert str(chat.BadRecord("empty answer")) == "empty answer"
-    assert str(chat.BadRecord("malformed", "prompt must be a string")) == (
+    assert str(records_lib.BadRecord("empty answer")) == "empty answer"
+    assert str(records_lib.BadRecord("malformed", "prompt must be a string")) == (
         "malformed: prompt must be a string"
     )
-    assert str(chat.BadRecord("roles", "Roles must be ...")) == "Roles must be ..."
+    assert str(records_lib.BadRecord("roles", "Roles must be ...")) == "Roles must be ..."
     empty = json.dumps({"prompt": "p", "completion": " "}).encode()
     with caplog.at_level(logging.WARNING, logger="llamax"):
         _batches(_records(4) + [empty], tokenizer_path, 1, seq_len=256, num_epochs=1)
@@ -423,7 +424,7 @@ def test_the_data_is_summarized_when_read_and_after_its_first_pass(tmp_path, tok
                caplog.text  # fmt: skip
         while "a pass over" not in caplog.text:
             next(it)
-    one_pass = chat.split_records(chat.read_records(str(path)), "train", 0.2)
+    one_pass = records_lib.split(records_lib.read_records(str(path)), "train", 0.2)
     rows = sum(1 for _ in chat.make_dataset(one_pass, tokenizer_path, 256, 1, seed=0,
                                             num_epochs=1))  # fmt: skip
     skipped = "2 records skipped ({'not JSON': 1, 'too long': 1})"
@@ -439,11 +440,13 @@ def test_text_that_is_not_valid_unicode_is_a_bad_record_wherever_it_comes_from(t
     from llamax.data import preference
 
     tok = Tokenizer(tokenizer_path)
-    with pytest.raises(chat.BadRecord, match=r"not valid Unicode: a lone surrogate '\\ud800'"):
-        chat.dialog_tokens([{"role": "user", "content": "q \ud800"}], tok)
-    with pytest.raises(chat.BadRecord) as e:
+    with pytest.raises(
+        records_lib.BadRecord, match=r"not valid Unicode: a lone surrogate '\\ud800'"
+    ):
+        chat_format.dialog_tokens([{"role": "user", "content": "q \ud800"}], tok)
+    with pytest.raises(records_lib.BadRecord) as e:
         preference.response_tokens("q", "a \udfff", tok)
     assert e.value.reason == "not valid Unicode"
-    with pytest.raises(chat.BadRecord) as e:
-        chat.example_tokens({"prompt": "p", "completion": " \ud800"}, tok)
+    with pytest.raises(records_lib.BadRecord) as e:
+        chat_format.example_tokens({"prompt": "p", "completion": " \ud800"}, tok)
     assert e.value.reason == "not valid Unicode"

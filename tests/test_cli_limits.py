@@ -22,7 +22,7 @@ from conftest import REPO, WORDS, load_config
 from test_rejection import FINETUNE_CONFIG
 
 import llamax
-from llamax import generation, metrics, pretrained, rejection
+from llamax import generation, loading, metrics, rejection
 from llamax.cli import generate as generate_cli
 from llamax.cli import reward as reward_cli
 from llamax.data.tokenizer import Tokenizer
@@ -40,8 +40,8 @@ def _forbid_loading(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a model was loaded before the request was refused")
 
-    monkeypatch.setattr(pretrained, "load_with_tokenizer", boom)
-    monkeypatch.setattr(pretrained, "load_pretrained", boom)
+    monkeypatch.setattr(loading, "load_with_tokenizer", boom)
+    monkeypatch.setattr(loading, "load_pretrained", boom)
 
 
 @pytest.fixture

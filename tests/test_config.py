@@ -105,7 +105,8 @@ def test_the_architecture_holds_no_execution_settings():
     with pytest.raises(ValueError, match="Unknown LlamaConfig field"):
         config.replace(attention="splash")
     old = {**config.to_dict(), "dtype": "bfloat16", "attention": "splash", "remat_policy": "full",
-           "scan_unroll": 2, "param_dtype": "float32", "attention_block_q": 256}  # fmt: skip
+           "scan_unroll": 2, "param_dtype": "float32", "attention_block_q": 256,
+           "attention_chunk": 512}  # fmt: skip
     assert llamax.LlamaConfig.from_dict(old) == config
 
 

@@ -91,7 +91,7 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
     """llamax-train on preference pairs with a language model: step 0's loss is log 2 with
     zero margins (the policy is the reference), then the chosen responses gain on the
     rejected ones; the reference stays the start (LoRA: the base, adapters off)."""
-    from llamax import pretrained, train
+    from llamax import loading, train
     from llamax.metrics import read_metrics
 
     lm = str(tmp_path / "lm")
@@ -113,8 +113,8 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
     assert abs(records[0]["reward_margin"]) < 1e-4
     assert records[-1]["loss"] < records[0]["loss"] - 0.05
     assert records[-1]["reward_margin"] > 0 and records[-1]["reward_accuracy"] > 0.5
-    _, start = pretrained.load_pretrained(lm)
-    _, trained = pretrained.load_pretrained(str(tmp_path / "dpo"))
+    _, start = loading.load_pretrained(lm)
+    _, trained = loading.load_pretrained(str(tmp_path / "dpo"))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          start, trained)  # fmt: skip
     assert max(jax.tree.leaves(moved)) > 0

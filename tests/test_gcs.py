@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, make_text_corpus, saved_params
 
-from llamax import checkpoint, convert, fs, pretrained, train
+from llamax import checkpoint, convert, fs, loading, pretrained, train
 from llamax.cli import eval as eval_cli
 from llamax.cli import generate as generate_cli
 from llamax.cli import tokenizer as tokenizer_cli
@@ -234,7 +234,7 @@ def test_convert_evaluate_and_load_through_buckets(gcs_run):
     with pytest.raises(FileExistsError, match="exists"):  # as a local output is
         convert.convert("hf", "llamax", hf, back)
 
-    model, params, tokenizer = pretrained.load_with_tokenizer(back)
+    model, params, tokenizer = loading.load_with_tokenizer(back)
     assert tokenizer.vocab_size == 512
     want = saved_params(r["workdir"], r["overrides"])
     for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):

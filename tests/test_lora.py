@@ -12,6 +12,7 @@ from conftest import hf_logits, hf_model, llamax_params_from
 
 import llamax
 from llamax import lora as lora_lib
+from llamax import quantization as quantization_lib
 from llamax.convert import peft as peft_lib
 from llamax.lora import LoraConfig
 
@@ -77,7 +78,7 @@ def test_the_adapters_gradient_is_the_chain_rule_of_the_weights(rng):
     for target in ALL:
         module = peft_lib.MODULES[target][0]
         w, a = weights[module][target], adapters["layers"][module][f"{target}_lora_a"]
-        n_in = lora_lib.AXES[target][0]
+        n_in = quantization_lib.AXES[target][0]
         flat_w = w.reshape(CONFIG.n_layers, int(np.prod(w.shape[1 : 1 + n_in])), -1)
         want = lora.scale * jnp.einsum("lir,lio->lro", a.reshape(CONFIG.n_layers, -1, 4), flat_w)
         got = grads[module][f"{target}_lora_b"]
@@ -329,11 +330,11 @@ def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from llamax import convert, pretrained
+    from llamax import convert, loading, pretrained
 
-    model, merged = pretrained.load_pretrained(lora_run)
+    model, merged = loading.load_pretrained(lora_run)
     assert model.lora is None
-    _, base = pretrained.load_pretrained(base_run)
+    _, base = loading.load_pretrained(base_run)
     adapters, lora, base_path = pretrained.run_adapters(lora_run)
     assert base_path == base_run and lora.targets == ("wq", "wv", "w2") and lora.rank == 4
     tokens = rng.integers(0, model.config.vocab_size, (2, 16), dtype=np.int32)
@@ -353,7 +354,7 @@ def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(
     np.testing.assert_allclose(hf_logits(hf_merged, tokens), unmerged, atol=1e-4)
 
     convert.convert("peft", "llamax", out["peft"], out["back"], base=base_run)
-    back_model, back = pretrained.load_pretrained(out["back"])
+    back_model, back = loading.load_pretrained(out["back"])
     np.testing.assert_allclose(back_model.apply({"params": back}, tokens), unmerged, atol=1e-4)
     with pytest.raises(ValueError, match="needs --base"):
         convert.convert("peft", "llamax", out["peft"], str(tmp_path / "x"))
@@ -362,14 +363,14 @@ def test_a_lora_run_loads_merged_and_converts_to_hf_and_peft(
 
     # --adapters of llamax-generate and llamax-eval: PEFT's directory or the run, on the base.
     for adapters in (out["peft"], lora_run):
-        loaded, params = pretrained.load_pretrained(base_run, adapters=adapters)
+        loaded, params = loading.load_pretrained(base_run, adapters=adapters)
         np.testing.assert_allclose(loaded.apply({"params": params}, tokens), unmerged, atol=1e-4)
     with pytest.raises(ValueError, match="is a LoRA run .*give its base as the checkpoint"):
-        pretrained.load_pretrained(lora_run, adapters=out["peft"])
+        loading.load_pretrained(lora_run, adapters=out["peft"])
     with pytest.raises(ValueError, match="neither a PEFT adapter directory"):
-        pretrained.load_pretrained(base_run, adapters=out["hf_base"])
+        loading.load_pretrained(base_run, adapters=out["hf_base"])
     with pytest.raises(ValueError, match="adapters only fit the base they were trained on"):
-        pretrained.load_pretrained(base_step_loss[1], adapters=lora_run)
+        loading.load_pretrained(base_step_loss[1], adapters=lora_run)
     from llamax.cli import eval as eval_cli
     from llamax.cli import generate
 
@@ -392,7 +393,7 @@ def base():
     return _init(llamax.Llama(CONFIG), 1)
 
 
-quantize = jax.jit(lora_lib.quantize, static_argnums=1)  # eagerly, op by op, it takes seconds
+quantize = jax.jit(quantization_lib.quantize, static_argnums=1)  # eagerly, op by op: seconds
 
 
 def test_int8_quantization_is_per_channel_absmax(base):
@@ -403,14 +404,14 @@ def test_int8_quantization_is_per_channel_absmax(base):
     assert quantized["tok_embeddings"].dtype == base["tok_embeddings"].dtype  # not a matrix
     for name in ("wq", "wo"):
         w = np.asarray(base["layers"]["attention"][name])
-        back = lora_lib.dequantize(attention[name], attention[f"{name}_scale"], name)
+        back = quantization_lib.dequantize(attention[name], attention[f"{name}_scale"], name)
         inputs = (1,) if name == "wq" else (1, 2)
         scale = np.expand_dims(np.asarray(attention[f"{name}_scale"]), inputs)
         assert np.all(np.abs(np.asarray(back) - w) <= scale / 2 + 1e-7)
         assert np.abs(np.asarray(attention[name])).max() == 127
 
 
-NF4 = np.asarray(lora_lib.NF4, np.float32)
+NF4 = np.asarray(quantization_lib.NF4, np.float32)
 
 
 def test_nf4_codes_are_qloras_normal_float_quantiles():
@@ -424,9 +425,9 @@ def test_nf4_codes_are_qloras_normal_float_quantiles():
     positive = norm.ppf(np.linspace(top, 0.5, 9)[:-1])
     negative = -norm.ppf(np.linspace(top, 0.5, 8)[:-1])
     want = np.sort(np.concatenate([negative, [0.0], positive])) / positive.max()
-    assert len(lora_lib.NF4) == 16 and lora_lib.NF4[7] == 0.0
-    np.testing.assert_allclose(lora_lib.NF4, want, rtol=0, atol=1e-6)
-    assert all(float(np.float32(v)) == v for v in lora_lib.NF4)  # float32 values, as stored
+    assert len(quantization_lib.NF4) == 16 and quantization_lib.NF4[7] == 0.0
+    np.testing.assert_allclose(quantization_lib.NF4, want, rtol=0, atol=1e-6)
+    assert all(float(np.float32(v)) == v for v in quantization_lib.NF4)  # float32 values, as stored
 
 
 def test_nf4_rounds_at_bitsandbytes_thresholds():
@@ -453,7 +454,7 @@ def test_nf4_rounds_at_bitsandbytes_thresholds():
     )
     above = np.nextafter(thresholds, np.float32(2))
     w = np.concatenate([[1.0], thresholds, above, np.zeros(33)]).astype(np.float32)[:, None]
-    q, absmax = lora_lib.quantize_matrix(w, "w1", "nf4")
+    q, absmax = quantization_lib.quantize_matrix(w, "w1", "nf4")
     assert absmax[0, 0] == 1.0
     codes = np.stack([np.asarray(q) >> 4, np.asarray(q) & 15], axis=1).reshape(-1)
     np.testing.assert_array_equal(codes[1:16], np.arange(15))
@@ -465,7 +466,7 @@ def nf4_reference(w, name):
     axes) in blocks of 64, each value the nearest code to value / block absmax (the lower on a
     tie), codes packed in pairs of neighbouring inputs, the first in the high nibble. Returns
     (packed, absmax, dequantized)."""
-    n_in, n_out = lora_lib.AXES[name]
+    n_in, n_out = quantization_lib.AXES[name]
     lead = w.ndim - n_in - n_out
     out = w.shape[lead + n_in :]
     blocks = w.reshape(*w.shape[:lead], -1, 64, *out)
@@ -498,7 +499,7 @@ def test_nf4_quantization_is_blockwise_normal_float(base):
         want_q, want_absmax, want_back = nf4_reference(w, name)
         np.testing.assert_array_equal(q, want_q)
         np.testing.assert_array_equal(absmax, want_absmax)
-        back = np.asarray(lora_lib.dequantize(q, absmax, name))
+        back = np.asarray(quantization_lib.dequantize(q, absmax, name))
         np.testing.assert_array_equal(back, want_back)
         # Within half the largest gap between codes, times the block's absmax.
         bound = np.repeat(want_absmax, 64, axis=1).reshape(w.shape) * half_gap
@@ -508,11 +509,11 @@ def test_nf4_quantization_is_blockwise_normal_float(base):
     # One layer's matrix too (no leading layer axis), and a block of zeros.
     w = np.asarray(base["layers"]["feed_forward"]["w1"][0]).copy()
     w[:64, 5] = 0.0
-    q, absmax = lora_lib.quantize_matrix(w, "w1", "nf4")
+    q, absmax = quantization_lib.quantize_matrix(w, "w1", "nf4")
     want_q, want_absmax, want_back = nf4_reference(w, "w1")
     np.testing.assert_array_equal(q, want_q)
     np.testing.assert_array_equal(absmax, want_absmax)
-    np.testing.assert_array_equal(lora_lib.dequantize(q, absmax, "w1"), want_back)
+    np.testing.assert_array_equal(quantization_lib.dequantize(q, absmax, "w1"), want_back)
     assert absmax[0, 5] == 0 and not np.any(want_back[:64, 5])
 
 
@@ -522,11 +523,11 @@ def test_nf4_packs_every_pair_of_codes():
     k = np.arange(256)
     w = np.stack([NF4[k // 16], NF4[k % 16]], axis=1).reshape(512, 1)
     w = np.concatenate([w, 3 * w], axis=1)  # and a second channel of another scale
-    q, absmax = lora_lib.quantize_matrix(w, "w2", "nf4")
+    q, absmax = quantization_lib.quantize_matrix(w, "w2", "nf4")
     assert q.dtype == jnp.uint8 and q.shape == (256, 2)
     np.testing.assert_array_equal(q[:, 0], k)
     np.testing.assert_array_equal(absmax, [[1.0, 3.0]] * 8)
-    np.testing.assert_array_equal(lora_lib.dequantize(q, absmax, "w2"), w)
+    np.testing.assert_array_equal(quantization_lib.dequantize(q, absmax, "w2"), w)
 
 
 def test_nf4_needs_inputs_in_whole_blocks():
@@ -537,14 +538,14 @@ def test_nf4_needs_inputs_in_whole_blocks():
     ):
         llamax.model.abstract_params(model)
     with pytest.raises(ValueError, match="matrix w2"):
-        lora_lib.quantize_matrix(jnp.ones((100, 64)), "w2", "nf4")
+        quantization_lib.quantize_matrix(jnp.ones((100, 64)), "w2", "nf4")
     with pytest.raises(
         ValueError, match=r"weight_quantization must be one of \('none', 'int8', 'nf4'\)"
     ):
         llamax.Execution(weight_quantization="int4")
 
 
-@pytest.mark.parametrize("quantization", lora_lib.QUANTIZATIONS)
+@pytest.mark.parametrize("quantization", quantization_lib.QUANTIZATIONS)
 def test_a_quantized_base_computes_with_its_dequantized_weights(quantization, base, rng):
     """The quantized model's logits are the plain model's on the dequantized weights; the
     model declares what `quantize` makes; LoRA's step 0 on the quantized base is that base
@@ -580,14 +581,14 @@ def test_a_quantized_base_computes_with_its_dequantized_weights(quantization, ba
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantization", lora_lib.QUANTIZATIONS)
+@pytest.mark.parametrize("quantization", quantization_lib.QUANTIZATIONS)
 def test_lora_on_a_quantized_base(quantization, base_run, base_step_loss, tmp_path):
     """A LoRA run on an int8 or nf4 base: the base held quantized, step 1's loss close to the
     float base's, the loss falling, the adapters trained, the quantized base bit for bit what
     quantizing the base gives, untouched by training."""
     from conftest import load_config
 
-    from llamax import pretrained, setup, train
+    from llamax import loading, pretrained, setup, train
     from llamax.metrics import read_metrics
 
     overrides = {**LORA_RUN, "lora.base_dtype": quantization, "train.eval_every": 0}
@@ -607,7 +608,7 @@ def test_lora_on_a_quantized_base(quantization, base_run, base_step_loss, tmp_pa
     np.testing.assert_allclose(losses[0], base_step_loss[0], rtol=2e-2)
 
     # The base after training: bit for bit the base read from init_from and quantized.
-    _, float_base = pretrained.load_pretrained(base_run)
+    _, float_base = loading.load_pretrained(base_run)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), lora_lib.split(float_base)[0])
     want = quantize(bf16, quantization)
     assert jax.tree.structure(state.frozen) == jax.tree.structure(want)

@@ -82,7 +82,7 @@ def _scores(model, params, tokens, segments):
 
 
 def test_lora_reward_model_trains_adapters_and_score_on_a_frozen_body(runs):
-    from llamax import pretrained
+    from llamax import loading, pretrained
     from llamax.metrics import read_metrics
 
     records = read_metrics(runs.rm)
@@ -106,7 +106,7 @@ def test_lora_reward_model_trains_adapters_and_score_on_a_frozen_body(runs):
     assert np.abs(adapters["layers"]["attention"]["wq_lora_b"]).max() > 0
 
     # The frozen base is the language model's body (bfloat16), untouched; its files too.
-    _, lm = pretrained.load_pretrained(runs.lm)
+    _, lm = loading.load_pretrained(runs.lm)
     assert "output" in lm and set(state.frozen) == {"tok_embeddings", "layers", "norm"}
     body = jax.tree.map(lambda x: x.astype(jnp.bfloat16), {k: lm[k] for k in state.frozen})
     jax.tree.map(np.testing.assert_array_equal, state.frozen, body)
@@ -117,18 +117,18 @@ def test_the_run_loads_as_its_base_merged_by_hand_with_its_score_head(runs, rng,
     """load_pretrained(run): a reward model, the base's body with W + s A B and the trained
     score head; the base with the run as --adapters is the same; a language model's
     commands refuse it; llamax-reward scores with it."""
-    from llamax import pretrained
+    from llamax import loading, pretrained
     from llamax.cli import reward as reward_cli
     from llamax.data import preference
     from llamax.data.tokenizer import Tokenizer
 
-    model, params = pretrained.load_pretrained(runs.rm)
+    model, params = loading.load_pretrained(runs.rm)
     assert model.config.head == "score" and model.lora is None
     assert set(params) == {"tok_embeddings", "layers", "norm", "score"}
     adapters, lora, _ = pretrained.run_adapters(runs.rm)
     np.testing.assert_array_equal(params["score"], adapters["score"])
 
-    _, lm = pretrained.load_pretrained(runs.lm)
+    _, lm = loading.load_pretrained(runs.lm)
     hand = jax.tree.map(np.array, {k: v for k, v in lm.items() if k != "output"})  # copies
     for module, target in [("attention", "wq"), ("attention", "wv"), ("feed_forward", "w2")]:
         w = hand["layers"][module][target]
@@ -143,12 +143,12 @@ def test_the_run_loads_as_its_base_merged_by_hand_with_its_score_head(runs, rng,
     np.testing.assert_allclose(_scores(model, params, tokens, segments), want, atol=1e-5)
     assert np.abs(want).max() > 1e-2  # the scores are not all 0
 
-    loaded, again = pretrained.load_pretrained(runs.lm, adapters=runs.rm)
+    loaded, again = loading.load_pretrained(runs.lm, adapters=runs.rm)
     assert loaded.config.head == "score"
     np.testing.assert_allclose(_scores(loaded, again, tokens, segments), want, atol=1e-5)
     with pytest.raises(ValueError, match="with the adapters .* is a reward model .*needs a "
                                          "language model"):  # fmt: skip
-        pretrained.load_with_tokenizer(runs.lm, tokenizer_path, adapters=runs.rm)
+        loading.load_with_tokenizer(runs.lm, tokenizer_path, adapters=runs.rm)
 
     answers = [{"prompt": f"What is {i} plus 2?", "response": f"It is {i + 2}."} for i in range(3)]
     (runs.root / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
@@ -178,7 +178,7 @@ def test_peft_export_scores_as_llamax_in_transformers(runs, rng):
     from peft import PeftModel
     from transformers import LlamaForSequenceClassification
 
-    from llamax import convert, pretrained
+    from llamax import convert, loading
     from llamax.convert import peft as peft_lib
 
     out = {k: str(runs.root / k) for k in ("peft", "hf_lm", "hf_rm", "back", "resaved")}
@@ -186,7 +186,7 @@ def test_peft_export_scores_as_llamax_in_transformers(runs, rng):
     convert.convert("llamax", "peft", runs.rm, out["peft"], base_name=out["hf_lm"])
     config = json.loads(open(os.path.join(out["peft"], "adapter_config.json")).read())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
-    model, params = pretrained.load_pretrained(runs.rm)
+    model, params = loading.load_pretrained(runs.rm)
     tokens, segments = _batch(rng)
     want = _scores(model, params, tokens, segments)
 
@@ -206,10 +206,10 @@ def test_peft_export_scores_as_llamax_in_transformers(runs, rng):
     np.testing.assert_allclose(hf_scores(merged.eval()), want, atol=TOL)
 
     convert.convert("peft", "llamax", out["peft"], out["back"], base=runs.lm)
-    back_model, back = pretrained.load_pretrained(out["back"])
+    back_model, back = loading.load_pretrained(out["back"])
     assert back_model.config.head == "score"
     np.testing.assert_allclose(_scores(back_model, back, tokens, segments), want, atol=TOL)
-    on_base, on_params = pretrained.load_pretrained(runs.lm, adapters=out["peft"])
+    on_base, on_params = loading.load_pretrained(runs.lm, adapters=out["peft"])
     np.testing.assert_allclose(_scores(on_base, on_params, tokens, segments), want, atol=TOL)
 
     # PEFT's own files, its names and config (not the embedding: base_model_name_or_path is
@@ -259,7 +259,7 @@ def test_a_lora_reward_run_resumes_exactly(runs, tokenizer_path):
 def test_from_a_reward_model_on_a_quantized_base_the_head_is_its_own(runs, tokenizer_path):
     """init_from a reward model (the run merged into a checkpoint) with an nf4 base: the body's
     matrices held as nf4 codes, the score head trained on from the reward model's."""
-    from llamax import convert, pretrained, setup
+    from llamax import convert, loading, setup
 
     merged = str(runs.root / "rm_merged")
     convert.convert("llamax", "llamax", runs.rm, merged)
@@ -269,6 +269,6 @@ def test_from_a_reward_model_on_a_quantized_base_the_head_is_its_own(runs, token
     state, meta = s.restore_or_init(no_checkpoint, None)
     assert meta == {} and set(state.frozen) == {"tok_embeddings", "layers", "norm"}
     assert state.frozen["layers"]["attention"]["wq"].dtype == jnp.uint8
-    _, rm = pretrained.load_pretrained(merged)
+    _, rm = loading.load_pretrained(merged)
     np.testing.assert_array_equal(state.params["score"], rm["score"])
     assert not np.any(state.params["layers"]["attention"]["wq_lora_b"])  # fresh adapters

@@ -16,7 +16,7 @@ from conftest import hf_logits, hf_model, load_config
 from safetensors.numpy import load_file, save_file
 
 import llamax
-from llamax import convert, lora, pretrained
+from llamax import convert, loading, lora
 from llamax.cli import convert as convert_cli
 from llamax.cli import generate as generate_cli
 from llamax.cli import reward as reward_cli
@@ -158,7 +158,7 @@ def test_merged_weights_that_overflow_are_refused(overflowing, tiny_lm, tmp_path
              "model.layers.0.self_attn.q_proj.weight with the LoRA adapters merged")  # fmt: skip
     with pytest.raises(ValueError, match="layers/attention/wq with the adapters merged .* NaN or "
                                          "infinite"):  # fmt: skip
-        pretrained.load_pretrained(tiny_lm, adapters=str(overflowing))
+        loading.load_pretrained(tiny_lm, adapters=str(overflowing))
     code = generate_cli.main(["--checkpoint", tiny_lm, "--adapters", str(overflowing),
                               "--prompt", "x", "--max-new-tokens", "2"])  # fmt: skip
     _one_error(capsys, code, "llamax-generate", "layers/attention/wq")
@@ -372,11 +372,11 @@ def test_export_names_the_hf_base_and_peft_loads_it_offline(hf_based_run, tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     loaded = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    model, params = pretrained.load_pretrained(str(root / "run"))
+    model, params = loading.load_pretrained(str(root / "run"))
     tokens = rng.integers(0, CONFIG.vocab_size, (2, 16), dtype=np.int32)
     want = np.asarray(model.apply({"params": params}, tokens))
     np.testing.assert_allclose(hf_logits(loaded, tokens), want, atol=1e-4)
-    base, base_params = pretrained.load_pretrained(str(root / "base"))
+    base, base_params = loading.load_pretrained(str(root / "base"))
     assert np.abs(np.asarray(base.apply({"params": base_params}, tokens)) - want).max() > 1e-3
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llamax import losses
+from llamax.data.ratings import MARGINS, RATINGS
 
 
 def _log_sigmoid(x):
@@ -19,9 +20,9 @@ def _log_sigmoid(x):
 def test_margin_tables_are_llama2s():
     """Touvron et al. 2023, Table 28: significantly better, better, slightly better,
     negligibly better / unsure."""
-    assert losses.RATINGS[0] == "significantly better" and len(losses.RATINGS) == 4
-    np.testing.assert_allclose(losses.MARGINS["small"], [1, 2 / 3, 1 / 3, 0])
-    np.testing.assert_allclose(losses.MARGINS["large"], [3, 2, 1, 0])
+    assert RATINGS[0] == "significantly better" and len(RATINGS) == 4
+    np.testing.assert_allclose(MARGINS["small"], [1, 2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(MARGINS["large"], [3, 2, 1, 0])
     got = losses.rating_margins(jnp.asarray([0, 1, 2, 3, -1]), "large")
     np.testing.assert_allclose(got, [3, 2, 1, 0, 0])
     with pytest.raises(ValueError, match="Unknown margin table 'huge'"):
@@ -36,7 +37,7 @@ def test_ranking_loss_by_hand(table, centering):
     valid = np.arange(8) < 6
     want = 0.0
     for c, r, k, v in zip(chosen, rejected, ratings, valid, strict=True):
-        m = 0.0 if k < 0 else losses.MARGINS[table][k]
+        m = 0.0 if k < 0 else MARGINS[table][k]
         if v:
             want += -_log_sigmoid(c - r - m) + centering * (c + r) ** 2
     margin = losses.rating_margins(jnp.asarray(ratings), table)

@@ -13,7 +13,8 @@ from conftest import random_params, write_checkpoint
 
 import llamax
 from llamax import generation, rejection, reward
-from llamax.data import chat, preference
+from llamax.data import chat, chat_format, preference
+from llamax.data import records as records_lib
 from llamax.data.tokenizer import Tokenizer
 
 LM = llamax.LlamaConfig.preset("tiny", vocab_size=600)
@@ -143,18 +144,18 @@ def test_the_data_written_reads_back_as_sft_examples_on_the_kept_answers(
     tok = models[0][2]
     path = str(tmp_path / "round.jsonl")
     rejection.write_dataset(path, a_round.records)
-    lines = chat.read_records(path)
+    lines = records_lib.read_records(path)
     assert [json.loads(line) for line in lines] == a_round.records
     expected = {}
     for line, record, prompt in zip(lines, a_round.records, PROMPTS, strict=True):
-        tokens, mask = chat.example_tokens(line, tok)
+        tokens, mask = chat_format.example_tokens(line, tok)
         # Before the answer: the prompt the policy was given, masked as chat SFT masks it
         # (nothing for a question; a dialog's earlier answers are answers too). Then the kept
         # answer and its EOS, all masked in.
         messages = preference.prompt_messages(prompt)
         head = generation.chat_tokens(messages, tok)
         assert tokens[: len(head)].tolist() == head
-        assert mask[: len(head)].tolist() == chat.dialog_tokens(messages, tok)[1]
+        assert mask[: len(head)].tolist() == chat_format.dialog_tokens(messages, tok)[1]
         assert mask[: len(head)].any() == (len(messages) > 2)
         assert mask[len(head) :].all() and tokens[-1] == tok.eos_id
         answer = record["messages"][-1]["content"]

@@ -11,6 +11,7 @@ from conftest import random_params
 
 import llamax
 from llamax import losses
+from llamax.data.ratings import MARGINS, RATINGS
 
 CONFIG = llamax.LlamaConfig.preset("tiny", head="score")
 TOL = 1e-4
@@ -92,12 +93,12 @@ def test_packed_sequences_read_like_separate_rows(rng):
 def test_reward_model_converts_to_and_from_hugging_face(tmp_path, rng):
     from transformers import LlamaForSequenceClassification
 
-    from llamax import convert, pretrained
+    from llamax import convert, loading
 
     hf = hf_reward_model()
     hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
     convert.convert("hf", "llamax", str(tmp_path / "hf"), str(tmp_path / "llamax"))
-    model, params = pretrained.load_pretrained(str(tmp_path / "llamax"))
+    model, params = loading.load_pretrained(str(tmp_path / "llamax"))
     assert model.config.head == "score"
     tokens, segments = _sequences(rng, [12, 7], 12)
     ours = losses.segment_last_values(
@@ -115,7 +116,7 @@ def test_reward_model_converts_to_and_from_hugging_face(tmp_path, rng):
         convert.convert("llamax", "meta", str(tmp_path / "llamax"), str(tmp_path / "meta"))
     assert not (tmp_path / "meta").exists()
     with pytest.raises(ValueError, match="is a reward model .*needs a language model"):
-        pretrained.load_with_tokenizer(str(tmp_path / "llamax"), "unused")
+        loading.load_with_tokenizer(str(tmp_path / "llamax"), "unused")
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,7 @@ def _pair(i, rating="better"):
 
 
 def test_a_pair_is_two_segments_in_the_chat_format(tokenizer_path):
-    from llamax.data import chat, preference
+    from llamax.data import chat_format, preference
     from llamax.data.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
@@ -157,7 +158,9 @@ def test_a_pair_is_two_segments_in_the_chat_format(tokenizer_path):
         {"prompt": prompt, "chosen": "6", "rejected": "seven", "rating": "slightly better"}, tok
     )
     for segment, response in ((1, "6"), (2, "seven")):
-        ids, mask = chat.dialog_tokens([*prompt, {"role": "assistant", "content": response}], tok)
+        ids, mask = chat_format.dialog_tokens(
+            [*prompt, {"role": "assistant", "content": response}], tok
+        )
         where = ex["segments"] == segment
         assert ex["tokens"][where].tolist() == ids and ids[-1] == tok.eos_id
         np.testing.assert_array_equal(ex["positions"][where], np.arange(len(ids)))
@@ -179,7 +182,7 @@ def test_a_pair_is_two_segments_in_the_chat_format(tokenizer_path):
 )  # fmt: skip
 def test_bad_pairs_are_refused_with_their_reason(record, reason, tokenizer_path):
     from llamax.data import preference
-    from llamax.data.chat import BadRecord
+    from llamax.data.records import BadRecord
     from llamax.data.tokenizer import Tokenizer
 
     with pytest.raises(BadRecord) as e:
@@ -209,7 +212,7 @@ def test_the_reward_loss_reads_each_pair_at_its_last_tokens(tokenizer_path):
             ends = [np.flatnonzero(seg[row] == s)[-1] for s in (2 * k + 1, 2 * k + 2)]
             c, r = scores[row, ends[0]], scores[row, ends[1]]
             level = rating[row, ends[0]] - 1
-            m = 0.0 if level < 0 else losses.MARGINS["large"][level]
+            m = 0.0 if level < 0 else MARGINS["large"][level]
             want += np.log1p(np.exp(-(c - r - m))) + 0.1 * (c + r) ** 2
             pairs, right = pairs + 1, right + int(c > r)
     assert count == pairs == 4
@@ -224,7 +227,7 @@ def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
     near 0) and falls, and the trained model ranks held-out pairs."""
     from conftest import load_config
 
-    from llamax import pretrained, train
+    from llamax import loading, train
     from llamax.data.tokenizer import Tokenizer
     from llamax.metrics import read_metrics
 
@@ -243,8 +246,8 @@ def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
     records = read_metrics(str(tmp_path / "rm"))
     np.testing.assert_allclose(records[0]["loss"], np.log(2), atol=0.05)
     assert records[-1]["loss"] < 0.5 * records[0]["loss"]
-    _, base = pretrained.load_pretrained(lm)
-    model, params = pretrained.load_pretrained(str(tmp_path / "rm"))
+    _, base = loading.load_pretrained(lm)
+    model, params = loading.load_pretrained(str(tmp_path / "rm"))
     assert model.config.head == "score" and "output" not in params
 
     tok = Tokenizer(tokenizer_path)
@@ -329,7 +332,7 @@ def test_scores_and_accuracy_by_rating(tokenizer_path):
     result = reward.accuracy_by_rating(scores, ratings)
     right = scores[:, 0] > scores[:, 1]
     assert result["accuracy"] == pytest.approx(right.mean()) and result["pairs"] == 10
-    for i, level in enumerate(losses.RATINGS):
+    for i, level in enumerate(RATINGS):
         chosen = ratings == i
         want = right[chosen].mean() if chosen.any() else None
         assert result["by_rating"][level] == {"accuracy": want, "pairs": int(chosen.sum())}

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import llamax
     from llamax import data, evaluate
-    from llamax.pretrained import load_with_tokenizer
+    from llamax.loading import load_with_tokenizer
 
     try:
         model, params, tokenizer = load_with_tokenizer(

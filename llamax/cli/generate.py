@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--system needs --chat")
 
     import llamax
-    from llamax import generation, pretrained
+    from llamax import generation, loading, pretrained
 
     try:
         sampling = generation.Sampling.from_flags(args)
@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         for flag, text in (("--prompt", args.prompt), ("--system", args.system or "")):
             generation.check_text(text, flag)
         if args.adapters:
-            pretrained.require_adapters_dir(args.adapters)
+            loading.require_adapters_dir(args.adapters)
         # The request meets the model's window before the model is loaded.
         config = pretrained.read_model_config(args.checkpoint)
-        tokenizer = pretrained.checkpoint_tokenizer(args.checkpoint, args.tokenizer,
+        tokenizer = loading.checkpoint_tokenizer(args.checkpoint, args.tokenizer,
                                                     config.vocab_size)  # fmt: skip
         ids = _prompt_ids(args, tokenizer)
         generation.check_window(config, len(ids), sampling.max_new_tokens)
-        model, params, tokenizer = pretrained.load_with_tokenizer(
+        model, params, tokenizer = loading.load_with_tokenizer(
             args.checkpoint,
             args.tokenizer,
             dtype=args.dtype,

@@ -135,15 +135,15 @@ def _refuse_existing(flag: str, path: str | None) -> None:
 def _reward_model(args):
     """(the reward model's LlamaConfig, its tokenizer), read without loading its weights: the
     records are checked against its window before anything is allocated."""
-    from llamax import pretrained
+    from llamax import loading, pretrained
 
     config = pretrained.read_model_config(args.checkpoint)
-    return config, pretrained.checkpoint_tokenizer(args.checkpoint, args.tokenizer,
+    return config, loading.checkpoint_tokenizer(args.checkpoint, args.tokenizer,
                                                    config.vocab_size)  # fmt: skip
 
 
 def _load_reward_model(args):
-    from llamax.pretrained import load_with_tokenizer
+    from llamax.loading import load_with_tokenizer
 
     model, params, _ = load_with_tokenizer(
         args.checkpoint, args.tokenizer, dtype=args.dtype, adapters=args.adapters,
@@ -158,19 +158,22 @@ def _score(args) -> int:
     import numpy as np
 
     from llamax import reward
-    from llamax.data import chat, preference, records
+    from llamax.data import preference
+    from llamax.data import records as records_lib
 
     _refuse_existing("--output", args.output)
     config, tokenizer = _reward_model(args)
-    lines = chat.read_records(args.input, records.max_record_bytes(config.max_seq_len, tokenizer))
+    lines = records_lib.read_records(
+        args.input, records_lib.max_record_bytes(config.max_seq_len, tokenizer)
+    )
     parsed, sequences = [], []
     for i in range(len(lines)):
         try:
-            record = chat.parse(lines[i])
+            record = records_lib.parse(lines[i])
             tokens, _ = preference.response_tokens(
                 record.get("prompt"), record.get("response"), tokenizer
             )
-        except chat.BadRecord as e:
+        except records_lib.BadRecord as e:
             raise ValueError(f"{lines.where(i)}: {e}; nothing was written") from None
         if len(tokens) > config.max_seq_len:
             raise ValueError(
@@ -201,13 +204,13 @@ def _evaluate(args) -> int:
     import numpy as np
 
     from llamax import reward
-    from llamax.data import chat, records
+    from llamax.data import records as records_lib
 
     config, tokenizer = _reward_model(args)
-    limit = records.max_record_bytes(config.max_seq_len, tokenizer)
+    limit = records_lib.max_record_bytes(config.max_seq_len, tokenizer)
     try:
         sequences, ratings, skipped = reward.pair_sequences(
-            chat.read_records(args.pairs, limit), tokenizer, config.max_seq_len
+            records_lib.read_records(args.pairs, limit), tokenizer, config.max_seq_len
         )
     except ValueError as e:
         raise ValueError(f"{args.pairs}: {e}") from None
@@ -334,14 +337,14 @@ def _sample(args, sampling, overrides: list[str]) -> int:
     host's memory (`rejection.check_round`)."""
     import gc
 
-    from llamax import pretrained, rejection
+    from llamax import loading, pretrained, rejection
     from llamax.data import records as records_lib
-    from llamax.pretrained import load_with_tokenizer
+    from llamax.loading import load_with_tokenizer
 
     _refuse_existing("--output", args.output)
     _refuse_existing("--report", args.report)
     policy_config = pretrained.read_model_config(args.policy)
-    policy_tokenizer = pretrained.checkpoint_tokenizer(args.policy, args.policy_tokenizer,
+    policy_tokenizer = loading.checkpoint_tokenizer(args.policy, args.policy_tokenizer,
                                                        policy_config.vocab_size)  # fmt: skip
     # A prompt line too long for the policy's window is refused unread.
     limit = records_lib.max_record_bytes(policy_config.max_seq_len, policy_tokenizer)
@@ -357,7 +360,7 @@ def _sample(args, sampling, overrides: list[str]) -> int:
     c = _finetune_setup(args, tokenizer_path, overrides) if args.finetune else None
     # So is the reward model's tokenizer, which scoring needs after the sampling.
     vocab = pretrained.read_model_config(args.checkpoint).vocab_size
-    pretrained.checkpoint_tokenizer(args.checkpoint, args.tokenizer, vocab)
+    loading.checkpoint_tokenizer(args.checkpoint, args.tokenizer, vocab)
     # And the round itself: the prompts and new tokens within the policy's window, the
     # prompts x K samples within the host's memory.
     rejection.check_round(policy_config, policy_tokenizer, prompts, args.k, sampling,

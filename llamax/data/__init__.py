@@ -185,16 +185,15 @@ def _records(c: ml_collections.ConfigDict, split: str, seq_len: int, accepted=No
     """A split of the records of `chat` or `preference` data: a prepared tfds dataset's split,
     or the train or held-out share of the jsonl files' lines (those too long for a row of
     `seq_len` tokens are never read: `records.max_record_bytes`). Logs what it holds."""
-    from llamax.data import chat
-    from llamax.data.records import max_record_bytes
+    from llamax.data import records as records_lib
     from llamax.data.tokenizer import Tokenizer
 
     vocab_size(c)  # checks the tokenizer exists
     name = f"data: {c.source} {split} split"
     if not c.tfds_name:
-        max_bytes = max_record_bytes(seq_len, Tokenizer(fs.expand(c.tokenizer)))
+        max_bytes = records_lib.max_record_bytes(seq_len, Tokenizer(fs.expand(c.tokenizer)))
         everything = _read_records(c.files, max_bytes)
-        chosen = chat.split_records(everything, split, c.validation_fraction)
+        chosen = records_lib.split(everything, split, c.validation_fraction)
         too_long = int(np.sum(everything.lengths[chosen.indices] > max_bytes))
         held = f"{len(everything) - len(chosen):,} held out" if split == "train" else "held out"
         log.info(
@@ -210,8 +209,8 @@ def _records(c: ml_collections.ConfigDict, split: str, seq_len: int, accepted=No
     tfds_name = f"tfds dataset {c.tfds_name!r}"
     log.info("%s: %s records of %s%s", name, f"{len(source):,}", tfds_name, _share(len(source)))
     if accepted is None:
-        return chat.TfdsRecords(source, c.text_field, tfds_name)
-    return chat.TfdsRecords(source, c.text_field, tfds_name, accepted)
+        return records_lib.TfdsRecords(source, c.text_field, tfds_name)
+    return records_lib.TfdsRecords(source, c.text_field, tfds_name, accepted)
 
 
 # Records indexed and still in use (a run's train split), by their files, the limit and the
@@ -220,14 +219,13 @@ _INDEXED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _read_records(files: str, max_bytes: int):
-    """`chat.read_records`, or the records of the same files already indexed and in use."""
-    from llamax.data import chat
-    from llamax.data.records import expand_patterns
+    """`records.read_records`, or the records of the same files already indexed and in use."""
+    from llamax.data import records as records_lib
 
-    key = (files, max_bytes, tuple((p, fs.stat_key(p)) for p in expand_patterns(files)))
+    key = (files, max_bytes, tuple((p, fs.stat_key(p)) for p in records_lib.expand_patterns(files)))
     records = _INDEXED.get(key)
     if records is None:
-        records = _INDEXED[key] = chat.read_records(files, max_bytes)
+        records = _INDEXED[key] = records_lib.read_records(files, max_bytes)
     return records
 
 

@@ -1,9 +1,9 @@
 """Preference pairs for reward models: a prompt, the response people preferred (`chosen`) and
 the other (`rejected`), and optionally how much better it was (`rating`: one of Llama 2's four
-levels, `llamax.losses.RATINGS`, by name or index).
+levels, `llamax.data.ratings.RATINGS`, by name or index).
 
 Records are JSON objects, one per line of `.jsonl(.gz)` files, or the examples of a prepared
-tfds dataset (`chat.TfdsRecords`):
+tfds dataset (`records.TfdsRecords`):
 
     {"prompt": "What is 2 + 3?", "chosen": "5", "rejected": "6", "rating": "better"}
     {"prompt": [{"role": "system", "content": ...}, {"role": "user", "content": ...},
@@ -11,14 +11,15 @@ tfds dataset (`chat.TfdsRecords`):
      "chosen": ..., "rejected": ...}
 
 A prompt is a question or a dialog ending with the user's turn; each response becomes the
-assistant's answer to it, formatted by `chat.dialog_tokens` (Meta's chat format) and closed by
-EOS. A pair is one example of two segments, chosen then rejected, each with positions from 0:
-a reward model reads each segment's score at its last token (`losses.segment_last_values`),
-so the pair shares a row without either seeing the other. Fields: `tokens`, `segment_ids`,
-`positions`; `loss_mask`, 1 on the final answer's tokens and its EOS (what DPO scores);
-`rating`, the rating's index + 1 on every token of the pair (0: none). Pairs are packed whole,
-at most `pairs_per_row` a row (`chat.PackedExamples`); a pair longer than a row is skipped and
-counted (cutting it would move the token its score is read at).
+assistant's answer to it, formatted by `chat_format.dialog_tokens` (Meta's chat format) and
+closed by EOS. A pair is one example of two segments, chosen then rejected, each with
+positions from 0: a reward model reads each segment's score at its last token
+(`losses.segment_last_values`), so the pair shares a row without either seeing the other.
+Fields: `tokens`, `segment_ids`, `positions`; `loss_mask`, 1 on the final answer's tokens and
+its EOS (what DPO scores); `rating`, the rating's index + 1 on every token of the pair (0:
+none). Pairs are packed whole, at most `pairs_per_row` a row (`packing.PackedExamples`); a
+pair longer than a row is skipped and counted (cutting it would move the token its score is
+read at).
 
 Bad records are skipped, counted by reason and logged, as chat data's are: a line that is not
 UTF-8, not JSON, nested too deeply or not an object, text that is not valid Unicode, a line
@@ -34,19 +35,20 @@ from typing import Any
 
 import numpy as np
 
-from llamax.data import chat
-from llamax.data.chat import BadRecord
+from llamax.data import chat_format, packing
+from llamax.data import records as records_lib
+from llamax.data.ratings import RATINGS
+from llamax.data.records import BadRecord
 from llamax.data.tokenizer import Tokenizer
-from llamax.losses import RATINGS
 
-# Rating names: losses.RATINGS' own, and each half of the last one's, by index.
+# Rating names: RATINGS' own, and each half of the last one's, by index.
 _RATING_ALIASES = {name: i for i, name in enumerate(RATINGS)} | {"negligibly better": 3,
                                                                   "unsure": 3}  # fmt: skip
 FIELDS = ("rating",)  # the fields a batch holds beyond chat data's
 
 
 def rating_index(value: Any) -> int:
-    """A record's rating as an index into losses.RATINGS, -1 for none."""
+    """A record's rating as an index into RATINGS, -1 for none."""
     if value is None:
         return -1
     if isinstance(value, str) and value.strip().lower() in _RATING_ALIASES:
@@ -72,7 +74,7 @@ def prompt_messages(prompt: Any) -> list[dict]:
         prompt = [{"role": "user", "content": prompt}]
     elif not isinstance(prompt, list):
         raise BadRecord("malformed", "prompt must be a string or a list of messages")
-    _, waiting = chat.exchanges(prompt)
+    _, waiting = chat_format.exchanges(prompt)
     if waiting is None:
         raise BadRecord("roles", "a prompt must end with the user's turn")
     return prompt
@@ -87,13 +89,13 @@ def response_tokens(prompt: Any, response: Any, tokenizer: Tokenizer):
     if not response.strip():
         raise BadRecord("empty answer")
     dialog = [*prompt_messages(prompt), {"role": "assistant", "content": response}]
-    ids, mask = chat.dialog_tokens(dialog, tokenizer)
+    ids, mask = chat_format.dialog_tokens(dialog, tokenizer)
     return np.asarray(ids, np.int32), _final_answer(mask)
 
 
 def pair_example(record: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
     """One record (parsed or its JSON line) as a two-segment example; `BadRecord` otherwise."""
-    record = chat.parse(record)
+    record = records_lib.parse(record)
     responses = [record.get("chosen"), record.get("rejected")]
     if not all(isinstance(r, str) for r in responses):
         raise BadRecord("malformed", "chosen and rejected must be strings")
@@ -126,7 +128,7 @@ def make_dataset(
     """Batches of `batch_size` rows of packed pairs for this process (`shard`: its index, the
     process count); `num_epochs=None` repeats forever; `name` begins the log lines and
     errors."""
-    return chat.packed_dataset(
+    return packing.packed_dataset(
         records, tokenizer_path, seq_len, batch_size, seed, shard, num_epochs, pair_example,
         too_long="drop", fields=FIELDS, per_row=pairs_per_row, name=name,
     )  # fmt: skip

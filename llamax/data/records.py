@@ -127,6 +127,15 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
     return sorted(files)
 
 
+def read_records(files: str | Sequence[str], max_bytes: int | None = None) -> JsonlRecords:
+    """Every non-blank line of the jsonl(.gz) files the comma-separated glob patterns match
+    (`JsonlRecords`); none at all is a `ValueError`."""
+    records = JsonlRecords(files, max_bytes)
+    if not len(records):
+        raise ValueError(f"No records in the files {files!r}")
+    return records
+
+
 class _Spill:
     """A local file the lines of compressed and remote files are copied into, in a temporary
     directory removed when the records are collected or the process exits."""
@@ -388,3 +397,50 @@ def split(records: Sequence, name: str, validation_fraction: float) -> RecordsVi
             "(0 holds none out; then set train.eval_every=0)"
         )
     return RecordsView(records, chosen)
+
+
+# ----- the records of a prepared tfds dataset -----
+
+
+def _plain(value):
+    """A tfds value as JSON would have it: text (UTF-8 bytes) as str, numpy scalars as Python
+    numbers, arrays as lists, and a sequence of a FeaturesDict (which tfds returns as a dict
+    of arrays) as a list of dicts."""
+    if isinstance(value, dict):
+        columns = {k: _plain(v) for k, v in value.items()}
+        if len({len(c) for c in columns.values()}) > 1:
+            raise BadRecord("malformed", f"the sequence's features differ in length: {columns}")
+        return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+    if isinstance(value, list | tuple) or (isinstance(value, np.ndarray) and value.ndim):
+        return [_plain(x) for x in value]
+    value = value.item() if isinstance(value, np.ndarray | np.generic) else value
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+class TfdsRecords(Sequence):
+    """One split of a prepared tfds dataset (random access, ArrayRecord) as records: each
+    example with one of the `accepted` sets of features as a dict of them (`_plain` values),
+    or else the JSON record held in its text feature `text_field`."""
+
+    def __init__(self, source, text_field: str = "text", name: str = "the tfds dataset",
+                 accepted=({"messages"}, {"prompt", "completion"})):  # fmt: skip
+        self.source, self.text_field, self.accepted = source, text_field, accepted
+        features = set(source[0])
+        if not any(a <= features for a in accepted) and text_field not in features:
+            wanted = " or ".join(", ".join(f"`{f}`" for f in sorted(a)) for a in accepted)
+            raise ValueError(
+                f"{name} has the features {sorted(features)}; these records need {wanted}, or a "
+                f"text feature data.text_field ({text_field!r}) holding one JSON record"
+            )
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        example = self.source[int(index)]
+        try:
+            if any(a <= set(example) for a in self.accepted):
+                return {k: _plain(v) for k, v in example.items()}
+            return _plain(example[self.text_field])
+        except UnicodeDecodeError as e:
+            raise BadRecord("not UTF-8", f"not UTF-8: {e}") from None
