@@ -28,6 +28,7 @@ ROUNDS = 3
 
 def main() -> None:
     c = experiment.default_config()
+    c.task = "lm"
     c.model.update(preset="llama2-7b", dim=768, n_layers=6, n_heads=12)
     c.train.steps = 1000
     s = setup.build(c, setup.make_mesh(c, devices=jax.devices()[:1]))

@@ -81,6 +81,7 @@ def write_episodes(path: str, tokenizer: Tokenizer, count: int, seed: int) -> No
 
 def base_config(work: str, tokenizer: str):
     c = experiment.default_config()
+    c.task = "lm"
     c.model.preset = "tiny"
     c.model.dim, c.model.n_layers, c.model.n_heads, c.model.n_kv_heads = 128, 4, 4, 2
     c.model.multiple_of, c.model.vocab_size, c.model.max_seq_len = 64, 2048, SHORT

@@ -77,6 +77,7 @@ def main() -> None:
     )
 
     c = experiment.default_config()
+    c.task = "lm"
     c.train.batch_size, c.train.seq_len = BATCH, SEQ
     s = setup.build(c, setup.make_mesh(c, devices=jax.devices()[:1]))
     corpus_row = _measure(s, stdlib, tokenizer)

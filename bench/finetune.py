@@ -62,6 +62,7 @@ def pretrain_base(workdir: str, steps: int, tokenizer: str) -> str:
     from llamax.experiment import default_config
 
     c = default_config()
+    c.task = "lm"
     c.model.update(preset="tiny", dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                    multiple_of=64, vocab_size=2048, max_seq_len=256)  # fmt: skip
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
@@ -97,6 +98,7 @@ def finetune(name, base, data, tokenizer, workdir, steps) -> dict:
 
     rank, base_dtype, train_on, lr = VARIANTS[name]
     c = experiment.default_config()
+    c.task = "sft"
     c.model.update(preset="tiny", dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                    multiple_of=64, vocab_size=2048, max_seq_len=256)  # fmt: skip
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1

@@ -96,6 +96,7 @@ def run_llamax(w: dict, variant: str, steps: int) -> dict:
     from llamax import experiment, setup, sharding
 
     c = experiment.default_config()
+    c.task = "lm"
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
         c.model[key] = w[key]
     c.model.update(vocab_size=w["vocab"], max_seq_len=w["seq"], dtype="bfloat16",

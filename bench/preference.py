@@ -79,10 +79,11 @@ def pairs(rng: random.Random, asks: list[str], n: int) -> list[dict]:
     return out
 
 
-def config(init_from: str, tokenizer: str, files: str, steps: int, lr: float, **keys):
+def config(task: str, init_from: str, tokenizer: str, files: str, steps: int, lr: float, **keys):
     from llamax import experiment
 
     c = experiment.default_config()
+    c.task = task
     c.model.update(preset="tiny", dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                    multiple_of=64, vocab_size=2048, max_seq_len=256)  # fmt: skip
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
@@ -195,8 +196,8 @@ def main() -> None:
     # 1. reward models, with and without margins
     tok, rms = Tokenizer(tokenizer), {}
     for margins in ("small", "none"):
-        c = config(args.sft, tokenizer, files, args.rm_steps, 3e-4,
-                   **{"model.head": "score", "data.source": "preference",
+        c = config("reward", args.sft, tokenizer, files, args.rm_steps, 3e-4,
+                   **{"data.source": "preference",
                       "data.pairs_per_row": 2, "reward.margins": margins})  # fmt: skip
         run = train(c, os.path.join(args.workdir, f"rm_{margins}"))
         model, params = loading.load_pretrained(run["path"])
@@ -220,7 +221,7 @@ def main() -> None:
                                        temperature=1.0, max_new_tokens=8, seed=n)  # fmt: skip
             rejection.write_dataset(data, done.records)
             emit({"round": n, **done.report, "sample_seconds": time.perf_counter() - start})
-        c = config(policy, tokenizer, data, args.rs_steps, 3e-4,
+        c = config("sft", policy, tokenizer, data, args.rs_steps, 3e-4,
                    **{"data.source": "chat"})  # fmt: skip
         run = train(c, os.path.join(args.workdir, f"rs_round{n}"))
         policy, timing[f"rejection sampling round {n} (SFT)"] = run["path"], run
@@ -236,7 +237,7 @@ def main() -> None:
 
     # 3. DPO on the training pairs from the SFT model, at two learning rates
     for lr in args.dpo_lr:
-        c = config(args.sft, tokenizer, files, args.dpo_steps, lr,
+        c = config("dpo", args.sft, tokenizer, files, args.dpo_steps, lr,
                    **{"data.source": "preference", "data.pairs_per_row": 2})  # fmt: skip
         run = train(c, os.path.join(args.workdir, f"dpo_lr{lr:g}"))
         name = f"after DPO (lr {lr:g})"

@@ -23,6 +23,7 @@ from llamax.experiment import default_config
 
 def get_config():
     c = default_config()
+    c.task = "lm"
     c.model.preset = "tiny"
     c.model.dim = 256
     c.model.n_layers = 4

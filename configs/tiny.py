@@ -12,6 +12,7 @@ from llamax.experiment import default_config
 
 def get_config():
     c = default_config()
+    c.task = "lm"
     c.model.preset = "tiny"
     c.mesh.fsdp = -1
     c.data.source = "markov"

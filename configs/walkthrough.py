@@ -27,6 +27,7 @@ def get_config(stage: str = "sft"):
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES} (CONFIG.py:STAGE)")
     c = default_config()
+    c.task = "sft"  # the lora stage too: adapters trained with the same objective
     c.model.preset = "tiny"
     c.model.vocab_size = 320  # the walkthrough's tokenizer's
     c.model.max_seq_len = 256
@@ -57,9 +58,10 @@ def get_config(stage: str = "sft"):
     c.data.files = "road/pairs.jsonl"
     c.data.pairs_per_row = 2
     if stage == "reward":
-        c.model.head = "score"
+        c.task = "reward"  # a score head on the SFT model's body
         c.optimizer.learning_rate = 1e-3
         return c
-    c.optimizer.learning_rate = 1e-4  # dpo
+    c.task = "dpo"
+    c.optimizer.learning_rate = 1e-4
     c.dpo.beta = 0.1
     return c

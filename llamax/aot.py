@@ -3,9 +3,10 @@
 With `libtpu` installed (`pip install 'llamax[tpu]'`), JAX describes any TPU topology without
 the hardware (`jax.experimental.topologies`) and XLA compiles for it; the compiled program's
 `memory_analysis()` gives what each chip would hold. `check(c, "v5e-16")` compiles the train
-step of `llamax.setup.build` for the experiment config `c` on that slice, with the config's
-mesh over the slice's chips, and reports per-chip memory against the chip's HBM,
-whether it fits, the compile time and the model FLOPs per step.
+step of `llamax.setup.build` for the experiment config `c` on that slice (its task's step:
+fields, loss and the models beside it, whatever the task), with the config's mesh over the
+slice's chips, and reports per-chip memory against the chip's HBM, whether it fits, the
+compile time and the model FLOPs per step (the task's).
 
 Slice names are Google Cloud's: `v4-N` and `v5p-N` count TensorCores (two per chip, one JAX
 device per chip), `v5e-N` (gcloud's `v5litepod-N`, also accepted) and `v6e-N` count chips.
@@ -22,7 +23,7 @@ import time
 import jax
 import ml_collections
 
-from llamax import attention, experiment, metrics, setup, sharding
+from llamax import attention, setup, sharding
 
 GiB = 2**30
 # Per chip: HBM bytes, JAX topology generation name, chip config, chips per host.
@@ -157,7 +158,7 @@ def check(
         )
     total = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
     tokens_per_step = c.train.batch_size * c.train.seq_len
-    flops_token = metrics.flops_per_token(config, c.train.seq_len, experiment.is_dpo(c))
+    flops_token = s.task.flops_per_token(s.c, config)
     return {
         "topology": slice_name,
         "num_slices": num_slices,

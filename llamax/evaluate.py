@@ -19,13 +19,10 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from functools import partial
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from llamax import fs, generation
+from llamax import fs, inference
 
 log = logging.getLogger("llamax")
 
@@ -74,12 +71,9 @@ def windows(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
     return out
 
 
-@partial(jax.jit, static_argnames="model")
-def _window_nll(params, tokens, weights, *, model):
-    # The model's chunked cross-entropy: long windows never hold their logits whole.
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    nll, _ = model.apply({"params": params}, tokens, targets=targets)
-    return jnp.sum(nll[:, :-1] * weights), jnp.sum(weights)
+def _padded(model, length: int) -> int:
+    """The length the scoring path pads a row of `length` tokens to (`inference.bucket`)."""
+    return inference.bucket(length, model.config.max_seq_len)
 
 
 def perplexity(
@@ -92,35 +86,31 @@ def perplexity(
     progress: bool = False,
 ) -> dict:
     """Sliding-window perplexity of `stream` at context `length` (see the module docstring),
-    `batch_size` windows a call (fewer when there are fewer), refused before any is scored
-    when the device cannot hold a call's buffers; `progress` shows a bar of the windows
-    scored."""
+    each window's token log-probabilities from the inference engine's scoring path
+    (`Engine.token_logprobs`: the model's chunked cross-entropy), `batch_size` windows a call
+    (fewer when there are fewer), refused before any is scored when the device cannot hold a
+    call's buffers; `progress` shows a bar of the windows scored. `model` and `params`: a
+    model and its parameters, stacked (unstacked here) or per layer (an `Engine`'s, used as
+    they are)."""
     from tqdm import tqdm
 
     spans = windows(len(stream), length, stride or length)
     batch_size = min(batch_size, len(spans))
-    generation.check_memory(
+    inference.check_memory(
         f"perplexity at {length:,} tokens, {batch_size:,} windows a call",
-        generation.forward_bytes(model, batch_size, length, logits=False),
+        inference.forward_bytes(model, batch_size, _padded(model, length), logits=False),
         "lower --batch-size or --lengths",
     )
-    nll, count = 0.0, 0.0
+    engine = inference.Engine(model, params)
     bar = tqdm(total=len(spans), desc=f"perplexity at {length}", unit="window",
                disable=not progress, leave=False)  # fmt: skip
-    for i in range(0, len(spans), batch_size):
-        chunk = spans[i : i + batch_size]
-        tokens = np.stack([stream[s : s + length] for s, _ in chunk])
-        weights = np.zeros((len(chunk), length - 1), np.float32)
-        for row, (_, first) in enumerate(chunk):
-            weights[row, first:] = 1
-        if len(chunk) < batch_size:  # same shapes for every call: pad with unscored rows
-            pad = batch_size - len(chunk)
-            tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, 0)])
-            weights = np.concatenate([weights, np.zeros((pad, length - 1), np.float32)])
-        s, c = _window_nll(params, jnp.asarray(tokens), jnp.asarray(weights), model=model)
-        nll, count = nll + float(s), count + float(c)
-        bar.update(len(chunk))
+    logprobs = engine.token_logprobs([stream[s : s + length] for s, _ in spans], batch_size,
+                                     progress=lambda n: bar.update(n - bar.n))  # fmt: skip
     bar.close()
+    # Prediction i of a window is of its token i + 1; a window scores those from `first` on.
+    nll = -sum(float(np.sum(lp[first:], dtype=np.float64))
+               for lp, (_, first) in zip(logprobs, spans, strict=True))  # fmt: skip
+    count = sum(length - 1 - first for _, first in spans)
     return {
         "length": length,
         "stride": stride or length,
@@ -153,12 +143,11 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[list
     return prompt, answer
 
 
-@partial(jax.jit, static_argnames="model")
-def _greedy_matches(params, tokens, segment_ids, answer_mask, *, model):
-    logits = model.apply({"params": params}, tokens, segment_ids=segment_ids)
-    predicted = jnp.argmax(logits[:, :-1], axis=-1)
-    right = (predicted == tokens[:, 1:]) | ~answer_mask
-    return jnp.all(right, axis=-1)
+def answer_right(greedy: np.ndarray, prompt: int, answer: int) -> bool:
+    """Whether greedy decoding after a prompt of `prompt` tokens produces the `answer` tokens
+    that follow it: `greedy` (bool [len - 1], prediction j of token j + 1 is the argmax) holds
+    at each answer token's prediction, j in [prompt - 1, prompt + answer - 1)."""
+    return bool(np.all(greedy[prompt - 1 : prompt + answer - 1]))
 
 
 def passkey(
@@ -171,40 +160,31 @@ def passkey(
     seed: int = 0,
     batch_size: int = 8,
 ) -> dict:
-    """Passkey accuracy for each length and depth, over `trials` random keys each,
-    `batch_size` prompts a call (fewer when there are fewer), refused before any is scored
-    when the device cannot hold a call's buffers."""
+    """Passkey accuracy for each length and depth, over `trials` random keys each, through
+    the inference engine's scoring path (`Engine.greedy_logprobs`), `batch_size` prompts a
+    call (fewer when there are fewer), refused before any is scored when the device cannot
+    hold a call's buffers. `model` and `params` as `perplexity` takes them."""
     rng = np.random.default_rng(seed)
     accuracy: dict[str, dict[str, float]] = {}
     batch_size = min(batch_size, len(depths) * trials)
     for length in lengths:
-        generation.check_memory(
+        inference.check_memory(
             f"passkey at {length:,} tokens, {batch_size:,} prompts a call",
-            generation.forward_bytes(model, batch_size, length),
+            inference.forward_bytes(model, batch_size, _padded(model, length)),
             "lower --batch-size or --lengths",
         )
+    engine = inference.Engine(model, params)
     for length in lengths:
         cases = []
         for depth in depths:
             for _ in range(trials):
                 key = int(rng.integers(10000, 100000))
                 cases.append((depth, *passkey_prompt(tokenizer, length, depth, key)))
+        scored = engine.greedy_logprobs([prompt + answer for _, prompt, answer in cases],
+                                        batch_size)  # fmt: skip
         hits = {depth: 0 for depth in depths}
-        for i in range(0, len(cases), batch_size):
-            chunk = cases[i : i + batch_size]
-            tokens = np.zeros((batch_size, length), np.int32)
-            segment_ids = np.zeros_like(tokens)
-            answer_mask = np.zeros((batch_size, length - 1), bool)
-            for row, (_, prompt, answer) in enumerate(chunk):
-                ids = prompt + answer
-                tokens[row, : len(ids)], segment_ids[row, : len(ids)] = ids, 1
-                # Prediction j is of token j + 1: the answer's tokens follow the prompt.
-                answer_mask[row, len(prompt) - 1 : len(ids) - 1] = True
-            right = _greedy_matches(
-                params, tokens, segment_ids, answer_mask, model=model
-            )  # fmt: skip
-            for row, (depth, _, _) in enumerate(chunk):
-                hits[depth] += bool(right[row])
+        for (depth, prompt, answer), (_, greedy) in zip(cases, scored, strict=True):
+            hits[depth] += answer_right(greedy, len(prompt), len(answer))
         accuracy[str(length)] = {str(d): hits[d] / trials for d in depths}
         mean = sum(hits.values()) / (trials * len(depths))
         log.info("passkey at %d tokens: %.0f%% (%s)", length, 100 * mean, accuracy[str(length)])

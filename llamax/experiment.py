@@ -1,11 +1,14 @@
 """The experiment config: its schema (every key and its default) and the recipes built on it.
 
-An experiment config is an ml-collections `ConfigDict` with the sections `model`, `mesh`,
-`data`, `optimizer`, `train`, `checkpoint` and the key `init_from`; `configs/*.py` return one
-from `get_config()`, starting from `default_config()` or a recipe here. The `model` section
-holds both kinds of model settings, split when a run is set up: the architecture
-(`model_config`: a preset and `LlamaConfig` overrides, recorded in checkpoints) and the
-execution (`execution_config`: dtypes, attention backend, remat; not recorded).
+An experiment config is an ml-collections `ConfigDict` with the key `task` (what the run
+trains: `llamax.tasks`), the sections `model`, `mesh`, `data`, `optimizer`, `train`,
+`checkpoint` and the key `init_from`; `configs/*.py` return one from `get_config()`, starting
+from `default_config()` or a recipe here. A config without a task (one written before tasks
+were explicit) gets the one its data and head imply (`resolve_task`), with a deprecation
+warning. The `model` section holds both kinds of model settings, split when a run is set up:
+the architecture (`model_config`: a preset and `LlamaConfig` overrides, recorded in
+checkpoints; its head the task's unless set) and the execution (`execution_config`: dtypes,
+attention backend, remat; not recorded).
 
 Every key is documented in docs/config.md (tests/test_configs.py keeps the two in step).
 """
@@ -14,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import ml_collections
 
-from llamax import checkpoint, lora, optim, quantization
+from llamax import checkpoint, lora, optim, quantization, tasks
 from llamax import data as data_lib
 from llamax.config import ROPE_KEYS, LlamaConfig
-from llamax.data.ratings import MARGINS
 from llamax.execution import DTYPES, Execution
 from llamax.lora import LoraConfig
+
+log = logging.getLogger("llamax")
 
 # Execution settings a training run may set; `scan_layers` is not one of them, since every
 # training checkpoint has its layers stacked.
@@ -52,6 +57,9 @@ ROPE_FIELDS = {"rope_type": str, "factor": float, "low_freq_factor": float,
 def default_config() -> ml_collections.ConfigDict:
     """Every key of an experiment config with its default."""
     c = ml_collections.ConfigDict()
+    # What the run trains: "lm", "sft", "reward", "dpo" (llamax.tasks), or a task registered
+    # with llamax.tasks.register. Empty: derived from data.source and model.head (deprecated).
+    c.task = ""
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"
     # Any LlamaConfig field overrides the preset; None keeps the preset's value.
@@ -96,15 +104,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
     c.lora.base_dtype = "bfloat16"
-    # A reward model (`model.head = "score"`, trained on `data.source = "preference"`): Llama
-    # 2's ranking loss with the margin table ("none", "small", "large": MARGINS) by the
-    # pairs' ratings, plus `centering` * the mean squared sum of a pair's scores.
+    # task "reward" (a score head on preference pairs): Llama 2's ranking loss with the
+    # margin table ("none", "small", "large": MARGINS) by the pairs' ratings, plus
+    # `centering` * the mean squared sum of a pair's scores.
     c.reward = ml_collections.ConfigDict()
     c.reward.margins = "small"
     c.reward.centering = 0.0
-    # DPO (a language model, `model.head = "lm"`, on `data.source = "preference"`, from
-    # `init_from`, which is also the reference model: with LoRA, that base with the adapters
-    # off): the loss's temperature beta (Rafailov et al. 2023).
+    # task "dpo" (a language model on preference pairs, from `init_from`, which is also the
+    # reference model: with LoRA, that base with the adapters off): the loss's temperature
+    # beta (Rafailov et al. 2023).
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
     c.cluster = ml_collections.ConfigDict()
@@ -127,9 +135,14 @@ _AT_LEAST = (
 
 
 def check(c: ml_collections.ConfigDict) -> None:
-    """Clear errors for values of the loop's sections no run could use (the model, optimizer
-    and data sections are checked where they are used)."""
+    """Clear errors for values of the loop's sections no run could use, and the task's own
+    checks (its data source, the model's head, its settings: `llamax.tasks.Task.check`); the
+    model, optimizer and data sections are checked where they are used."""
     errors = []
+    try:
+        errors.extend(task(c).check(c))
+    except ValueError as e:  # an unknown task
+        errors.append(str(e))
     for section, key, least in _AT_LEAST:
         value = c[section][key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -149,23 +162,6 @@ def check(c: ml_collections.ConfigDict) -> None:
             errors.append(
                 f"lora.base_dtype must be one of {BASE_DTYPES}, got {c.lora.base_dtype!r}"
             )
-    if head(c) == "score" and c.data.source != "preference":
-        errors.append(
-            "a reward model (model.head 'score') trains on preference pairs: set data.source "
-            f"'preference' (got {c.data.source!r})"
-        )
-    if is_dpo(c) and not c.init_from:
-        errors.append("DPO (preference pairs for a language model) starts from its reference "
-                      "model: set init_from")  # fmt: skip
-    beta = c.dpo.beta
-    if not (isinstance(beta, int | float) and 0 < beta < float("inf")):
-        errors.append(f"dpo.beta must be a finite number > 0, got {beta!r}")
-    if c.reward.margins not in MARGINS:
-        errors.append(f"reward.margins must be one of {sorted(MARGINS)}, got "
-                      f"{c.reward.margins!r}")  # fmt: skip
-    centering = c.reward.centering
-    if not (isinstance(centering, int | float) and 0 <= centering < float("inf")):
-        errors.append(f"reward.centering must be a finite number >= 0, got {centering!r}")
     timeout = c.cluster.heartbeat_timeout_seconds
     if not (isinstance(timeout, int | float) and 0 < timeout < float("inf")):
         errors.append(f"cluster.heartbeat_timeout_seconds must be positive, got {timeout!r}")
@@ -197,11 +193,18 @@ def _flatten(tree, prefix=""):
 def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
     """(changes that alter the run, free ones) between a workdir's recorded config.json and
     the config `c` that would resume it, each as "key: old -> new". The model is compared by
-    its resolved architecture, not by how a preset and overrides spell it."""
+    its resolved architecture, not by how a preset and overrides spell it; the task by the
+    one each states or implies (a run recorded before tasks were explicit states none)."""
     new = json.loads(c.to_json_best_effort())
     new["model"]["resolved"] = model_config(c).to_dict()
     old, new = dict(_flatten(recorded)), dict(_flatten(new))
     altering, free = [], []
+    was, now = recorded_task(recorded), task_name(c)
+    if was != now:
+        altering.append(f"task: {was!r} -> {now!r}")
+    old.pop("task", None)
+    new.pop("task", None)
+    fixed_keys = task(c).fixed_on_resume(c)
     for key in sorted(set(old) & set(new)):
         if key == "model.resolved":
             before, after = old[key] or {}, new[key]
@@ -213,20 +216,65 @@ def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], li
         elif key != "model.preset" and old[key] != new[key]:
             change = f"{key}: {old[key]!r} -> {new[key]!r}"
             # A LoRA run's base is its model, a DPO run's start its reference.
-            fixed = key == "init_from" and (c.lora.rank or is_dpo(c))
-            is_free = key.startswith(FREE_TO_CHANGE) and not fixed
+            is_free = key.startswith(FREE_TO_CHANGE) and key not in fixed_keys
             (free if is_free else altering).append(change)
     return altering, free
 
 
+def derive_task(source: str, head: str) -> str:
+    """The task a config without one trains, as llamax read it from the data and the head
+    before tasks were explicit: preference pairs train a reward model (a score head) or DPO
+    (a language model), chat data SFT, text a language model."""
+    if source == "preference":
+        return "reward" if head == "score" else "dpo"
+    return "sft" if source == "chat" else "lm"
+
+
+def task_name(c: ml_collections.ConfigDict) -> str:
+    """The config's task: the one it states, else the one its data and head imply."""
+    stated = c.get("task")
+    if stated:
+        return stated
+    return derive_task(c.data.source, c.model.head or LlamaConfig.preset(c.model.preset).head)
+
+
+def task(c: ml_collections.ConfigDict) -> tasks.Task:
+    """The config's task (`task_name`), from `llamax.tasks`' registry."""
+    return tasks.get(task_name(c))
+
+
+def recorded_task(recorded: dict) -> str:
+    """The task of a workdir's recorded config.json: the one it states, else the one its data
+    and resolved head imply (a run recorded before tasks were explicit)."""
+    stated = recorded.get("task")
+    if stated:
+        return stated
+    resolved = (recorded.get("model") or {}).get("resolved") or {}
+    return derive_task((recorded.get("data") or {}).get("source", ""), resolved.get("head", "lm"))
+
+
+def resolve_task(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` when it states its task; else a copy stating the one its data and head imply, with
+    a deprecation warning saying which and how to state it."""
+    if c.get("task"):
+        return c
+    name = task_name(c)
+    log.warning(
+        "the config states no task: task %r derived from data.source %r and model.head %r, as "
+        "llamax did before tasks were explicit. This is deprecated: set c.task = %r in the "
+        "config file (or --config.task=%s)",
+        name, c.data.source, c.model.head, name, name,
+    )  # fmt: skip
+    resolved = c.copy_and_resolve_references()
+    with resolved.unlocked():
+        resolved.task = name
+    return resolved
+
+
 def head(c: ml_collections.ConfigDict) -> str:
-    """The model's head: "lm" (next-token logits) or "score" (a reward model)."""
-    return c.model.head or LlamaConfig.preset(c.model.preset).head
-
-
-def is_dpo(c: ml_collections.ConfigDict) -> bool:
-    """A language model trained on preference pairs: DPO, with a reference model."""
-    return c.data.source == "preference" and head(c) == "lm"
+    """The model's head: `model.head`, else the task's ("lm": next-token logits; "score": a
+    reward model)."""
+    return c.model.head or task(c).head
 
 
 def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
@@ -236,6 +284,7 @@ def model_config(c: ml_collections.ConfigDict) -> LlamaConfig:
         for name in dataclasses.asdict(LlamaConfig())
         if name != "rope_scaling" and c.model.get(name) is not None
     }
+    overrides["head"] = head(c)
     scaling = c.model.get("rope_scaling")
     if hasattr(scaling, "to_dict"):
         scaling = scaling.to_dict()
@@ -273,6 +322,7 @@ def llama2_recipe(preset: str, learning_rate: float) -> ml_collections.ConfigDic
     paper's AdamW and schedule, 2T tokens; bfloat16 compute with full remat, fsdp over every
     chip, C4 English through tfds. `configs/llama2_*.py` set the hardware."""
     c = default_config()
+    c.task = "lm"
     c.model.preset = preset
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "full"
@@ -324,6 +374,7 @@ def chat_sft_recipe(preset: str) -> ml_collections.ConfigDict:
     dialogs, at about one dialog per row, are 860 steps; set `train.steps` to 2 x your rows per
     epoch / 64."""
     c = llama2_recipe(preset, learning_rate=2e-5)
+    c.task = "sft"
     c.data.source = "chat"
     c.data.tfds_name = ""
     c.data.chat_train_on = "answers"
@@ -339,15 +390,15 @@ def chat_sft_recipe(preset: str) -> ml_collections.ConfigDict:
 
 
 def reward_recipe(preset: str) -> ml_collections.ConfigDict:
-    """Llama 2's reward models (Touvron et al. 2023, section 3.2.2): the chat model's body with a
-    score head (`model.head = "score"`, from an SFT or chat checkpoint in `init_from`), trained
+    """Llama 2's reward models (Touvron et al. 2023, section 3.2.2): task `reward`, the chat
+    model's body with a score head (from an SFT or chat checkpoint in `init_from`), trained
     on preference pairs (`data.source = "preference"`, one pair of two segments per row of
     4,096 tokens) with the ranking loss and the small margin table; one epoch, AdamW with a
     cosine schedule from 1e-5 (5e-6 for 70B) to 10% after a warm-up of 3% of the steps (at
     least 5), 512 pairs per step. 1,000 steps is one epoch of 512,000 pairs: set `train.steps`
     (and `optimizer.warmup_steps`, 3% of it) to one epoch of yours."""
     c = llama2_recipe(preset, learning_rate=5e-6 if preset == "llama2-70b" else 1e-5)
-    c.model.head = "score"
+    c.task = "reward"
     c.data.source = "preference"
     c.data.tfds_name = ""
     c.data.pairs_per_row = 1
@@ -371,7 +422,7 @@ def dpo_recipe(preset: str) -> ml_collections.ConfigDict:
     step. Three epochs of 60,000 pairs are about 2,800 steps: set `train.steps` (and
     `optimizer.warmup_steps`, 10% of it) for your data."""
     c = reward_recipe(preset)
-    c.model.head = "lm"
+    c.task = "dpo"
     c.dpo.beta = 0.1
     c.optimizer.learning_rate = 5e-7
     c.optimizer.warmup_steps = 280

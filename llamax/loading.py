@@ -1,7 +1,7 @@
 """Loading a model to run it: a checkpoint's weights on a mesh with the attention backend of
 the platform (`load_pretrained`), LoRA adapters merged in (a PEFT adapter directory, or a
-llamax LoRA run's workdir), and its tokenizer (`load_with_tokenizer`): what generation,
-evaluation, scoring and the notebooks start from.
+llamax LoRA run's workdir), its tokenizer (`load_with_tokenizer`), and the inference engine
+on them (`load_engine`): what generation, evaluation, scoring and the notebooks start from.
 
 It stands above both the reading of llamax checkpoints (`llamax.pretrained`) and the foreign
 formats (`llamax.convert`, PEFT's among them), which both import the first and not this.
@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from llamax import fs, lora, sharding
+from llamax import fs, inference, lora, sharding
 from llamax.config import LlamaConfig
 from llamax.execution import Execution
 from llamax.lora import LoraConfig
@@ -138,6 +138,29 @@ def load_with_tokenizer(
         raise ValueError(f"{what} is {kinds[model.config.head]}; this needs {kinds[head]}")
     loaded = checkpoint_tokenizer(path, tokenizer, model.config.vocab_size)
     return model, params, loaded
+
+
+def load_engine(
+    path: str,
+    tokenizer: str | None = None,
+    dtype: str = "float32",
+    adapters: str | None = None,
+    head: str = "lm",
+    mesh: jax.sharding.Mesh | None = None,
+    config: dict | None = None,
+    **execution,
+):
+    """`(engine, tokenizer)`: the checkpoint at `path` loaded as `load_with_tokenizer` loads it
+    (LoRA `adapters` merged in; the model must have the `head` the caller needs) and laid out
+    once for inference (`llamax.inference.Engine`, on `mesh`; the loaded stacked weights are
+    released as they are unstacked, so the weights are held once). `config`: fields of the
+    model's `LlamaConfig` to replace (`{"rope_scaling": ...}`: evaluating another rotary
+    scaling than the checkpoint's)."""
+    model, params, loaded = load_with_tokenizer(path, tokenizer, dtype, adapters, head,
+                                                mesh=mesh, **execution)  # fmt: skip
+    if config:
+        model = Llama(model.config.replace(**config), model.execution, model.lora)
+    return inference.Engine(model, params, mesh=mesh, donate=True), loaded
 
 
 def checkpoint_tokenizer(path: str, tokenizer: str | None, vocab_size: int):

@@ -131,6 +131,12 @@ class Lock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _parse(os.pread(fd, 1 << 16, 0))
+                # The holder writes its record just after taking the lock: give it a moment.
+                for _ in range(20):
+                    if holder:
+                        break
+                    time.sleep(0.05)
+                    holder = _parse(os.pread(fd, 1 << 16, 0))
                 os.close(fd)
                 raise self._refuse(holder) from None
             # The holder before removes the file when it stops: a lock on a file no longer at

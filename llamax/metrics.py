@@ -4,7 +4,8 @@ training loop's bookkeeping (step metrics fetched in bulk, throughput, progress,
 FLOPs per token are MaxText's accounting for training (forward and backward, 3 x 2 FLOPs per
 multiply-accumulate): `6 * (matmul parameters outside the embedding lookup + vocab * dim)`
 for the projections and the output layer, plus `6 * n_layers * seq_len * dim` for the
-attention scores and the weighted sum, halved because attention is causal. MFU divides the
+attention scores and the weighted sum, halved because attention is causal; a task whose step
+runs more forward passes (DPO's reference) counts them (`llamax.tasks`). MFU divides the
 model FLOPs per second by the devices' dense bfloat16 peak.
 """
 
@@ -51,14 +52,14 @@ PEAK_FLOPS: dict[str, float] = {
 }
 
 
-def flops_per_token(config: LlamaConfig, seq_len: int, reference: bool = False) -> float:
-    """Training FLOPs per token (forward + backward) of the model at this sequence length;
-    with a `reference` model's forward pass too (DPO's), 4/3 of that."""
+def flops_per_token(config: LlamaConfig, seq_len: int, forwards: float = 3) -> float:
+    """FLOPs per token of `forwards` forward passes of the model at this sequence length, a
+    backward pass counting as two: 3 is a training step's (forward + backward); a step that
+    also runs a model beside it forward (DPO's reference) counts 4."""
     head = config.vocab_size * config.dim if config.head == "lm" else config.dim  # score: [D, 1]
     matmul_params = config.n_layers * config.layer_matmul_params + head
-    causal_attention = 6 * config.n_layers * seq_len * config.dim  # 12 * L * T * D, halved
-    train = 6 * matmul_params + causal_attention
-    return train * 4 / 3 if reference else train
+    causal_attention = 2 * config.n_layers * seq_len * config.dim  # 4 * L * T * D, halved
+    return forwards * (2 * matmul_params + causal_attention)
 
 
 def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.0) -> float | None:
@@ -179,13 +180,16 @@ class TrainLog:
     of the first step, so that its rate and ETA are the steady steps' and not the compile's;
     otherwise the logged steps' plain lines only."""
 
-    def __init__(self, workdir: str, setup, start_step: int):
+    def __init__(self, workdir: str, setup, start_step: int, tokens_per_step: int | None = None):
+        """`setup`: a `llamax.setup.Setup`, whose task gives the FLOPs per token and the step
+        metrics shown; `tokens_per_step`: the tokens a logged step trains on (default: one
+        global batch)."""
         c, t = setup.c, setup.c.train
         config, mesh = setup.model.config, setup.mesh
-        self.tokens_per_step = t.batch_size * t.seq_len
+        self.tokens_per_step = tokens_per_step or t.batch_size * t.seq_len
         self.num_devices = mesh.devices.size
-        dpo = c.data.source == "preference" and config.head == "lm"  # a reference's forward
-        self.flops_token = flops_per_token(config, t.seq_len, reference=dpo)
+        self.flops_token = setup.task.flops_per_token(c, config)
+        self.shown = setup.task.shown
         self.peak = peak_flops_per_device(mesh.devices.flat[0], t.peak_flops_per_device)
         self.writer = MetricsWriter(workdir, start_step=start_step)
         self.is_main = jax.process_index() == 0
@@ -247,8 +251,9 @@ class TrainLog:
                 )
         return fetched[-1][1]
 
-    def write(self, step: int, m: dict, eval_loss: float | None = None) -> dict:
-        """The record of a logged step: its values, the throughput since the last record."""
+    def write(self, step: int, m: dict, evaluation: Mapping[str, float] | None = None) -> dict:
+        """The record of a logged step: its values, the throughput since the last record, and
+        the scalars of a held-out `evaluation` ({"eval_loss": ...}) when one ran."""
         elapsed = time.perf_counter() - self.timer_start
         steps = step - self.timer_step
         tokens_per_second = steps * self.tokens_per_step / elapsed if steps else None
@@ -269,11 +274,10 @@ class TrainLog:
             flops = tokens_per_second * self.flops_token / self.num_devices
             record["tflops_per_device"] = flops / 1e12
             record["mfu"] = flops / self.peak if self.peak else None
-        if eval_loss is not None:
-            record["eval_loss"] = eval_loss
+        record.update(evaluation or {})
         self.writer.write(step, record)
         if self.is_main:
-            line = format_record(step, record)
+            line = format_record(step, record, self.shown, tuple(evaluation or ()))
             self.progress.write(line) if self.progress is not None else log.info("%s", line)
         self.timer_start, self.timer_step = time.perf_counter(), step
         return record
@@ -295,19 +299,22 @@ class TrainLog:
 
 
 _STEP_METRICS = ("loss", "learning_rate", "grad_norm", "param_norm", "target_tokens")
-_SHOWN = ("accuracy", "reward_accuracy", "reward_margin")  # a task's metrics on the log line
 
 
-def format_record(step: int, r: dict) -> str:
+def format_record(step: int, r: dict, shown: tuple[str, ...] = (),
+                  evaluation: tuple[str, ...] = ("eval_loss",)) -> str:  # fmt: skip
+    """The console line of a record: loss, learning rate, gradient norm, throughput, the
+    held-out `evaluation` scalars present, and a task's `shown` step metrics."""
     line = f"step {step}: loss {r['loss']:.4f}  lr {r['learning_rate']:.2e}"
     line += f"  grad_norm {r['grad_norm']:.3f}"
     if r["tokens_per_second"]:
         line += f"  {r['tokens_per_second']:,.0f} tokens/s"
     if r["mfu"] is not None:
         line += f"  MFU {100 * r['mfu']:.1f}%"
-    if "eval_loss" in r:
-        line += f"  eval_loss {r['eval_loss']:.4f}"
-    for name in _SHOWN:
+    for name in evaluation:
+        if name in r:
+            line += f"  {name} {r[name]:.4f}"
+    for name in shown:
         if name in r:
             line += f"  {name} {r[name]:.3f}"
     return line

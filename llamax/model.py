@@ -17,7 +17,12 @@ Inputs beyond the tokens:
   per row.
 - `cache`: from `init_cache`; when given, `apply` returns `(logits, cache)` and the new keys and
   values are written at the cache's `index`. The caller keeps `index + T` within the cache
-  length (a write past the end is clamped by `lax.dynamic_update_slice`, silently).
+  length (a write past the end is clamped by `lax.dynamic_update_slice`, silently). A cache
+  made with `per_row=True` has one index per row, [B] (each row of a decode batch at its own
+  length: `llamax.inference`'s slots); it takes one token per row a call (T = 1), written at
+  that row's index (past the end: dropped), and a query sees the keys of its own segment up to
+  its own slot, which the cache's segment ids alone mark: the slots after a row's index must
+  hold segment 0 (never written, or cleared when the row was filled).
 """
 
 from __future__ import annotations
@@ -144,7 +149,11 @@ class Attention(nn.Module):
             prefix = () if layer is None else (layer,)
 
             def write(cache, new):
-                new = new.reshape((1,) * len(prefix) + new.shape).astype(cache.dtype)
+                new = new.astype(cache.dtype)
+                if jnp.ndim(cache_index):  # one index per row: each row's token at its own
+                    rows = jnp.arange(new.shape[0])
+                    return cache.at[(*prefix, rows, cache_index)].set(new[:, 0], mode="drop")
+                new = new.reshape((1,) * len(prefix) + new.shape)
                 return jax.lax.dynamic_update_slice(cache, new, (*prefix, 0, cache_index, 0, 0))
 
             def read(cache):
@@ -154,8 +163,12 @@ class Attention(nn.Module):
             key, value = read(kv["k"]), read(kv["v"])
 
         # Without a cache this is self-attention from slot 0 (a static 0, so that the fused
-        # kernels, which handle only that case, are chosen).
+        # kernels, which handle only that case, are chosen). With one index per row the segment
+        # ids alone mask the keys (the slots after a row's index are segment 0): the offset
+        # then puts every slot before the query.
         offset = 0 if kv is None else cache_index
+        if kv is not None and jnp.ndim(cache_index):
+            offset = key.shape[1]
         out = attend(
             q, key, value, q_segment_ids, kv_segment_ids, offset, e.attention,
             e.attention_block_q, e.attention_block_kv, e.attention_max_segments,
@@ -255,7 +268,8 @@ class Llama(nn.Module):
         b, t = tokens.shape
         index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
         if positions is None:
-            positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+            start = index[:, None] if jnp.ndim(index) else index
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is not None:
             segment_ids = segment_ids.astype(jnp.int32)
         elif cache is not None:
@@ -273,6 +287,16 @@ class Llama(nn.Module):
 
         if cache is None:
             kv_segment_ids, kv = segment_ids, None
+        elif jnp.ndim(index):  # one index per row: one token per row, at its own index
+            if t != 1:
+                raise ValueError(
+                    f"A cache with one index per row takes one token per row a call, got {t}: "
+                    "fill a row from a cache with one index (prefill), then copy it in"
+                )
+            rows = jnp.arange(b)
+            kv_segment_ids = cache["segment_ids"].at[rows, index].set(segment_ids[:, 0],
+                                                                      mode="drop")  # fmt: skip
+            kv = {"k": cache["k"], "v": cache["v"]}
         else:
             kv_segment_ids = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids, (0, index)
@@ -440,13 +464,20 @@ def unstack_layers(params):
 
 
 def init_cache(
-    config: LlamaConfig, batch_size: int, max_len: int, dtype: Any = "float32", stacked=True
+    config: LlamaConfig,
+    batch_size: int,
+    max_len: int,
+    dtype: Any = "float32",
+    stacked=True,
+    per_row=False,
 ) -> Cache:
     """An empty KV cache of `max_len` slots, keys and values in `dtype` (the model's compute
     dtype, `model.execution.dtype`, saves a cast on every step).
 
     `stacked`: keys and values as one [L, B, S, K, H] array each, for a scanned `Llama`; else
     as a tuple of L arrays [B, S, K, H], for one with `execution.scan_layers=False`.
+    `per_row`: one write index per row, [B] (decoding rows of different lengths, one token
+    each a call), instead of one for the batch.
     """
     shape = (batch_size, max_len, config.kv_heads, config.head_dim)
 
@@ -460,7 +491,7 @@ def init_cache(
         "v": zeros(),
         # 0 marks empty slots; they are also later than every query, so causality hides them.
         "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32),
-        "index": jnp.asarray(0, jnp.int32),
+        "index": jnp.zeros((batch_size,) if per_row else (), jnp.int32),
     }
 
 

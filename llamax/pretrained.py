@@ -358,20 +358,22 @@ def base_fingerprint(path: str, what: str = "init_from") -> dict:
 
 
 def check_same_base(
-    recorded: dict | None, path: str, what: str = "init_from", dpo: bool = False
+    recorded: dict | None,
+    path: str,
+    what: str = "init_from",
+    model: str = "LoRA base",
+    rule: str = "adapters only fit the base they were trained on",
 ) -> None:
-    """LoRA adapters meet the base they were trained on (a resumed run, or adapters loaded on
-    a base), a resumed DPO run (`dpo`) the reference it started with: the `content` recorded
-    (`base_fingerprint`) must be that of the checkpoint now at `path`, so that another model
-    put at the same path and step is noticed. A record of an older llamax (a manifest's
-    checksum, else the step) is compared as it was, with a warning that this is weaker.
-    `what` names the caller's input in the error."""
+    """A model a run or adapters were trained with is still the one at `path`: LoRA adapters
+    meet the base they were trained on (a resumed run, or adapters loaded on a base), a
+    resumed run the models its task keeps beside the trained one (`llamax.tasks.Beside`: a
+    DPO run's reference). The `content` recorded (`base_fingerprint`) must be that of the
+    checkpoint now at `path`, so that another model put at the same path and step is noticed.
+    A record of an older llamax (a manifest's checksum, else the step) is compared as it was,
+    with a warning that this is weaker. The error names the caller's input (`what`), the
+    `model` ("LoRA base", "DPO reference") and why it may not change (`rule`)."""
     if not recorded:
         return
-    model, rule = (
-        ("DPO reference", "a run keeps the reference it started with") if dpo
-        else ("LoRA base", "adapters only fit the base they were trained on")
-    )  # fmt: skip
     if not recorded.get("content"):
         _check_older_record(recorded, path, what, model, rule)
         return

@@ -11,19 +11,19 @@ kept and written as chat SFT data, on which the policy is then fine-tuned.
   positive, each prompt and `max_new_tokens` within the policy's window, the samples (prompts
   x K of up to `max_new_tokens` tokens, their texts and their scoring's tokens) within the
   host's available memory.
-- `sample`: K responses per prompt through the jitted generation path (`generation.generate`),
-  `batch_size` rows (prompt x sample) a call, fewer when the round has fewer; each row samples
-  its own random stream (rows of a call draw independently, each call has its own key from
-  `seed` and the call's index), so K samples of a prompt differ at temperature > 0 and are K
-  equal greedy answers at 0. Each response is the policy's tokens up to its first EOS,
-  decoded to text without trailing whitespace (`generation.answer_text`: the space the chat
-  format puts before EOS is no part of the answer).
+- `sample`: K responses per prompt from the inference engine (`inference.Engine.generate`,
+  continuous batching over `batch_size` slots, fewer when the round has fewer samples);
+  sample j of prompt i draws from the random stream i K + j of `seed`, so K samples of a
+  prompt differ at temperature > 0 (and are K equal greedy answers at 0), and a round's
+  samples do not depend on the batch size. Each response is the policy's tokens up to its
+  first EOS, decoded to text without trailing whitespace (`generation.answer_text`: the space
+  the chat format puts before EOS is no part of the answer).
 - `score`: each (prompt, response) re-tokenized with the reward model's tokenizer in Meta's
   chat format (`preference.response_tokens`) and scored at its last token
-  (`reward.score_sequences`). A response that cannot be an answer (empty, or holding the
-  chat format's special tags), one longer than the reward model's window, or one cut off by
-  `max_new_tokens` (unless kept) gets no score (NaN) and is counted by reason: every sample
-  is scored or counted once, so the counts add up to the samples.
+  (`reward.score_sequences`: the engine's scoring path). A response that cannot be an answer
+  (empty, or holding the chat format's special tags), one longer than the reward model's
+  window, or one cut off by `max_new_tokens` (unless kept) gets no score (NaN) and is counted
+  by reason: every sample is scored or counted once, so the counts add up to the samples.
 - `select`: the best-scoring response per prompt as a chat SFT record,
   `{"messages": [*prompt, {"role": "assistant", "content": best}], "score": ...}` (what
   `data.source=chat` reads); a prompt none of whose samples has a score is skipped and
@@ -31,15 +31,23 @@ kept and written as chat SFT data, on which the policy is then fine-tuned.
   scored sample, the mean of each prompt's best, the max and min.
 - `write_dataset`: the records as jsonl, atomically (`fs.write_lines`: whole or not at all).
 
+The round from checkpoints (what `llamax-reward sample` runs): `plan_round` checks everything
+that can be checked without loading a model (the models' heads and tokenizers, the prompts,
+the window and the host's memory: `check_round`), then `run_plan` loads the policy
+(`loading.load_engine`), samples, releases it, loads the reward model, scores, selects, and
+writes the data and the report.
+
 The round's fine-tune. Decision: `llamax-reward sample --finetune CONFIG --workdir DIR` runs
 it in the same process, after the data is written: the config file's `get_config()` with
-`data.source="chat"`, `data.files=<output>`, `data.tokenizer=<the policy's tokenizer>` and
-`init_from=<policy>` (`finetune_config`), given to `train.run`, as `llamax-train --config
-CONFIG --workdir DIR --config.data.files=... --config.init_from=...` would. The policy and the
-reward model are released before training starts. `train` is a program, above this module's
-layer, so the command (an entry point) makes that call; this module only prepares the config.
-The two commands remain equivalent for runs that need llamax-train's own flags (several
-processes, overrides): sample with `llamax-reward sample`, then train with `llamax-train`.
+`task="sft"`, `data.source="chat"`, `data.files=<output>`, `data.tokenizer=<the policy's
+tokenizer>` and `init_from=<policy>` (`finetune_config`; no override may set those,
+`ROUND_KEYS`), given to `train.run`, as `llamax-train --config CONFIG --workdir DIR
+--config.data.files=... --config.init_from=...` would. The policy and the reward model are
+released before training starts. `train` and `experiment` (the config's checks) are above
+this module's layer, so the command (an entry point) checks the config and makes that call;
+this module prepares it. The two commands remain equivalent for runs that need llamax-train's
+own flags (several processes, overrides): sample with `llamax-reward sample`, then train with
+`llamax-train`.
 """
 
 from __future__ import annotations
@@ -54,11 +62,11 @@ from typing import Any
 
 import numpy as np
 
-from llamax import fs, generation, reward
+from llamax import fs, generation, inference, loading, pretrained, reward
 from llamax.data import preference
 from llamax.data import records as records_lib
 from llamax.data.records import BadRecord, JsonlRecords
-from llamax.generation import Sampling
+from llamax.inference import SamplingConfig
 
 log = logging.getLogger("llamax")
 
@@ -111,12 +119,6 @@ def read_prompts(path: str, max_bytes: int | None = None) -> list[dict]:
     return records
 
 
-def _call_seed(seed: int, call: int) -> int:
-    """The key of generation call `call` of a round of seed `seed`: distinct for every
-    (seed, call), so no two calls (of this round or another seed's) share a stream."""
-    return int(np.random.SeedSequence([seed, call]).generate_state(1)[0])
-
-
 def prompt_tokens(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
     """Each prompt (a question, or a dialog ending with the user's turn) as Meta's chat
     format tokenizes it awaiting the answer (`generation.chat_tokens`)."""
@@ -129,7 +131,7 @@ def prompt_tokens(prompts: Sequence[Any], tokenizer) -> list[list[int]]:
     return out
 
 
-def check_round(config, tokenizer, prompts: Sequence[Any], k: int, sampling: Sampling,
+def check_round(config, tokenizer, prompts: Sequence[Any], k: int, sampling: SamplingConfig,
                 batch_size: int) -> list[list[int]]:  # fmt: skip
     """The prompts' tokens (`prompt_tokens`) once the round is known to be possible with the
     policy of `config` (its `LlamaConfig`): `k` and `batch_size` positive, every prompt and
@@ -142,7 +144,7 @@ def check_round(config, tokenizer, prompts: Sequence[Any], k: int, sampling: Sam
     tokens = prompt_tokens(prompts, tokenizer)
     longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
     try:
-        generation.check_window(config, len(tokens[longest]), sampling.max_new_tokens)
+        inference.check_window(config, len(tokens[longest]), sampling.max_new_tokens)
     except ValueError as e:
         raise ValueError(f"prompt {longest}: {e}") from None
     if sampling.top_k > config.vocab_size:
@@ -151,7 +153,7 @@ def check_round(config, tokenizer, prompts: Sequence[Any], k: int, sampling: Sam
     samples = len(tokens) * k
     mean_prompt = sum(len(t) for t in tokens) / len(tokens)
     per_sample = SAMPLE_BYTES + TOKEN_BYTES * (sampling.max_new_tokens + mean_prompt)
-    generation.check_memory(
+    inference.check_memory(
         f"a round of {len(tokens):,} prompts x {k:,} samples of up to "
         f"{sampling.max_new_tokens:,} new tokens",
         {"the samples and their scoring": int(samples * per_sample)},
@@ -175,37 +177,38 @@ def sample(
     seed: int = 0,
     batch_size: int = 8,
 ) -> Samples:
-    """`k` responses to each prompt from the policy (`model`, `params`, a language model),
-    `min(batch_size, prompts x k)` rows a generation call (a call's last rows are filled
-    with copies, so every call has one batch shape), decoded with `tokenizer` as answers
-    (`generation.answer_text`). The round is checked first (`check_round`, and the calls'
-    buffers: `generation.check_request`). A log line per call."""
-    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    """`k` responses to each prompt from the policy (`model`, `params`: a language model, its
+    parameters stacked or an `Engine`'s), generated by the inference engine with
+    `min(batch_size, prompts x k)` slots (`Engine.generate`: continuous batching), decoded
+    with `tokenizer` as answers (`generation.answer_text`). Sample j of prompt i draws from
+    the random stream i k + j of `seed`: K different samples of a prompt, the same ones
+    whatever the batch size. The round is checked first (`check_round`, and the slots'
+    buffers: `inference.check_request`). Log lines as the samples are drawn."""
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
     if model.config.head != "lm":
         raise ValueError("sampling needs a language model (LlamaConfig.head 'lm') as policy")
     tokens = check_round(model.config, tokenizer, prompts, k, sampling, batch_size)
     total = len(tokens) * k
     rows = min(batch_size, total)
-    generation.check_request(model, [len(t) for t in tokens], sampling, rows=rows)
+    inference.check_request(model, [len(t) for t in tokens], sampling, rows=rows)
     if temperature == 0 and k > 1:
         log.warning("temperature 0: the %d samples of each prompt are the same greedy answer", k)
+    logged = [0]
+
+    def progress(done):
+        if done - logged[0] >= rows or done == total:
+            logged[0] = done
+            log.info("rejection sampling: %d/%d samples drawn", done, total)
+
+    engine = inference.Engine(model, params)
+    done = engine.generate([tokens[r // k] for r in range(total)], sampling,
+                           eos_id=tokenizer.eos_id, slots=rows, progress=progress)  # fmt: skip
     texts = [[""] * k for _ in tokens]
     truncated = np.zeros((len(tokens), k), bool)
-    calls = -(-total // rows)
-    for call in range(calls):
-        chunk = [divmod(r, k) for r in range(call * rows, min((call + 1) * rows, total))]
-        ids = [tokens[i] for i, _ in chunk]
-        out = generation.generate(
-            model, params, ids + [ids[-1]] * (rows - len(ids)),
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-            seed=_call_seed(seed, call), eos_id=tokenizer.eos_id,
-        )  # fmt: skip
-        for (i, j), new in zip(chunk, out, strict=False):
-            texts[i][j] = generation.answer_text(tokenizer, new)
-            truncated[i, j] = len(new) == max_new_tokens
-        done = (call * rows + len(chunk)) // k
-        log.info("rejection sampling: %d/%d prompts sampled (%d of %d generation calls)",
-                 done, len(tokens), call + 1, calls)  # fmt: skip
+    for r, completion in enumerate(done):
+        new = completion.tokens[:-1] if completion.stop == "eos" else completion.tokens
+        texts[r // k][r % k] = generation.answer_text(tokenizer, new)
+        truncated[r // k, r % k] = completion.stop == "length"
     return Samples(texts, truncated)
 
 
@@ -340,10 +343,107 @@ def summary(report: dict) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A round of `llamax-reward sample`, checked before any model is loaded (`plan_round`):
+    its checkpoints and options, the prompts read (`prompts`, and each record's other fields,
+    `extra`, carried to its kept record), and the policy's tokenizer file (the fine-tune's)."""
+
+    policy: str
+    reward_model: str
+    prompts_file: str
+    output: str
+    report: str | None
+    k: int
+    sampling: SamplingConfig
+    batch_size: int
+    keep_truncated: bool
+    policy_tokenizer: str | None
+    policy_adapters: str | None
+    reward_tokenizer: str | None
+    load: dict
+    prompts: list
+    extra: list[dict]
+    tokenizer_path: str
+
+
+def plan_round(policy: str, reward_model: str, prompts_file: str, output: str, k: int,
+               sampling: SamplingConfig, batch_size: int = 8, *, report: str | None = None,
+               keep_truncated: bool = False, policy_tokenizer: str | None = None,
+               policy_adapters: str | None = None, reward_tokenizer: str | None = None,
+               **load) -> Plan:  # fmt: skip
+    """A round, checked as far as it can be without loading a model: the policy is a language
+    model and the reward model a reward model (their configs), their tokenizers are theirs,
+    the prompts read (a prompt line too long for the policy's window is refused unread), and
+    the round fits the policy's window and the host's memory (`check_round`). A `ValueError`
+    (or `OSError`) naming the problem otherwise. `load`: `loading.load_engine`'s options for
+    both models (dtype, attention)."""
+    policy_config = pretrained.read_model_config(policy)
+    if policy_config.head != "lm":
+        raise ValueError(f"the policy {policy} is a reward model (a score head); sampling "
+                         "needs a language model")  # fmt: skip
+    tokenizer = loading.checkpoint_tokenizer(policy, policy_tokenizer, policy_config.vocab_size)
+    limit = records_lib.max_record_bytes(policy_config.max_seq_len, tokenizer)
+    records = read_prompts(prompts_file, limit)
+    reward_config = pretrained.read_model_config(reward_model)
+    if reward_config.head != "score":
+        raise ValueError(f"the reward model {reward_model} is a language model; scoring needs "
+                         "a reward model (a score head)")  # fmt: skip
+    loading.checkpoint_tokenizer(reward_model, reward_tokenizer, reward_config.vocab_size)
+    prompts = [r["prompt"] for r in records]
+    check_round(policy_config, tokenizer, prompts, k, sampling, batch_size)
+    return Plan(
+        policy, reward_model, prompts_file, output, report, k, sampling, batch_size,
+        keep_truncated, policy_tokenizer, policy_adapters, reward_tokenizer, load, prompts,
+        [{key: v for key, v in r.items() if key != "prompt"} for r in records],
+        policy_tokenizer or fs.join(policy, "tokenizer.model"),
+    )  # fmt: skip
+
+
+def run_plan(plan: Plan) -> dict:
+    """A planned round, one model at a time: the policy loaded (`loading.load_engine`) and
+    sampled, released; the reward model loaded, the samples scored and the best per prompt
+    selected; the kept records (each with its prompt record's other fields) written to
+    `plan.output`, the report to `plan.report` when given. Returns the report."""
+    import gc
+
+    s = plan.sampling
+    engine, tokenizer = loading.load_engine(
+        plan.policy, plan.policy_tokenizer, adapters=plan.policy_adapters, **plan.load
+    )
+    samples = sample(engine.model, engine.params, tokenizer, plan.prompts, plan.k,
+                     temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                     max_new_tokens=s.max_new_tokens, seed=s.seed,
+                     batch_size=plan.batch_size)  # fmt: skip
+    del engine
+    gc.collect()  # the policy's arrays go before the reward model's come
+    engine, tokenizer = loading.load_engine(plan.reward_model, plan.reward_tokenizer,
+                                            head="score", **plan.load)  # fmt: skip
+    result = finish_round((engine.model, engine.params, tokenizer), plan.prompts, samples,
+                          plan.batch_size, keep_truncated=plan.keep_truncated)  # fmt: skip
+    del engine
+    gc.collect()
+    write_dataset(plan.output, [{**plan.extra[r["prompt_index"]], **r} for r in result.records])
+    report = {
+        **result.report, "policy": plan.policy, "policy_adapters": plan.policy_adapters,
+        "reward_model": plan.reward_model, "prompts_file": plan.prompts_file,
+        "output": plan.output, "temperature": s.temperature, "top_p": s.top_p,
+        "top_k": s.top_k, "max_new_tokens": s.max_new_tokens, "seed": s.seed,
+    }  # fmt: skip
+    if plan.report:
+        fs.write_json(plan.report, report, indent=1)
+    return report
+
+
+# What a round sets in its fine-tune's config (`finetune_config`): no override may change it.
+ROUND_KEYS = ("task", "data.source", "data.files", "data.tfds_name", "data.tokenizer",
+              "init_from")  # fmt: skip
+
+
 def finetune_config(c, data_path: str, policy: str, tokenizer_path: str):
     """The round's fine-tuning config: a copy of the experiment config `c` (a chat SFT
-    recipe, say) training the policy (`init_from`) on the round's data (`data.source` chat,
-    `data.files`), tokenized with the policy's tokenizer."""
+    recipe, say) training the policy (`init_from`) on the round's data (task `sft`,
+    `data.source` chat, `data.files`), tokenized with the policy's tokenizer."""
     if any(ch in data_path for ch in GLOB_CHARACTERS):
         raise ValueError(
             f"--output {data_path}: data.files reads {GLOB_CHARACTERS!r} as patterns; write the "
@@ -353,6 +453,8 @@ def finetune_config(c, data_path: str, policy: str, tokenizer_path: str):
         raise ValueError(f"the fine-tune config has model.head {c.model.head!r}; it trains the "
                          "policy, a language model: model.head 'lm'")  # fmt: skip
     c = c.copy_and_resolve_references()
+    if "task" in c:  # chat SFT, where the experiment config names its task
+        c.task = "sft"
     c.data.source = "chat"
     c.data.files = data_path
     c.data.tfds_name = ""

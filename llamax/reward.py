@@ -7,40 +7,36 @@ rejected one (a tie counts as wrong).
 
 A sequence is scored only within the model's window (`max_seq_len`): `score_sequences`
 refuses a longer one, and a pair with a response longer than the window is skipped and
-counted "too long" (`pair_sequences`); no score is ever read past the window. A call scores
-at most as many rows as there are sequences, and its buffers are checked against the free
-memory first (`generation.check_memory`).
+counted "too long" (`pair_sequences`); no score is ever read past the window. Scores come
+from the inference engine's scoring path (`llamax.inference.Engine.last_scores`): a call
+scores at most as many rows as there are sequences, and its buffers are checked against the
+free memory first.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 from collections.abc import Sequence
-from functools import partial
 
-import jax
 import numpy as np
 
-from llamax import generation, losses
+from llamax import fs, inference, loading, pretrained
 from llamax.data import preference
+from llamax.data import records as records_lib
 from llamax.data.ratings import RATINGS
 from llamax.data.records import BadRecord
 
 TOO_LONG = "too long"  # the reason a sequence longer than the model's window is left out
 
-PAD_TO = 64  # rows are padded to a multiple of this many tokens: few shapes, few compiles
-
-
-def _last_scores(params, tokens, segment_ids, *, model):
-    scores = model.apply({"params": params}, tokens, segment_ids=segment_ids)
-    return losses.segment_last_values(scores, segment_ids, 1)[0][:, 0]
-
 
 def score_sequences(model, params, sequences: Sequence, batch_size: int = 8) -> np.ndarray:
-    """float32 [N]: each token sequence's score at its last token, `batch_size` rows a call
-    (fewer when there are fewer sequences), right-padded (padding is segment 0: never
-    attended, never read). A sequence longer than the model's window, or a call whose
-    buffers the device cannot hold, is a `ValueError` before anything is scored."""
+    """float32 [N]: each token sequence's score at its last token, through the inference
+    engine's scoring path (`Engine.last_scores`: `batch_size` rows a call, fewer when there
+    are fewer sequences, right-padded to a length bucket). A sequence longer than the model's
+    window, or a call whose buffers the device cannot hold, is a `ValueError` before anything
+    is scored. `model` and `params`: a reward model and its parameters, stacked (unstacked
+    here) or per layer (an `Engine`'s, used as they are)."""
     if model.config.head != "score":
         raise ValueError("score_sequences needs a reward model (LlamaConfig.head 'score')")
     if batch_size < 1:
@@ -57,23 +53,13 @@ def score_sequences(model, params, sequences: Sequence, batch_size: int = 8) -> 
             f"model's window of {window:,} tokens (max_seq_len): it cannot be scored"
         )
     rows = min(batch_size, len(sequences))
-    width = -(-len(sequences[longest]) // PAD_TO) * PAD_TO
-    generation.check_memory(
+    width = inference.bucket(len(sequences[longest]), window)
+    inference.check_memory(
         f"scoring {rows:,} rows of up to {width:,} tokens",
-        generation.forward_bytes(model, rows, width),
+        inference.forward_bytes(model, rows, width),
         "score fewer rows at a time (--batch-size)",
     )
-    score = jax.jit(partial(_last_scores, model=model))
-    out = []
-    for start in range(0, len(sequences), rows):
-        chunk = sequences[start : start + rows]
-        width = -(-max(len(x) for x in chunk) // PAD_TO) * PAD_TO
-        tokens = np.zeros((rows, width), np.int32)
-        segments = np.zeros_like(tokens)
-        for i, x in enumerate(chunk):
-            tokens[i, : len(x)], segments[i, : len(x)] = x, 1
-        out.append(np.asarray(score(params, tokens, segments))[: len(chunk)])
-    return np.concatenate(out)
+    return inference.Engine(model, params).last_scores(sequences, batch_size)
 
 
 def pair_sequences(records: Sequence, tokenizer, max_seq_len: int):
@@ -115,6 +101,71 @@ def pair_scores(model, params, tokenizer, records: Sequence, batch_size: int = 8
     sequences, ratings, skipped = pair_sequences(records, tokenizer, model.config.max_seq_len)
     scores = score_sequences(model, params, sequences, batch_size).reshape(-1, 2)
     return scores, ratings, skipped
+
+
+def score_file(checkpoint: str, path: str, output: str, batch_size: int = 8,
+               tokenizer: str | None = None, **load) -> np.ndarray:  # fmt: skip
+    """`llamax-reward score`: the records of the jsonl file at `path` (a `prompt`, a question
+    or a dialog ending with the user's turn, and a `response`), each scored by the reward
+    model `checkpoint` and written with its `score` added, in order, to `output` (whole or
+    not at all). Every record is read and checked (its format, its length against the reward
+    model's window) before the model is loaded; a bad one, or a score that is not finite, is a
+    `ValueError` naming its line, and nothing is written. `load`: `loading.load_engine`'s
+    options (adapters, dtype, attention). The scores, float32 [N]."""
+    config = pretrained.read_model_config(checkpoint)
+    tok = loading.checkpoint_tokenizer(checkpoint, tokenizer, config.vocab_size)
+    lines = records_lib.read_records(path, records_lib.max_record_bytes(config.max_seq_len, tok))
+    parsed, sequences = [], []
+    for i in range(len(lines)):
+        try:
+            record = records_lib.parse(lines[i])
+            tokens, _ = preference.response_tokens(record.get("prompt"), record.get("response"),
+                                                   tok)  # fmt: skip
+        except BadRecord as e:
+            raise ValueError(f"{lines.where(i)}: {e}; nothing was written") from None
+        if len(tokens) > config.max_seq_len:
+            raise ValueError(
+                f"{lines.where(i)}: its prompt and response are {len(tokens):,} "
+                f"tokens, longer than the reward model's window of {config.max_seq_len:,} "
+                "tokens (max_seq_len): shorten the response or leave the record out; "
+                "nothing was written"
+            )
+        parsed.append(record)
+        sequences.append(tokens)
+    engine, _ = loading.load_engine(checkpoint, tokenizer, head="score", **load)
+    scores = score_sequences(engine.model, engine.params, sequences, batch_size)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise ValueError(f"{lines.where(int(bad[0]))}: the reward model gives a non-finite "
+                         f"score ({scores[bad[0]]}); nothing was written")  # fmt: skip
+    fs.write_lines(output, [json.dumps({**r, "score": float(s)}, allow_nan=False) + "\n"
+                            for r, s in zip(parsed, scores, strict=True)])  # fmt: skip
+    return scores
+
+
+def evaluate_pairs(checkpoint: str, path: str, batch_size: int = 8,
+                   tokenizer: str | None = None, **load) -> dict:  # fmt: skip
+    """`llamax-reward eval`: the accuracy of the reward model `checkpoint` on the preference
+    pairs of the jsonl file at `path` (`accuracy_by_rating`, with `skipped`: the records left
+    out, by reason). The pairs are read, and the unusable ones counted (too long for the
+    reward model's window among them), before the model is loaded; none usable, or scores
+    that are not finite, is a `ValueError`. `load`: `loading.load_engine`'s options."""
+    config = pretrained.read_model_config(checkpoint)
+    tok = loading.checkpoint_tokenizer(checkpoint, tokenizer, config.vocab_size)
+    limit = records_lib.max_record_bytes(config.max_seq_len, tok)
+    try:
+        sequences, ratings, skipped = pair_sequences(
+            records_lib.read_records(path, limit), tok, config.max_seq_len
+        )
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    engine, _ = loading.load_engine(checkpoint, tokenizer, head="score", **load)
+    scores = score_sequences(engine.model, engine.params, sequences, batch_size).reshape(-1, 2)
+    bad = int((~np.isfinite(scores)).any(axis=1).sum())
+    if bad:
+        raise ValueError(f"{path}: the reward model gives non-finite scores to {bad:,} of "
+                         f"{len(scores):,} pairs; nothing was written")  # fmt: skip
+    return {**accuracy_by_rating(scores, ratings), "skipped": skipped}
 
 
 def accuracy_by_rating(scores: np.ndarray, ratings: np.ndarray) -> dict:

@@ -1,7 +1,9 @@
 """One setup for every training loop: experiment config + mesh -> `Setup`, which holds the
-model, the optimizer and schedule, the abstract train state and its shardings, the batch
-sharding, and the jitted train and eval steps. `llamax.train.run`, `llamax.aot.check` and the
-benchmarks all build their step here.
+task (`llamax.tasks`), the model, the optimizer and schedule, the abstract train state and its
+shardings, the batch's fields and their shardings, and the jitted train and eval steps.
+`llamax.train.run`, `llamax.aot.check` and the benchmarks all build their step here; the
+state a run starts from (resumed, `init_from`, a frozen base, the models beside) is
+`llamax.state`'s.
 
 The order is always: `jax.eval_shape(init)` -> shardings from the logical axis names ->
 `jax.jit(init, out_shardings=...)` (the state is born sharded, never whole on one host) ->
@@ -13,7 +15,6 @@ array with `jax.make_array_from_process_local_data`.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
@@ -25,23 +26,10 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llamax import (
-    checkpoint,
-    experiment,
-    lora,
-    losses,
-    optim,
-    pretrained,
-    quantization,
-    sharding,
-    step,
-)
-from llamax import data as data_lib
+from llamax import experiment, lora, optim, pretrained, quantization, sharding, step, tasks
 from llamax.execution import compiler_options
 from llamax.model import Llama, abstract_params, trained_with_adapters
 from llamax.step import TrainState
-
-log = logging.getLogger("llamax")
 
 
 def make_mesh(c: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -80,12 +68,13 @@ def state_shardings(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     frozen_dtype: str = "float32",
-    reference: bool = False,
+    beside: Mapping[str, Llama] | None = None,
 ):
     """The abstract train state (shapes and dtypes) and its shardings; no memory used. With
     LoRA the parameters are the adapters and what trains beside them (a reward model's score
-    head: `trained_with_adapters`), and `frozen` the rest, the base, in `frozen_dtype`; with a
-    `reference` model (DPO), its parameters, shaped and sharded like them."""
+    head: `trained_with_adapters`), and `frozen` the rest, the base, in `frozen_dtype`; the
+    models `beside` the trained one (a task's: DPO's reference), by name, their parameters as
+    each model declares them."""
     boxed, frozen = abstract_params(model), None
     if model.lora is not None:
         frozen, boxed = lora.split(boxed, trained_with_adapters(model.config))
@@ -93,23 +82,24 @@ def state_shardings(
     # optax mirrors the boxed parameters in its moments, so they get the same logical names.
     opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
+    others = {name: abstract_params(m) for name, m in (beside or {}).items()}
     shardings = TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings,
         frozen=None if frozen is None else sharding.tree_shardings(frozen, mesh),
-        reference=param_shardings if reference else None,
+        beside={name: sharding.tree_shardings(b, mesh) for name, b in others.items()},
     )  # fmt: skip
     params = flax.linen.unbox(boxed)
     abstract = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=params,
         opt_state=jax.eval_shape(tx.init, params),
-        frozen=None if frozen is None else _frozen_abstract(frozen, frozen_dtype),
-        reference=params if reference else None,
+        frozen=None if frozen is None else frozen_abstract(frozen, frozen_dtype),
+        beside={name: flax.linen.unbox(b) for name, b in others.items()},
     )
     return abstract, shardings
 
 
-def _frozen_abstract(boxed, dtype: str):
+def frozen_abstract(boxed, dtype: str):
     """The frozen base's shapes in `dtype`; quantized ("int8", "nf4"), the matrices' codes and
     float32 scales as the model declares them and the rest in bfloat16."""
     floats = "bfloat16" if dtype in quantization.QUANTIZATIONS else dtype
@@ -126,17 +116,19 @@ def _frozen_abstract(boxed, dtype: str):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Setup:
-    c: ml_collections.ConfigDict
+    c: ml_collections.ConfigDict  # with its task stated (`experiment.resolve_task`)
     mesh: Mesh
+    task: tasks.Task
     model: Llama
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     abstract: TrainState  # shapes and dtypes only
     shardings: TrainState
-    batch_sharding: NamedSharding
-    fields: tuple[str, ...]  # what a batch holds, each int32 [batch_size, seq_len]
+    batch_sharding: NamedSharding  # of a [batch_size, seq_len] field: which rows, positions
+    fields: dict[str, tasks.Field]  # what a batch holds: the task's fields
+    batch_shardings: dict[str, NamedSharding]  # each field's
     train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
-    # (full_params(state), batch, state.reference) -> (summed loss, count)
+    # (full_params(state), batch, state.beside) -> (summed loss, count)
     eval_step: Callable
 
     @property
@@ -168,224 +160,107 @@ class Setup:
         return slice(start, stop)
 
     def global_batch(self, local: dict) -> dict:
-        """The global batch from this process's rows of it (whole rows: their positions this
-        process holds are cut out here)."""
-        columns = self.local_columns()
-        return {
-            k: jax.make_array_from_process_local_data(
-                self.batch_sharding, v[:, columns], self.batch_shape
+        """The global batch of the task's fields from this process's rows of it (whole rows:
+        their positions this process holds are cut out here). A field the data does not
+        give, or gives in another shape, is an error naming it."""
+        columns, out = self.local_columns(), {}
+        for name, field in self.fields.items():
+            if name not in local:
+                raise ValueError(
+                    f"the data gives no batch field {name!r}, which task {self.task.name!r} "
+                    f"reads (it gives {sorted(local)}): check data.source"
+                )
+            rows = np.asarray(local[name])
+            if rows.shape[1:] != field.shape or not np.can_cast(rows.dtype, field.dtype,
+                                                                "same_kind"):  # fmt: skip
+                raise ValueError(
+                    f"batch field {name!r}: the data gives rows of shape {rows.shape[1:]} "
+                    f"{rows.dtype}, task {self.task.name!r} reads {field.shape} {field.dtype}"
+                )
+            cut = tuple(columns if axis == "length" else slice(None) for axis in field.axes)
+            out[name] = jax.make_array_from_process_local_data(
+                self.batch_shardings[name],
+                rows[(slice(None), *cut)].astype(field.dtype, copy=False),
+                (self.batch_shape[0], *field.shape),
             )
-            for k, v in local.items()
-        }
+        return out
 
     def abstract_batch(self) -> dict:
-        x = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32, sharding=self.batch_sharding)
-        return dict.fromkeys(self.fields, x)
+        """The batch's fields as abstract arrays on their shardings: what ahead-of-time
+        compiles take."""
+        rows = self.batch_shape[0]
+        return {
+            name: jax.ShapeDtypeStruct(
+                (rows, *f.shape), f.dtype, sharding=self.batch_shardings[name]
+            )
+            for name, f in self.fields.items()
+        }
 
     def abstract_state(self) -> TrainState:
         """The abstract state placed on its shardings: what ahead-of-time compiles take."""
         return pretrained.with_shardings(self.abstract, self.shardings)
 
-    def init_state(self, rng: jax.Array, params=None, frozen=None, start=None) -> TrainState:
+    def init_state(
+        self, rng: jax.Array, params=None, frozen=None, start=None, beside=None
+    ) -> TrainState:
         """The train state born sharded: random parameters, or `params` (`init_from`); with
         LoRA, fresh adapters on the `frozen` base, and what trains beside them (a reward
-        model's score head) fresh too, or as in `start` (`init_from`'s); and the reference
-        model a task needs."""
+        model's score head) fresh too, or as in `start` (`init_from`'s); the parameters of
+        the models `beside` the trained one, as given (`llamax.state` reads them)."""
 
         def init(r, p, frozen, start):
             if p is None:
                 p = flax.linen.unbox(self.model.init(r, jnp.zeros((1, 1), jnp.int32))["params"])
                 if frozen is not None:  # what trains only: XLA drops the base's initialization
-                    p = lora.combine(lora.split(p, self._trained)[1], start or {})
+                    p = lora.combine(lora.split(p, self.trained_whole)[1], start or {})
             return TrainState(step=jnp.zeros((), jnp.int32), params=p,
                               opt_state=self.tx.init(p), frozen=frozen)  # fmt: skip
 
-        shardings = self.shardings.replace(reference=None)
+        shardings = self.shardings.replace(beside={})
         with sharding.use_mesh(self.mesh):
             state = jax.jit(init, out_shardings=shardings)(rng, params, frozen, start)
-        return state.replace(reference=self._reference())
+        return state.replace(beside=dict(beside or {}))
 
     @property
-    def _trained(self) -> tuple[str, ...]:
+    def trained_whole(self) -> tuple[str, ...]:
         """The parameters that train whole beside LoRA's adapters (`trained_with_adapters`)."""
         return trained_with_adapters(self.model.config)
-
-    def _reference(self):
-        """The reference model's parameters (None when the task has none or, as with LoRA,
-        the loss derives it: the base with the adapters off): `init_from`'s, read again
-        (never the trained ones' buffers, which each step donates)."""
-        if self.abstract.reference is None:
-            return None
-        params, _ = pretrained.restore_params(
-            self.c.init_from, self.abstract.reference, self.shardings.reference, "init_from"
-        )
-        return params
 
     def full_params(self, state: TrainState):
         """Every parameter of the model: LoRA's adapters joined to the base."""
         return state.params if state.frozen is None else lora.combine(state.frozen, state.params)
 
-    def restore_or_init(
-        self, checkpoints: checkpoint.Checkpoints, data_iter
-    ) -> tuple[TrainState, dict]:
-        """The state to train from, and the restored checkpoint's meta ({} when none): the
-        workdir's latest checkpoint (with the data position), else `init_from`'s parameters,
-        else a fresh initialization."""
-        latest = checkpoints.latest_step()
-        if latest is not None:
-            state, data_state, meta = checkpoints.restore(latest, self.abstract, self.shardings)
-            # The run's base and reference, by content, before either is read.
-            if self.abstract.frozen is not None:
-                pretrained.check_same_base(meta.get("lora_base"), self.c.init_from)
-            if self.abstract.reference is not None:
-                pretrained.check_same_base(meta.get("dpo_reference"), self.c.init_from, dpo=True)
-            data_iter.set_state(data_state)
-            log.info("resuming from the checkpoint of step %d in %s", latest, checkpoints.directory)
-            frozen = self._frozen_base()
-            if frozen is not None:
-                state = state.replace(frozen=frozen)
-            return state.replace(reference=self._reference()), meta
-        frozen = self._frozen_base()
-        rng = jax.random.key(self.c.train.seed)
-        if frozen is not None:
-            log.info("LoRA adapters (%s) on the frozen base %s", self.model.lora, self.c.init_from)
-            return self.init_state(rng, frozen=frozen, start=self._trained_from_init()), {}
-        if not self.c.init_from:
-            return self.init_state(rng), {}
-        params, from_step = self._pretrained_params(rng)
-        log.info("initialized from the parameters of %s (step %d)", self.c.init_from, from_step)
-        return self.init_state(rng, params), {}
 
-    def _new_head(self) -> bool:
-        """A reward model started from a language model's checkpoint (as Llama 2's start from
-        their chat models): the body is read from it, the score head is new (initialized as
-        the model initializes it: the first scores near 0)."""
-        saved = pretrained.saved_params(self.c.init_from, "init_from")
-        new = self.model.config.head == "score" and "score" not in saved and "output" in saved
-        if new:
-            log.info("a reward model on the language model %s: its body, a new score head",
-                     self.c.init_from)  # fmt: skip
-        return new
-
-    def _pretrained_params(self, rng: jax.Array):
-        """(`init_from`'s parameters on their shardings, its step); a reward model's new score
-        head on a language model's body (`_new_head`)."""
-        init_from = self.c.init_from
-        if not self._new_head():
-            return pretrained.restore_params(
-                init_from, self.abstract.params, self.shardings.params, what="init_from"
-            )
-        body = {k: v for k, v in self.abstract.params.items() if k != "score"}
-        shardings = {k: v for k, v in self.shardings.params.items() if k != "score"}
-        params, from_step = pretrained.restore_params(
-            init_from, body, shardings, "init_from", partial=True
-        )
-
-        def score(r):
-            zeros = jnp.zeros((1, 1), jnp.int32)
-            return flax.linen.unbox(self.model.init(r, zeros)["params"])["score"]
-
-        params["score"] = jax.jit(score, out_shardings=self.shardings.params["score"])(rng)
-        return params, from_step
-
-    def _trained_from_init(self):
-        """With LoRA, `init_from`'s values of the parameters that train beside the adapters (a
-        reward model's score head, when `init_from` is a reward model), or None: they start
-        fresh (none there, or a new head on a language model's body: `_new_head`)."""
-        beside, _ = lora.split(self.abstract.params)  # what trains, less the adapters
-        if not beside or self._new_head():
-            return None
-        shardings, _ = lora.split(self.shardings.params)
-        start, _ = pretrained.restore_params(
-            self.c.init_from, beside, shardings, "init_from", partial=True
-        )
-        log.info("%s trained beside the adapters from %s", sorted(beside), self.c.init_from)
-        return start
-
-    def _frozen_base(self):
-        """LoRA's base, read from `init_from` onto its shardings (None without LoRA): every
-        parameter but those that train (a reward model's base: the body, without whichever
-        head `init_from` has)."""
-        if self.abstract.frozen is None:
-            return None
-        if self.model.execution.weight_quantization == "none":
-            base, _ = pretrained.restore_params(
-                self.c.init_from, self.abstract.frozen, self.shardings.frozen, "init_from",
-                partial=True,
-            )  # fmt: skip
-            return base
-        # Quantized: read as the float weights the checkpoint holds (in bfloat16), then
-        # quantized on the mesh one matrix at a time, each float matrix let go once quantized
-        # (so that the float base and the quantized one never exist whole at once).
-        kind = self.model.execution.weight_quantization
-        plain = self.model.clone(execution=self.model.execution.replace(weight_quantization="none"))
-        boxed = lora.split(abstract_params(plain), self._trained)[0]
-        base, _ = pretrained.restore_params(
-            self.c.init_from, _frozen_abstract(boxed, "bfloat16"),
-            sharding.tree_shardings(boxed, self.mesh), what="init_from", partial=True,
-        )  # fmt: skip
-
-        def visit(tree, shardings):  # empties `tree` (the restored dicts) as it goes
-            out = {}
-            while tree:
-                name, value = tree.popitem()
-                if isinstance(value, Mapping):
-                    out[name] = visit(value, shardings[name])
-                elif name in quantization.AXES:
-                    quantize = jax.jit(
-                        partial(quantization.quantize_matrix, name=name, quantization=kind),
-                        out_shardings=(shardings[name], shardings[f"{name}_scale"]),
-                    )
-                    out[name], out[f"{name}_scale"] = quantize(value)
-                else:
-                    out[name] = value
-                del value
-            return out
-
-        with sharding.use_mesh(self.mesh):
-            return visit(base, self.shardings.frozen)
-
-    def run_meta(self) -> dict:
-        """What a checkpoint records about how its parameters relate to others: a LoRA run's
-        base, a DPO run's reference (`pretrained.base_fingerprint`: their path, step and
-        content, the digests recorded of their parameters), so that a resume notices another
-        model put in their place."""
-        meta = {}
-        if self.abstract.frozen is not None:
-            meta["lora_base"] = pretrained.base_fingerprint(self.c.init_from)
-        if self.abstract.reference is not None:
-            meta["dpo_reference"] = pretrained.base_fingerprint(self.c.init_from)
-        return meta
-
-
-def objective(c: ml_collections.ConfigDict) -> step.LossFn:
-    """The loss a run minimizes: next-token prediction (pretraining, continued training, SFT),
-    a reward model's ranking loss on preference pairs, or a language model's DPO on them."""
-    if c.data.source == "preference" and experiment.head(c) == "score":
-        r = c.reward
-        return partial(losses.reward_loss, margins=r.margins, centering=r.centering,
-                       pairs_per_row=c.data.pairs_per_row)  # fmt: skip
-    if c.data.source == "preference":
-        return partial(losses.dpo_objective, beta=c.dpo.beta, pairs_per_row=c.data.pairs_per_row)
-    return partial(losses.lm_loss, z_loss=c.train.z_loss)
+def beside_models(task: tasks.Task, c: ml_collections.ConfigDict, model: Llama) -> dict:
+    """The model of each of the task's models beside the trained one, by name: its own
+    architecture, or the trained model's (without adapters, its matrices unquantized)."""
+    plain = model.execution.replace(weight_quantization="none")
+    return {name: Llama(b.config or model.config, plain) for name, b in task.beside(c).items()}
 
 
 def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
-    """Everything a training loop over config `c` needs on `mesh`; nothing is allocated."""
+    """Everything a training loop over config `c` needs on `mesh`; nothing is allocated. A
+    config without a task gets the one it implies (`experiment.resolve_task`)."""
+    c = experiment.resolve_task(c)
     t = c.train
     experiment.check(c)
     check_batch_layout(c, mesh)
+    task = experiment.task(c)
     adapters = experiment.lora_config(c)
     model = Llama(experiment.model_config(c), experiment.execution_config(c), adapters)
     tx = optim.make_optimizer(c.optimizer, t.steps)
     schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
     abstract, shardings = state_shardings(
-        model, tx, mesh, c.lora.base_dtype, reference=experiment.is_dpo(c) and not adapters
+        model, tx, mesh, c.lora.base_dtype, beside_models(task, c, model)
     )
     logical = sharding.mesh_axes(("batch", "length"), (t.batch_size, t.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, logical)
-    fields, loss_fn = data_lib.fields(c.data), objective(c)
-    batch_shardings = dict.fromkeys(fields, batch_sharding)
+    fields, loss_fn = task.fields(c), task.loss(c)
+    batch_shardings = {
+        name: NamedSharding(mesh, sharding.mesh_axes(
+            ("batch", *f.axes), (t.batch_size, *f.shape), mesh))
+        for name, f in fields.items()
+    }  # fmt: skip
     options = compiler_options(mesh.devices.flat[0].platform)
     train_step = jax.jit(
         partial(
@@ -410,10 +285,10 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     )
     eval_step = jax.jit(
         partial(step.eval_step, model=model, loss_fn=loss_fn),
-        in_shardings=(full, batch_shardings, shardings.reference),
+        in_shardings=(full, batch_shardings, shardings.beside),
         compiler_options=options,
     )
     return Setup(
-        c, mesh, model, tx, schedule, abstract, shardings, batch_sharding, fields,
-        train_step, eval_step,
+        c, mesh, task, model, tx, schedule, abstract, shardings, batch_sharding, fields,
+        batch_shardings, train_step, eval_step,
     )  # fmt: skip

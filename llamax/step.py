@@ -1,7 +1,7 @@
 """What one training step computes: `TrainState`, `train_step` and `eval_step`.
 
-Both are plain functions of a task's loss (`llamax.losses`); `llamax.setup` puts them under
-`jax.jit` with the state's and the batch's shardings.
+Both are plain functions of a task's loss (`llamax.tasks`, composed from `llamax.losses`);
+`llamax.setup` puts them under `jax.jit` with the state's and the batch's shardings.
 
 Shapes: B global batch, A gradient-accumulation steps, T sequence length.
 """
@@ -18,8 +18,9 @@ import optax
 
 from llamax import lora
 
-# (params, model, batch, rngs=None[, reference=...]) -> (summed loss to differentiate,
-# (summed loss, count) or (summed loss, count, {name: sum})): `llamax.losses`.
+# (params, model, batch, rngs=None, **models beside) -> (summed loss to differentiate,
+# (summed loss, count) or (summed loss, count, {name: sum})): `llamax.losses`; the models a
+# task needs beside the trained one come as keywords by their names (DPO's `reference`).
 LossFn = Callable[..., tuple[jax.Array, tuple]]
 
 
@@ -36,10 +37,10 @@ class TrainState:
     # Parameters that do not train (LoRA's base): joined to `params` for the loss, passed
     # through the step unchanged, never checkpointed with the run.
     frozen: Any = None
-    # A reference model's parameters (DPO from a full copy: the starting ones), passed to
-    # the loss as `reference`; not trained, not checkpointed (read again from `init_from` on
-    # resume). With LoRA there is none: the loss turns the adapters off.
-    reference: Any = None
+    # The parameters of the models a task needs beside the trained one, by name (DPO's
+    # `reference`, a frozen copy of the start; PPO's reward models), each passed to the loss
+    # as the keyword of its name: not trained, not checkpointed (read again on resume).
+    beside: Any = flax.struct.field(default_factory=dict)
 
 
 def train_step(
@@ -59,14 +60,14 @@ def train_step(
     The loss is the mean over every valid target token of the whole global batch, so
     accumulation gives the gradient of one big batch. The gradient is of `state.params` only
     (with LoRA: the adapters and any head trained beside them; `state.frozen` joins them for
-    the loss). A task with a reference model (DPO) gets the state's as the loss's
-    `reference`. A model with LoRA dropout gets a dropout key from `dropout_seed`, the step
-    and the micro-batch.
+    the loss). The models beside the trained one (`state.beside`, DPO's `reference`) are the
+    loss's keywords of their names. A model with LoRA dropout gets a dropout key from
+    `dropout_seed`, the step and the micro-batch.
     """
     dropout = getattr(model, "lora", None) is not None and model.lora.dropout > 0
     step_key = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
-    extra = {} if state.reference is None else {"reference": state.reference}
+    extra = dict(state.beside or {})
 
     def loss_of(params, micro, index):
         if state.frozen is not None:
@@ -115,9 +116,8 @@ def train_step(
     return new, metrics
 
 
-def eval_step(params, batch: dict, reference=None, *, model, loss_fn: LossFn):
-    """(summed loss, count) of a batch; `reference`: the reference model's parameters of a
-    task that has one (DPO)."""
-    extra = {} if reference is None else {"reference": reference}
-    _, aux = loss_fn(params, model, batch, **extra)
+def eval_step(params, batch: dict, beside=None, *, model, loss_fn: LossFn):
+    """(summed loss, count) of a batch; `beside`: the parameters of the models the task needs
+    beside the trained one, by name (`TrainState.beside`)."""
+    _, aux = loss_fn(params, model, batch, **(beside or {}))
     return _sums(aux)[:2]

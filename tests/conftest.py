@@ -80,7 +80,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, **overrides):
-    """`configs/<name>.py`'s get_config(), with dotted overrides ("train.steps": 3)."""
+    """`configs/<name>.py`'s get_config(), with overrides of top-level ("task": "sft") and
+    dotted keys ("train.steps": 3)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
@@ -89,8 +90,8 @@ def load_config(name, **overrides):
     config = module.get_config()
     config.train.progress_bar = False
     for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
+        *section, field = key.split(".")
+        (config[section[0]] if section else config)[field] = value
     return config
 
 
@@ -270,7 +271,7 @@ def tiny_run(tmp_path_factory, tiny_lm, tokenizer_path):
     files = root / "chat.jsonl"
     files.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
     c = load_config("tiny", **{
-        "model.vocab_size": 600, "data.source": "chat", "data.files": str(files),
+        "task": "sft", "model.vocab_size": 600, "data.source": "chat", "data.files": str(files),
         "data.tokenizer": tokenizer_path, "train.steps": 2, "train.log_every": 1,
         "train.eval_every": 0, "checkpoint.every": 1, "checkpoint.async_save": False,
     })  # fmt: skip

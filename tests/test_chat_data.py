@@ -281,8 +281,9 @@ def test_train_on_chat_data(tmp_path, tokenizer_path):
     files = tmp_path / "chat.jsonl"
     files.write_bytes(b"\n".join(_records(200)) + b"\n")
     c = load_config("tiny", **{
-        "data.source": "chat", "data.files": str(files), "data.tokenizer": tokenizer_path,
-        "data.validation_fraction": 0.1, "model.vocab_size": 600, "train.seq_len": 64,
+        "task": "sft", "data.source": "chat", "data.files": str(files),
+        "data.tokenizer": tokenizer_path, "data.validation_fraction": 0.1,
+        "model.vocab_size": 600, "train.seq_len": 64,
         "train.steps": 12, "train.log_every": 4, "train.eval_every": 12,
         "optimizer.learning_rate": 3e-3,
     })  # fmt: skip

@@ -4,7 +4,8 @@ response past it, K samples beyond the host's memory; batch sizes larger than th
 clamped to it. And the commands' rough edges: a prompt that is not UTF-8, an existing output,
 eval's reasons when no pair is usable, `--help` exiting 0, chat answers without the chat
 format's trailing space, the progress bar's ETA and plain log lines off a terminal, the LoRA
-parameter line, and `--config.KEY=VALUE` overrides of `sample --finetune`."""
+parameter line, and `--config.KEY=VALUE` overrides of `sample --finetune`; the model and
+sampling flags the commands share, and their one config loader."""
 
 import io
 import json
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from conftest import REPO, WORDS, load_config
 from test_rejection import FINETUNE_CONFIG
 
 import llamax
-from llamax import generation, loading, metrics, rejection
+from llamax import generation, inference, loading, metrics, rejection
 from llamax.cli import generate as generate_cli
 from llamax.cli import reward as reward_cli
 from llamax.data.tokenizer import Tokenizer
@@ -129,32 +131,33 @@ def test_the_library_refuses_what_the_model_or_the_memory_cannot_take(monkeypatc
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         llamax.generate(model, params, [[1, 5]], temperature=float("nan"))
     # Within the window, beyond the memory: the estimate (KV cache, logits, attention scores)
-    # against what the device can hold, in bytes, and what to lower.
-    need = generation.generation_bytes(model, 64, 100, 100)
-    cache = 2 * config.n_layers * 64 * 200 * config.kv_heads * config.head_dim * 4
-    assert need["KV cache"] == cache and need["logits"] == 64 * 100 * config.vocab_size * 4
-    monkeypatch.setattr(generation, "available_memory", lambda host=False: (10**6, "the test's"))
+    # against what the device can hold, in bytes, and what to lower. The engine's buffers: 64
+    # slots of the prompts' bucket (128) and 112 new tokens, one prompt's bucket.
+    need = inference.generation_bytes(model, 64, 100, 100)
+    cache = 2 * config.n_layers * (64 * 240 + 128) * config.kv_heads * config.head_dim * 4
+    assert need["KV cache"] == cache and need["prefill logits"] == 128 * config.vocab_size * 4
+    monkeypatch.setattr(inference, "available_memory", lambda host=False: (10**6, "the test's"))
     with pytest.raises(ValueError) as e:
         llamax.generate(model, params, [[1] * 100] * 64, max_new_tokens=100)
     message = str(e.value)
     assert "generating 64 rows of up to 200 tokens needs about" in message
-    assert f"KV cache {generation.format_bytes(cache)}" in message
+    assert f"KV cache {inference.format_bytes(cache)}" in message
     assert "more than the test's (976.6 KiB)" in message and "--batch-size" in message
 
 
 def test_sampling_settings_are_checked_in_one_place():
     with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 0"):
-        generation.Sampling(top_p=0)
+        inference.SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
-        generation.Sampling(max_new_tokens=0)
+        inference.SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
-        generation.Sampling(seed=2**63)
+        inference.SamplingConfig(seed=2**63)
 
     class Flags:
         max_new_tokens, temperature, top_p, top_k, seed = 8, -1.0, 1.0, -2, 0
 
     with pytest.raises(ValueError) as e:
-        generation.Sampling.from_flags(Flags)
+        inference.SamplingConfig.from_flags(Flags)
     assert str(e.value) == ("--temperature must be a finite number >= 0, got -1.0; --top-k "
                             "must be an integer >= 0 (0: no cut), got -2")  # fmt: skip
 
@@ -270,7 +273,10 @@ def test_chat_answers_are_stripped_of_the_space_before_eos(tiny_lm, tokenizer_pa
     assert tok.decode(ids) == "green 3 "  # what a chat model trained on Meta's format emits
     assert generation.answer_text(tok, ids) == "green 3"
 
-    monkeypatch.setattr(llamax, "generate", lambda *args, **kwargs: [ids])
+    def answers(engine, prompts, sampling, eos_id=2, **kwargs):  # the model says ids, EOS
+        return [inference.Completion([*ids, eos_id], np.zeros(len(ids) + 1), "eos")] * len(prompts)
+
+    monkeypatch.setattr(inference.Engine, "generate", answers)
     args = ["--checkpoint", tiny_lm, "--prompt", "which colour?"]
     assert generate_cli.main([*args, "--chat"]) == 0
     assert capsys.readouterr().out == "green 3\n"
@@ -278,10 +284,10 @@ def test_chat_answers_are_stripped_of_the_space_before_eos(tiny_lm, tokenizer_pa
     assert capsys.readouterr().out == "green 3 \n"
 
     # Rejection sampling's responses too: the data written holds the answer alone.
-    monkeypatch.setattr(generation, "generate", lambda model, params, prompts, **kw:
-                        [ids] * len(prompts))  # fmt: skip
-    model = llamax.Llama(llamax.LlamaConfig.preset("tiny", vocab_size=600))
-    samples = rejection.sample(model, None, tok, ["which colour?"], 2, batch_size=4)
+    config = llamax.LlamaConfig.preset("tiny", vocab_size=600)
+    model = llamax.Llama(config)
+    params = llamax.model.init_params(model, jax.random.key(0))
+    samples = rejection.sample(model, params, tok, ["which colour?"], 2, batch_size=4)
     assert samples.texts == [["green 3", "green 3"]]
 
 
@@ -454,3 +460,55 @@ def test_a_reward_model_giving_nan_scores_writes_nothing(tmp_path, tokenizer_pat
                             str(tmp_path / "eval")])  # fmt: skip
     assert code == 2 and "non-finite scores to 1 of 1 pairs" in _one_error(capsys, "llamax-reward")
     assert not (tmp_path / "scored.jsonl").exists() and not (tmp_path / "eval").exists()
+
+
+# ----- one set of model and sampling flags, one config loader -----
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["eval", "perplexity", "--lengths", "16", "--output", "x", "--batch-size", "0"],
+     "argument --batch-size: must be a positive integer, got '0'"),
+    (["reward", "score", "--input", "x", "--output", "y", "--batch-size", "-3"],
+     "argument --batch-size: must be a positive integer, got '-3'"),
+    (["reward", "sample", "--policy", "p", "--prompts", "x", "--output", "y", "--batch-size",
+      "x"], "argument --batch-size: must be a positive integer, got 'x'"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+     "--max-new-tokens must be a positive integer, got 0"),
+    (["reward", "sample", "--policy", "p", "--prompts", "x", "--output", "y", "--top-p", "2"],
+     r"--top-p must lie in (0, 1], got 2.0"),
+])  # fmt: skip
+def test_the_commands_share_their_model_and_sampling_flags(argv, problem, capsys,
+                                                           no_model_load):  # fmt: skip
+    from llamax.cli import eval as eval_cli
+
+    main = {"eval": eval_cli.main, "reward": reward_cli.main, "generate": generate_cli.main}
+    with pytest.raises(SystemExit) as e:
+        main[argv[0]]([*argv[1:], "--checkpoint", "ckpt"])
+    assert e.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_one_config_loader_reads_config_files_as_llamax_train_does(tmp_path):
+    """`CONFIG.py:ARG` passes ARG to get_config, the config is locked, and overrides are typed
+    as their keys; a missing file, a file that fails, an unknown key and a bad value are
+    each one error naming it."""
+    from llamax.cli import load_config
+
+    path = tmp_path / "finetune.py"
+    path.write_text(FINETUNE_CONFIG.replace("def get_config():", "def get_config(steps='2'):")
+                    .replace("= 2, 8, 128", "= int(steps), 8, 128"))  # fmt: skip
+    assert load_config(str(path)).train.steps == 2
+    c = load_config(f"{path}:5", ["--config.optimizer.learning_rate", "1e-4",
+                                  "--config.train.seq_len=64"])  # fmt: skip
+    assert (c.train.steps, c.optimizer.learning_rate, c.train.seq_len) == (5, 1e-4, 64)
+    with pytest.raises(AttributeError):
+        c.train.stepz = 1  # locked, as llamax-train's
+    for spec, overrides, error, problem in [
+        (str(tmp_path / "nope.py"), [], FileNotFoundError, "--finetune: no config file"),
+        (str(path), ["--config.train.stepz=1"], ValueError,
+         "--config.train.stepz: no config key 'train.stepz' in --finetune"),
+        (str(path), ["--config.train.steps=x"], ValueError,
+         "flag --config.train.steps=x: invalid literal for int()"),
+        (f"{path}:x", [], ValueError, "cannot load the config file"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=re.escape(problem)):
+            load_config(spec, overrides, "--finetune")

@@ -26,6 +26,9 @@ def test_expected_configs_exist():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_and_resolves(name):
     c = load_config(name)
+    # It states its task: the one llamax inferred from its data and head before tasks were
+    # explicit, so that the run is the one it was.
+    assert c.task and c.task == experiment.derive_task(c.data.source, experiment.head(c)), name
     model = experiment.model_config(c)
     experiment.execution_config(c)  # valid execution settings
     assert c.train.batch_size % c.train.grad_accum_steps == 0
@@ -34,6 +37,20 @@ def test_config_loads_and_resolves(name):
         docstring = f.read().split('"""')[1]
     assert f"configs/{name}.py" in docstring, "the docstring gives the command"
     assert "Hardware" in docstring and "Expected" in docstring
+
+
+@pytest.mark.parametrize("stage, task", [("sft", "sft"), ("lora", "sft"), ("reward", "reward"),
+                                         ("dpo", "dpo")])  # fmt: skip
+def test_each_walkthrough_stage_states_its_task(stage, task):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("w", os.path.join(REPO, "configs",
+                                                                    "walkthrough.py"))  # fmt: skip
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(stage)
+    assert c.task == task == experiment.derive_task(c.data.source, experiment.head(c))
+    experiment.check(c)
 
 
 def test_full_size_configs_use_the_presets():

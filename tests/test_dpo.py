@@ -78,7 +78,7 @@ def test_dpo_at_the_reference_is_log_2_with_zero_margins(tokenizer_path):
 def test_dpo_needs_a_reference_and_a_start():
     with pytest.raises(ValueError, match="reference"):
         losses.dpo_objective({}, None, {}, None)
-    c = load_config("tiny", **{"data.source": "preference"})
+    c = load_config("tiny", **{"task": "dpo", "data.source": "preference"})
     with pytest.raises(ValueError, match="set init_from"):
         experiment.check(c)
     c.init_from, c.dpo.beta = "x", 0.0
@@ -99,11 +99,11 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
     files = tmp_path / "pairs.jsonl"
     files.write_text("".join(json.dumps(_pair(i)) + "\n" for i in range(200)))
     c = load_config("tiny", **{
-        "model.vocab_size": 600, "data.source": "preference", "data.files": str(files),
-        "data.tokenizer": tokenizer_path, "data.pairs_per_row": 2, "train.seq_len": 128,
-        "train.steps": 6, "train.log_every": 1, "optimizer.learning_rate": 3e-3,
-        "optimizer.warmup_steps": 1, "dpo.beta": 0.5, "lora.rank": rank, "lora.alpha": 8.0,
-        "lora.targets": "wq,wk,wv,wo,w1,w2,w3",
+        "task": "dpo", "model.vocab_size": 600, "data.source": "preference",
+        "data.files": str(files), "data.tokenizer": tokenizer_path, "data.pairs_per_row": 2,
+        "train.seq_len": 128, "train.steps": 6, "train.log_every": 1,
+        "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1, "dpo.beta": 0.5,
+        "lora.rank": rank, "lora.alpha": 8.0, "lora.targets": "wq,wk,wv,wo,w1,w2,w3",
     })  # fmt: skip
     c.init_from = lm
     train.run(c, str(tmp_path / "dpo"))
@@ -132,7 +132,7 @@ def test_accumulated_dpo_steps_equal_one_big_batch(tokenizer_path):
     reference = random_params(CONFIG, seed=5)
     tx = optax.sgd(0.1)
     state = step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                            opt_state=tx.init(params), reference=reference)  # fmt: skip
+                            opt_state=tx.init(params), beside={"reference": reference})  # fmt: skip
     loss_fn = lambda *a, **k: losses.dpo_objective(*a, beta=0.2, pairs_per_row=2, **k)  # noqa: E731
     out = [step.train_step(state, batch, model=model, tx=tx, schedule=lambda _: 0.1,
                            loss_fn=loss_fn, grad_accum_steps=a) for a in (1, 2)]  # fmt: skip

@@ -82,9 +82,9 @@ def test_a_batch_larger_than_the_windows_is_clamped_and_memory_is_checked(rng, m
     assert math.isclose(huge["perplexity"], one["perplexity"], rel_tol=1e-5)
     assert huge["windows"] == one["windows"] == 4
 
-    from llamax import generation
+    from llamax import inference
 
-    monkeypatch.setattr(generation, "available_memory", lambda host=False: (1000, "the test's"))
+    monkeypatch.setattr(inference, "available_memory", lambda host=False: (1000, "the test's"))
     with pytest.raises(
         ValueError,
         match=r"perplexity at 16 tokens, 4 windows a call needs "
@@ -111,38 +111,40 @@ def test_passkey_prompt(tokenizer_path):
         evaluate.passkey_prompt(tokenizer, 40, 0.5, 12345)
 
 
-class _Oracle:
-    """Predicts every next token right, except at the prediction positions in `wrong`."""
-
-    def __init__(self, vocab_size, wrong):
-        self.vocab_size, self.wrong = vocab_size, tuple(wrong)
-
-    def apply(self, variables, tokens, segment_ids=None):
-        nxt = jnp.roll(tokens, -1, axis=1)
-        positions = jnp.arange(tokens.shape[1])
-        bad = jnp.isin(positions, jnp.asarray(self.wrong, jnp.int32))[None]
-        nxt = jnp.where(bad, (nxt + 1) % self.vocab_size, nxt)
-        return jax.nn.one_hot(nxt, self.vocab_size)
-
-
 def test_passkey_scores_exactly_the_answer_tokens(tokenizer_path):
+    """A trial is right when greedy decoding gives the answer: the engine's greedy flags at
+    the answer tokens' predictions, not one before nor after."""
     tokenizer = Tokenizer(tokenizer_path)
     prompt, answer = evaluate.passkey_prompt(tokenizer, 400, 0.5, 54321)
-    length = 400
-    tokens = np.zeros((1, length), np.int32)
-    tokens[0, : len(prompt) + len(answer)] = prompt + answer
-    segment_ids = (np.arange(length) < len(prompt) + len(answer))[None].astype(np.int32)
-    mask = np.zeros((1, length - 1), bool)
-    mask[0, len(prompt) - 1 : len(prompt) + len(answer) - 1] = True
+    n = len(prompt) + len(answer)
 
-    def right(wrong):
-        oracle = _Oracle(tokenizer.vocab_size, wrong)
-        return bool(evaluate._greedy_matches(None, tokens, segment_ids, mask, model=oracle)[0])
+    def right(wrong):  # every prediction greedy but those of the tokens at `wrong`
+        greedy = np.ones(n, bool)  # a sequence with one more token after the answer
+        greedy[[w - 1 for w in wrong]] = False
+        return evaluate.answer_right(greedy, len(prompt), len(answer))
 
     assert right([])
-    assert right([len(prompt) - 2, len(prompt) + len(answer) - 1])  # just outside the answer
-    assert not right([len(prompt) - 1])  # the answer's first token
-    assert not right([len(prompt) + len(answer) - 2])  # its last
+    assert right([len(prompt) - 1, n])  # the tokens just before and after the answer
+    assert not right([len(prompt)])  # the answer's first token
+    assert not right([n - 1])  # its last
+
+
+def test_passkey_reads_the_models_greedy_predictions(tokenizer_path):
+    """The scoring path's greedy flags are the argmax of a full forward at each prediction,
+    so a passkey trial succeeds exactly when the model's greedy answer is the key."""
+    config = llamax.LlamaConfig.preset("tiny", vocab_size=600, max_seq_len=512)
+    model = llamax.Llama(config)
+    params = llamax.model.init_params(model, jax.random.key(0))
+    tokenizer = Tokenizer(tokenizer_path)
+    prompt, answer = evaluate.passkey_prompt(tokenizer, 400, 0.5, 54321)
+    logits = model.apply({"params": params}, np.asarray([prompt]))[0, -1]
+    first = int(jnp.argmax(logits))
+    # The model's own greedy answer (its first token, and then whatever follows it) is a
+    # hit; any other answer is a miss.
+    engine = llamax.inference.Engine(model, params)
+    (_, greedy), (_, other) = engine.greedy_logprobs([prompt + [first], prompt + [first + 1]])
+    assert evaluate.answer_right(greedy, len(prompt), 1)
+    assert not evaluate.answer_right(other, len(prompt), 1)
 
 
 @pytest.mark.slow

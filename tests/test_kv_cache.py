@@ -81,3 +81,50 @@ def test_cache_dtype_and_shapes():
     assert init_cache(config, batch_size=3, max_len=7)["v"].dtype == jnp.float32
     per_layer = init_cache(config, batch_size=3, max_len=7, stacked=False)
     assert len(per_layer["v"]) == 2 and per_layer["v"][1].shape == (3, 7, 2, 16)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_one_index_per_row_decodes_each_row_at_its_own_length(rng, scan_layers):
+    """A cache with one write index per row (the inference engine's decode slots): rows
+    filled with prompts of different lengths, each continued a token at a time at its own
+    position, give each sequence's full-forward logits. The slots after a row's index hold
+    stale keys and values (another prompt's), hidden by their segment id 0 alone."""
+    config = llamax.LlamaConfig.preset("tiny")
+    params = random_params(config, seed=5)
+    full_model = llamax.Llama(config)
+    model = llamax.Llama(config, llamax.Execution(scan_layers=scan_layers))
+    run_params = params if scan_layers else unstack_layers(params)
+    lengths, new, slots = [3, 9, 5], 4, 16
+    seqs = [rng.integers(0, config.vocab_size, n + new, dtype=np.int32) for n in lengths]
+
+    def rows(cache, i, part):  # cache with row i's keys and values set to part's row 0
+        def put(whole, one):
+            return whole.at[:, i].set(one[:, 0]) if scan_layers else whole.at[i].set(one[0])
+
+        if scan_layers:
+            return {name: put(cache[name], part[name]) for name in ("k", "v")}
+        return {name: tuple(put(w, p) for w, p in zip(cache[name], part[name], strict=True))
+                for name in ("k", "v")}  # fmt: skip
+
+    step = jax.jit(lambda p, tok, cache: model.apply({"params": p}, tok, cache=cache))
+    cache = init_cache(config, 3, slots, stacked=scan_layers, per_row=True)
+    assert cache["index"].shape == (3,)
+    stale = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), cache)
+    cache = {**cache, "k": stale["k"], "v": stale["v"]}
+    for i, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+        one = init_cache(config, 1, slots, stacked=scan_layers)
+        _, one = step(run_params, seq[None, :n], one)
+        cache = {**cache, **rows(cache, i, one)}
+        cache["segment_ids"] = cache["segment_ids"].at[i].set(one["segment_ids"][0])
+        cache["index"] = cache["index"].at[i].set(n)
+
+    alone = [full_model.apply({"params": params}, seq[None])[0] for seq in seqs]
+    for t in range(new):
+        tokens = np.array([[seq[n + t]] for seq, n in zip(seqs, lengths, strict=True)])
+        logits, cache = step(run_params, tokens, cache)
+        for i, n in enumerate(lengths):
+            np.testing.assert_allclose(logits[i, 0], alone[i][n + t], atol=TOL, rtol=0)
+    assert cache["index"].tolist() == [n + new for n in lengths]
+
+    with pytest.raises(ValueError, match="one index per row takes one token per row a call"):
+        model.apply({"params": run_params}, np.zeros((3, 2), np.int32), cache=cache)

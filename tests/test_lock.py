@@ -80,7 +80,7 @@ def _chat_config(tmp_path, tokenizer_path, steps=2):
     files = tmp_path / "chat.jsonl"
     files.write_text("".join(json.dumps(r) + "\n" for r in chat_records(64)))
     return load_config("tiny", **{
-        "model.vocab_size": 600, "data.source": "chat", "data.files": str(files),
+        "task": "sft", "model.vocab_size": 600, "data.source": "chat", "data.files": str(files),
         "data.tokenizer": tokenizer_path, "train.steps": steps, "train.eval_every": 0,
     })  # fmt: skip
 
@@ -208,7 +208,7 @@ def test_two_conversions_into_one_output_one_refuses(tmp_path, capsys):
     )  # fmt: skip
     held = tmp_path / f"out{lock.SUFFIX}"
     deadline = time.time() + 120
-    while not held.exists():
+    while not (held.exists() and held.stat().st_size):  # taken, its holder's record written
         assert first.poll() is None and time.time() < deadline, first.communicate()
         time.sleep(0.005)
     first.send_signal(signal.SIGSTOP)  # holding its lock, whatever the machine's speed

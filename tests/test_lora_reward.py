@@ -20,7 +20,8 @@ from llamax import lora as lora_lib
 from llamax import losses
 
 TOL = 1e-4
-RM = {"model.vocab_size": 600, "model.head": "score", "data.source": "preference",
+RM = {"task": "reward", "model.vocab_size": 600, "model.head": "score",
+      "data.source": "preference",
       "data.pairs_per_row": 2, "reward.margins": "none", "train.seq_len": 128,
       "train.steps": 8, "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 4,
       "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2, "optimizer.weight_decay": 0.0,
@@ -259,16 +260,16 @@ def test_a_lora_reward_run_resumes_exactly(runs, tokenizer_path):
 def test_from_a_reward_model_on_a_quantized_base_the_head_is_its_own(runs, tokenizer_path):
     """init_from a reward model (the run merged into a checkpoint) with an nf4 base: the body's
     matrices held as nf4 codes, the score head trained on from the reward model's."""
-    from llamax import convert, loading, setup
+    from llamax import convert, loading, setup, state
 
     merged = str(runs.root / "rm_merged")
     convert.convert("llamax", "llamax", runs.rm, merged)
     c = rm_config(merged, runs.pairs, tokenizer_path, **{"lora.base_dtype": "nf4"})
     s = setup.build(c, setup.make_mesh(c))
     no_checkpoint = types.SimpleNamespace(latest_step=lambda: None)
-    state, meta = s.restore_or_init(no_checkpoint, None)
-    assert meta == {} and set(state.frozen) == {"tok_embeddings", "layers", "norm"}
-    assert state.frozen["layers"]["attention"]["wq"].dtype == jnp.uint8
+    start, meta = state.restore_or_init(s, no_checkpoint, None)
+    assert meta == {} and set(start.frozen) == {"tok_embeddings", "layers", "norm"}
+    assert start.frozen["layers"]["attention"]["wq"].dtype == jnp.uint8
     _, rm = loading.load_pretrained(merged)
-    np.testing.assert_array_equal(state.params["score"], rm["score"])
-    assert not np.any(state.params["layers"]["attention"]["wq_lora_b"])  # fresh adapters
+    np.testing.assert_array_equal(start.params["score"], rm["score"])
+    assert not np.any(start.params["layers"]["attention"]["wq_lora_b"])  # fresh adapters

@@ -71,10 +71,9 @@ def test_flops_per_token_7b():
     matmul = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096
     assert metrics.flops_per_token(c, 4096) == 6 * matmul + 6 * 32 * 4096 * 4096
     assert metrics.flops_per_token(c, 4096) / 1e9 == pytest.approx(42.9, abs=0.05)
-    # DPO: the reference model's forward pass, a third of a training step's work, on top.
-    assert metrics.flops_per_token(c, 4096, reference=True) == pytest.approx(
-        metrics.flops_per_token(c, 4096) * 4 / 3
-    )
+    # One forward pass is 2 FLOPs per multiply-accumulate: DPO's step adds the reference's.
+    assert metrics.flops_per_token(c, 4096, forwards=1) == 2 * matmul + 2 * 32 * 4096 * 4096
+    assert metrics.flops_per_token(c, 4096, forwards=4) == 8 * matmul + 8 * 32 * 4096 * 4096
 
 
 def test_70b_grouped_query_flops():

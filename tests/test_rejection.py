@@ -347,19 +347,41 @@ def test_the_rounds_counts_add_up_in_its_log_line_and_its_report(models, a_round
                      "(1 empty answer, 1 too long, 3 truncated)"]  # fmt: skip
 
 
-def test_a_round_never_calls_generation_with_more_rows_than_it_has(models, monkeypatch):
+def test_a_round_never_decodes_more_rows_than_it_has(models, monkeypatch):
+    """A batch larger than the round gives the engine as many slots as the round has samples,
+    and the same samples (each sample's stream is its own)."""
+    from llamax import inference
+
     model, params, tok = models[0]
     want = rejection.sample(model, params, tok, PROMPTS, 2, batch_size=6, **SAMPLING)
-    shapes = []
-    generate = generation.generate
+    slots = []
+    generate = inference.Engine.generate
 
-    def counted(model, params, prompts, **kwargs):
-        shapes.append(len(prompts))
-        return generate(model, params, prompts, **kwargs)
+    def counted(engine, prompts, sampling, **kwargs):
+        slots.append(kwargs["slots"])
+        return generate(engine, prompts, sampling, **kwargs)
 
-    monkeypatch.setattr(generation, "generate", counted)
+    monkeypatch.setattr(inference.Engine, "generate", counted)
     huge = rejection.sample(model, params, tok, PROMPTS, 2, batch_size=10**9, **SAMPLING)
-    assert shapes == [6] and huge.texts == want.texts
+    small = rejection.sample(model, params, tok, PROMPTS, 2, batch_size=4, **SAMPLING)
+    assert slots == [6, 4] and huge.texts == want.texts == small.texts
     with pytest.raises(ValueError, match="a round of 3 prompts x 1,000,000,000 samples"):
         rejection.sample(model, params, tok, PROMPTS, 10**9, batch_size=8, **SAMPLING)
-    assert shapes == [6]  # refused before any generation
+    assert slots == [6, 4]  # refused before any generation
+
+
+def test_the_fine_tunes_config_trains_the_policy_on_the_rounds_chat_data(tmp_path):
+    """Whatever the config file trained, the round's fine-tune is chat SFT of the policy on
+    the round's data, tokenized with the policy's tokenizer."""
+    from llamax import experiment
+
+    c = experiment.default_config()
+    c.task, c.data.source, c.data.tfds_name = "lm", "tfds", "pg19"
+    out = str(tmp_path / "round.jsonl")
+    tuned = rejection.finetune_config(c, out, "runs/sft", "runs/sft/tokenizer.model")
+    assert (tuned.task, tuned.data.source, tuned.data.files, tuned.data.tfds_name) == (
+        "sft", "chat", out, "")  # fmt: skip
+    assert tuned.init_from == "runs/sft" and tuned.data.tokenizer == "runs/sft/tokenizer.model"
+    assert c.task == "lm" and c.data.source == "tfds"  # a copy: the config given is unchanged
+    with pytest.raises(ValueError, match="reads '\\*\\?\\[,' as patterns"):
+        rejection.finetune_config(c, str(tmp_path / "round*.jsonl"), "runs/sft", "t.model")

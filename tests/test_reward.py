@@ -236,7 +236,8 @@ def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
     files = tmp_path / "pairs.jsonl"
     files.write_text("".join(json.dumps(_pair(i, None)) + "\n" for i in range(300)))
     c = load_config("tiny", **{
-        "model.vocab_size": 600, "model.head": "score", "data.source": "preference",
+        "task": "reward", "model.vocab_size": 600, "model.head": "score",
+        "data.source": "preference",
         "data.files": str(files), "data.tokenizer": tokenizer_path, "data.pairs_per_row": 2,
         "reward.margins": "none", "train.seq_len": 128, "train.steps": 12, "train.log_every": 1,
         "optimizer.learning_rate": 1e-3, "optimizer.warmup_steps": 3,

@@ -134,11 +134,12 @@ def _config(kind, data_dir, tokenizer_path, init_from, steps=2):
         "checkpoint.async_save": False, "train.batch_size": 8, "train.seq_len": 64,
     }  # fmt: skip
     if kind == "dpo":
-        overrides.update({"data.source": "preference", "data.files": _pairs_file(data_dir),
-                          "data.pairs_per_row": 2, "train.seq_len": 128,
-                          "dpo.beta": 0.5})  # fmt: skip
+        overrides.update({"task": "dpo", "data.source": "preference",
+                          "data.files": _pairs_file(data_dir), "data.pairs_per_row": 2,
+                          "train.seq_len": 128, "dpo.beta": 0.5})  # fmt: skip
     else:
-        overrides.update({"data.source": "chat", "data.files": _chat_file(data_dir)})
+        overrides.update({"task": "sft", "data.source": "chat",
+                          "data.files": _chat_file(data_dir)})  # fmt: skip
     if kind == "lora":
         overrides.update({"lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "wq,wv"})
     c = load_config("tiny", **overrides)
@@ -227,7 +228,9 @@ def test_a_base_replaced_at_the_same_path_and_step_is_noticed(tiny_lm, tokenizer
         pretrained.check_same_base(recorded, base)
     with pytest.raises(ValueError, match="The DPO reference has changed: .* a run keeps the "
                        "reference it started with"):  # fmt: skip
-        pretrained.check_same_base(recorded, base, dpo=True)
+        pretrained.check_same_base(
+            recorded, base, model="DPO reference", rule="a run keeps the reference it started with"
+        )
 
 
 def test_an_older_record_is_compared_as_it_was_with_a_warning(tiny_run, tmp_path, caplog):

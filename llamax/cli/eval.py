@@ -13,8 +13,9 @@ Each writes `perplexity.json` and `perplexity.png` (perplexity against context l
 into the checkpoint's weights first. `--rope-scaling` evaluates the checkpoint with another
 rotary scaling than its own, e.g. dynamic NTK without fine-tuning:
 `--rope-scaling '{"rope_type": "dynamic", "factor": 4}'`. `--batch-size` windows (prompts)
-are scored a call, fewer when there are fewer; a call whose buffers the device cannot hold
-is refused before any is scored.
+are scored a call, fewer when there are fewer, by the inference engine's scoring path
+(`llamax.inference.Engine`); a call whose buffers the device cannot hold is refused before
+any is scored.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import sys
 
 from llamax import fs
-from llamax.cli import add_execution_flags, error, setup_logging
+from llamax.cli import add_model_flags, error, model_options, setup_logging
 
 
 def _ints(text: str) -> list[int]:
@@ -52,13 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-eval", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", required=True, help="converted checkpoint or workdir")
-    common.add_argument("--adapters", help="LoRA adapters on the checkpoint: PEFT dir or run")
+    add_model_flags(common, batch_size=1)
     common.add_argument("--lengths", type=_ints, required=True, help="e.g. 2048,4096,8192")
     common.add_argument("--output", required=True, help="directory for the JSON and PNG")
-    common.add_argument("--tokenizer", help="default: CHECKPOINT/tokenizer.model")
-    add_execution_flags(common)
-    common.add_argument("--batch-size", type=int, default=1)
     common.add_argument(
         "--rope-scaling", type=json.loads, default=argparse.SUPPRESS,
         help="JSON, replacing the checkpoint's rotary scaling ('null': none)",
@@ -78,26 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     key.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setup_logging()
-    if args.batch_size < 1:
-        parser.error("--batch-size must be positive")
     if args.command == "passkey" and args.trials < 1:
         parser.error("--trials must be positive")
 
-    import llamax
-    from llamax import data, evaluate
-    from llamax.loading import load_with_tokenizer
+    from llamax import data, evaluate, loading
 
     try:
-        model, params, tokenizer = load_with_tokenizer(
-            args.checkpoint,
-            args.tokenizer,
-            dtype=args.dtype,
-            adapters=args.adapters,
-            attention=args.attention,
-        )
-        if "rope_scaling" in vars(args):  # given, possibly as null
-            config = model.config.replace(rope_scaling=args.rope_scaling)
-            model = llamax.Llama(config, model.execution)
+        given = {"rope_scaling": args.rope_scaling} if "rope_scaling" in vars(args) else {}
+        engine, tokenizer = loading.load_engine(args.checkpoint, config=given,
+                                                **model_options(args))  # fmt: skip
+        model, params = engine.model, engine.params
         fs.makedirs(args.output)
         label = args.label or os.path.basename(fs.absolute(args.adapters or args.checkpoint))
         if args.command == "perplexity":

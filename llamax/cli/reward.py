@@ -37,25 +37,27 @@ host's memory (`--k`, `--max-new-tokens`), before the policy is loaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from llamax import fs
-from llamax.cli import add_execution_flags, error, setup_logging
+from llamax.cli import (
+    add_model_flags,
+    add_sampling_flags,
+    error,
+    load_config,
+    model_options,
+    refuse_existing,
+    sampling_config,
+    setup_logging,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llamax-reward", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--checkpoint", required=True, help="a reward model: converted or run")
-    common.add_argument("--tokenizer", help="default: CHECKPOINT/tokenizer.model")
-    common.add_argument("--batch-size", type=int, default=8)
-    add_execution_flags(common)
-    scoring = argparse.ArgumentParser(add_help=False, parents=[common])
-    scoring.add_argument("--adapters", help="a reward model's LoRA adapters on the checkpoint: "
-                         "PEFT dir or run")  # fmt: skip
+    scoring = argparse.ArgumentParser(add_help=False)
+    add_model_flags(scoring, "a reward model: converted or run", batch_size=8)
     score = sub.add_parser("score", parents=[scoring], help="score prompt/response records")
     score.add_argument("--input", required=True, help="jsonl of {prompt, response}")
     score.add_argument("--output", required=True, help="jsonl: each record with its score")
@@ -63,18 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--pairs", required=True, help="jsonl of {prompt, chosen, rejected}")
     evaluate.add_argument("--output", required=True, help="directory for the JSON and PNG")
     evaluate.add_argument("--label", help="name in the plot (default: the checkpoint's)")
-    rounds = sub.add_parser("sample", parents=[common],
-                            help="a round of rejection sampling: best of K per prompt")  # fmt: skip
+    rounds = sub.add_parser("sample", help="a round of rejection sampling: best of K per prompt")
+    add_model_flags(rounds, "the reward model: converted or run", adapters=False, batch_size=8)
     rounds.add_argument("--policy", required=True, help="the language model sampled from")
     rounds.add_argument("--policy-tokenizer", help="default: POLICY/tokenizer.model")
     rounds.add_argument("--policy-adapters", help="LoRA adapters on the policy: PEFT dir or run")
     rounds.add_argument("--prompts", required=True, help="jsonl of {prompt}")
     rounds.add_argument("--k", type=int, default=4, help="responses sampled per prompt")
-    rounds.add_argument("--temperature", type=float, default=1.0)
-    rounds.add_argument("--top-p", type=float, default=1.0)
-    rounds.add_argument("--top-k", type=int, default=0)
-    rounds.add_argument("--max-new-tokens", type=int, default=128)
-    rounds.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(rounds, max_new_tokens=128, temperature=1.0)
     rounds.add_argument(
         "--keep-truncated",
         action="store_true",
@@ -92,15 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = _overrides(parser, args, extra)
     setup_logging()
-    if args.batch_size < 1:
-        parser.error("--batch-size must be positive")
     if args.command == "sample":
-        from llamax.generation import Sampling
-
-        try:
-            sampling = Sampling.from_flags(args)
-        except ValueError as e:
-            parser.error(str(e))
+        sampling = sampling_config(parser, args)
         problem = _sample_flags_problem(args)
         if problem:
             parser.error(problem)
@@ -126,104 +117,27 @@ def _overrides(parser, args, extra: list[str]) -> list[str]:
     parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
 
 
-def _refuse_existing(flag: str, path: str | None) -> None:
-    """An output that exists is not overwritten: a `FileExistsError` naming it."""
-    if path and fs.exists(path):
-        raise FileExistsError(f"{flag} {path} exists; remove it or choose another path")
-
-
-def _reward_model(args):
-    """(the reward model's LlamaConfig, its tokenizer), read without loading its weights: the
-    records are checked against its window before anything is allocated."""
-    from llamax import loading, pretrained
-
-    config = pretrained.read_model_config(args.checkpoint)
-    return config, loading.checkpoint_tokenizer(args.checkpoint, args.tokenizer,
-                                                   config.vocab_size)  # fmt: skip
-
-
-def _load_reward_model(args):
-    from llamax.loading import load_with_tokenizer
-
-    model, params, _ = load_with_tokenizer(
-        args.checkpoint, args.tokenizer, dtype=args.dtype, adapters=args.adapters,
-        head="score", attention=args.attention,
-    )  # fmt: skip
-    return model, params
-
-
 def _score(args) -> int:
-    """`llamax-reward score`: every record is read and checked (its format, its length
-    against the reward model's window) before the model is loaded; a bad one stops it."""
-    import numpy as np
-
+    """`llamax-reward score` (`reward.score_file`)."""
     from llamax import reward
-    from llamax.data import preference
-    from llamax.data import records as records_lib
 
-    _refuse_existing("--output", args.output)
-    config, tokenizer = _reward_model(args)
-    lines = records_lib.read_records(
-        args.input, records_lib.max_record_bytes(config.max_seq_len, tokenizer)
-    )
-    parsed, sequences = [], []
-    for i in range(len(lines)):
-        try:
-            record = records_lib.parse(lines[i])
-            tokens, _ = preference.response_tokens(
-                record.get("prompt"), record.get("response"), tokenizer
-            )
-        except records_lib.BadRecord as e:
-            raise ValueError(f"{lines.where(i)}: {e}; nothing was written") from None
-        if len(tokens) > config.max_seq_len:
-            raise ValueError(
-                f"{lines.where(i)}: its prompt and response are {len(tokens):,} "
-                f"tokens, longer than the reward model's window of {config.max_seq_len:,} "
-                "tokens (max_seq_len): shorten the response or leave the record out; "
-                "nothing was written"
-            )
-        parsed.append(record)
-        sequences.append(tokens)
-    model, params = _load_reward_model(args)
-    scores = reward.score_sequences(model, params, sequences, args.batch_size)
-    bad = np.flatnonzero(~np.isfinite(scores))
-    if bad.size:
-        raise ValueError(f"{lines.where(int(bad[0]))}: the reward model gives a non-finite "
-                         f"score ({scores[bad[0]]}); nothing was written")  # fmt: skip
-    text = "".join(json.dumps({**r, "score": float(s)}, allow_nan=False) + "\n"
-                   for r, s in zip(parsed, scores, strict=True))  # fmt: skip
-    fs.write_text(args.output, text)
-    print(f"scored {len(parsed)} responses: mean {scores.mean():.4f}, "
+    refuse_existing("--output", args.output)
+    options = model_options(args)
+    scores = reward.score_file(args.checkpoint, args.input, args.output, args.batch_size,
+                               **options)  # fmt: skip
+    print(f"scored {len(scores)} responses: mean {scores.mean():.4f}, "
           f"min {scores.min():.4f}, max {scores.max():.4f} -> {args.output}")  # fmt: skip
     return 0
 
 
 def _evaluate(args) -> int:
-    """`llamax-reward eval`: the pairs are read, and the unusable ones counted (too long for
-    the reward model's window among them), before the model is loaded."""
-    import numpy as np
-
+    """`llamax-reward eval` (`reward.evaluate_pairs`): the accuracy table and its plot."""
     from llamax import reward
-    from llamax.data import records as records_lib
 
-    config, tokenizer = _reward_model(args)
-    limit = records_lib.max_record_bytes(config.max_seq_len, tokenizer)
-    try:
-        sequences, ratings, skipped = reward.pair_sequences(
-            records_lib.read_records(args.pairs, limit), tokenizer, config.max_seq_len
-        )
-    except ValueError as e:
-        raise ValueError(f"{args.pairs}: {e}") from None
-    model, params = _load_reward_model(args)
-    scores = reward.score_sequences(model, params, sequences, args.batch_size).reshape(-1, 2)
-    bad = int((~np.isfinite(scores)).any(axis=1).sum())
-    if bad:
-        raise ValueError(f"{args.pairs}: the reward model gives non-finite scores to {bad:,} of "
-                         f"{len(scores):,} pairs; nothing was written")  # fmt: skip
-    result = reward.accuracy_by_rating(scores, ratings)
+    result = reward.evaluate_pairs(args.checkpoint, args.pairs, args.batch_size,
+                                   **model_options(args))  # fmt: skip
     label = args.label or os.path.basename(fs.absolute(args.adapters or args.checkpoint))
-    result.update(checkpoint=args.checkpoint, adapters=args.adapters,
-                  pairs_file=args.pairs, skipped=skipped)  # fmt: skip
+    result.update(checkpoint=args.checkpoint, adapters=args.adapters, pairs_file=args.pairs)
     fs.makedirs(args.output)
     fs.write_json(fs.join(args.output, "accuracy.json"), result, indent=1)
     reward.plot_accuracy({label: result}, fs.join(args.output, "accuracy.png"))
@@ -231,7 +145,7 @@ def _evaluate(args) -> int:
         shown = "-" if row["accuracy"] is None else f"{row['accuracy']:.1%}"
         print(f"{level}: {shown} ({row['pairs']} pairs)")
     print(f"overall: {result['accuracy']:.1%} ({result['pairs']} pairs; "
-          f"{sum(skipped.values())} skipped)")  # fmt: skip
+          f"{sum(result['skipped'].values())} skipped)")  # fmt: skip
     return 0
 
 
@@ -243,162 +157,36 @@ def _sample_flags_problem(args) -> str | None:
     return None
 
 
-# What the round sets in its fine-tune's config (`rejection.finetune_config`).
-ROUND_KEYS = ("data.source", "data.files", "data.tfds_name", "data.tokenizer", "init_from")
-
-
-def apply_overrides(c, overrides: list[str], where: str):
-    """The experiment config `c` with `--config.KEY=VALUE` overrides applied as llamax-train
-    applies them (each value typed as the key's own); an unknown key, a bad value, or a key
-    the round sets itself (`ROUND_KEYS`) is a `ValueError` naming it. `where` names the
-    config in the messages."""
-    import ml_collections
-    from absl import flags
-    from ml_collections import config_flags
-
-    from llamax.cli import flag_error_text
-
-    for arg in overrides:
-        if not arg.startswith("--config."):
-            continue  # the value of the override before it (--config.KEY VALUE), or absl's
-        key = arg.removeprefix("--config.").partition("=")[0]
-        if key in ROUND_KEYS:
-            raise ValueError(f"--config.{key}: the round sets it ({', '.join(ROUND_KEYS)}: "
-                             "its data and the policy); train with llamax-train to change "
-                             "it")  # fmt: skip
-        node = c
-        for part in key.split("."):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(f"--config.{key}: no config key {key!r} in {where}")
-            node = node[part]
-    values, argv = flags.FlagValues(), ["llamax-reward", *overrides]
-    try:
-        config_flags.DEFINE_config_dict("config", c, "the fine-tune's config", flag_values=values,
-                                        lock_config=True, sys_argv=argv)  # fmt: skip
-        rest = values(argv)
-    except Exception as e:  # absl's flags errors: a value that is not of the key's type
-        raise ValueError(f"{where}: {flag_error_text(e)}") from None
-    if len(rest) > 1:
-        raise ValueError(f"unexpected arguments after the --config overrides: {rest[1:]}")
-    return values["config"].value
-
-
-def load_config_file(path: str):
-    """The experiment config of a config file (`configs/X.py`): its `get_config()`; as with
-    llamax-train, `configs/X.py:ARG` passes ARG (`get_config(ARG)`)."""
-    import importlib.util
-
-    path, colon, arg = path.partition(":") if ".py:" in path else (path, "", "")
-    try:
-        fs.require_file(path, "--finetune: ")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--finetune: no config file {path}") from None
-    try:
-        spec = importlib.util.spec_from_file_location("llamax_finetune_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.get_config(arg) if colon else module.get_config()
-    except Exception as e:  # the file's own error, whatever it is
-        raise ValueError(f"--finetune: cannot load the config file {path}: "
-                         f"{type(e).__name__}: {e}") from None  # fmt: skip
-
-
-def _finetune_setup(args, tokenizer_path: str, overrides: list[str]):
-    """The round's training config, checked before any sampling: CONFIG with the
-    `--config.KEY=VALUE` overrides, it fits the policy, the workdir can take it, the policy
-    can be its `init_from`."""
-    from llamax import experiment, pretrained, rejection, train
-
-    if args.policy_adapters or pretrained.lora_run(args.policy) is not None:
-        raise ValueError(
-            "--finetune starts from the policy's own parameters (init_from), which LoRA "
-            "adapters are not part of: merge them into a checkpoint first (llamax-convert "
-            "--from llamax --input RUN --to llamax, or --from peft --base CKPT) and sample "
-            "from that"
-        )
-    c = apply_overrides(load_config_file(args.finetune), overrides, f"--finetune {args.finetune}")
-    c = rejection.finetune_config(c, fs.absolute(args.output), args.policy, tokenizer_path)
-    experiment.check(c)
-    want, have = experiment.model_config(c), pretrained.read_model_config(args.policy)
-    fields = ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim", "vocab_size", "head")
-    differ = [f"{f} {getattr(want, f)} (policy: {getattr(have, f)})"
-              for f in fields if getattr(want, f) != getattr(have, f)]  # fmt: skip
-    if differ:
-        raise ValueError(f"--finetune {args.finetune} is not the policy's model: "
-                         + "; ".join(differ))  # fmt: skip
-    train.check_workdir(args.workdir)
-    return c
-
-
 def _sample(args, sampling, overrides: list[str]) -> int:
-    """`llamax-reward sample`: one round of rejection sampling, then its fine-tune if asked.
-    Everything that can be checked is, before the policy is loaded: the outputs are new, the
-    prompts read, the fine-tune's config fits, and the round fits the policy's window and the
-    host's memory (`rejection.check_round`)."""
-    import gc
+    """`llamax-reward sample`: one round of rejection sampling (`rejection.plan_round`, then
+    `rejection.run_plan`), then its fine-tune if asked. Everything that can be checked is,
+    before the policy is loaded: the outputs are new, the round fits (its prompts, the
+    policy's window, the host's memory), and so does the fine-tune's config."""
+    from llamax import rejection
 
-    from llamax import loading, pretrained, rejection
-    from llamax.data import records as records_lib
-    from llamax.loading import load_with_tokenizer
+    refuse_existing("--output", args.output)
+    refuse_existing("--report", args.report)
+    plan = rejection.plan_round(
+        args.policy, args.checkpoint, args.prompts, args.output, args.k, sampling,
+        args.batch_size, report=args.report, keep_truncated=args.keep_truncated,
+        policy_tokenizer=args.policy_tokenizer, policy_adapters=args.policy_adapters,
+        reward_tokenizer=args.tokenizer, dtype=args.dtype, attention=args.attention,
+    )  # fmt: skip
+    c = None
+    if args.finetune:  # checked before anything is sampled
+        from llamax import rounds
 
-    _refuse_existing("--output", args.output)
-    _refuse_existing("--report", args.report)
-    policy_config = pretrained.read_model_config(args.policy)
-    policy_tokenizer = loading.checkpoint_tokenizer(args.policy, args.policy_tokenizer,
-                                                       policy_config.vocab_size)  # fmt: skip
-    # A prompt line too long for the policy's window is refused unread.
-    limit = records_lib.max_record_bytes(policy_config.max_seq_len, policy_tokenizer)
-    prompts = rejection.read_prompts(args.prompts, limit)
-    records = [{k: v for k, v in r.items() if k != "prompt"} for r in prompts]
-    prompts = [r["prompt"] for r in prompts]
-    if pretrained.read_model_config(args.checkpoint).head != "score":
-        raise ValueError(f"--checkpoint {args.checkpoint} is a language model; this needs a "
-                         "reward model (a score head)")  # fmt: skip
-    # The fine-tune's config is checked before anything is sampled (its data is tokenized
-    # with the tokenizer the policy is loaded with, which load_with_tokenizer checks).
-    tokenizer_path = args.policy_tokenizer or fs.join(args.policy, "tokenizer.model")
-    c = _finetune_setup(args, tokenizer_path, overrides) if args.finetune else None
-    # So is the reward model's tokenizer, which scoring needs after the sampling.
-    vocab = pretrained.read_model_config(args.checkpoint).vocab_size
-    loading.checkpoint_tokenizer(args.checkpoint, args.tokenizer, vocab)
-    # And the round itself: the prompts and new tokens within the policy's window, the
-    # prompts x K samples within the host's memory.
-    rejection.check_round(policy_config, policy_tokenizer, prompts, args.k, sampling,
-                          args.batch_size)  # fmt: skip
-    policy = load_with_tokenizer(
-        args.policy, args.policy_tokenizer, dtype=args.dtype, adapters=args.policy_adapters,
-        head="lm", attention=args.attention,
-    )  # fmt: skip
-    samples = rejection.sample(
-        *policy, prompts, args.k, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens, seed=sampling.seed,
-        batch_size=args.batch_size,
-    )  # fmt: skip
-    del policy
-    gc.collect()  # the policy's arrays go before the reward model's come
-    reward_model = load_with_tokenizer(args.checkpoint, args.tokenizer, dtype=args.dtype,
-                                       head="score", attention=args.attention)  # fmt: skip
-    result = rejection.finish_round(reward_model, prompts, samples, args.batch_size,
-                                    keep_truncated=args.keep_truncated)  # fmt: skip
-    del reward_model
-    gc.collect()
-    kept = [{**records[r["prompt_index"]], **r} for r in result.records]
-    rejection.write_dataset(args.output, kept)
-    report = {
-        **result.report, "policy": args.policy, "policy_adapters": args.policy_adapters,
-        "reward_model": args.checkpoint, "prompts_file": args.prompts, "output": args.output,
-        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-        "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-    }  # fmt: skip
-    if args.report:
-        fs.write_json(args.report, report, indent=1)
+        spec = load_config(args.finetune, overrides, "--finetune")
+        c = rounds.finetune_config(args.policy, args.output, plan.tokenizer_path, spec,
+                                   overrides, args.workdir, args.policy_adapters)  # fmt: skip
+    report = rejection.run_plan(plan)
     print(f"round: {rejection.summary(report)} -> {args.output}")
     if c is None:
         return 0
-    from llamax import checkpoint, train
+    from llamax import checkpoint
 
     try:
-        train.run(c, args.workdir)
+        rounds.finetune(c, args.workdir)
     except (FloatingPointError, checkpoint.CheckpointError) as e:
         print(f"llamax-reward: error: the fine-tune stopped: {e}", file=sys.stderr)
         return 1

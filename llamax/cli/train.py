@@ -80,23 +80,13 @@ def main(argv: list[str]) -> None:
         sys.exit(usage_error("llamax-train", "--config and --workdir are required"))
     setup_logging("%(asctime)s %(message)s")
     initialize_distributed(c.cluster.heartbeat_timeout_seconds)
-    from llamax import checkpoint, cluster, train
+    from llamax import loop, train
 
-    watchdog = cluster.Watchdog(c.cluster.heartbeat_timeout_seconds).start()
-    try:
-        train.run(c, _WORKDIR.value)
-    except (ValueError, OSError) as e:  # bad input; a missing or unwritable path
-        _exit(2, e)
-    except (FloatingPointError, checkpoint.CheckpointError) as e:
-        _exit(1, e)
-    except Exception as e:
-        # A collective that failed because a peer is gone: the watchdog names the peer (and
-        # exits) within its timeout; anything else is reported as it is.
-        if not watchdog.watching:
-            raise
-        watchdog.wait_for_verdict()
-        _exit(1, f"{type(e).__name__}: {e}")
-    watchdog.stop()
+    code, message = loop.supervise(
+        lambda: train.run(c, _WORKDIR.value), c.cluster.heartbeat_timeout_seconds
+    )
+    if code:
+        _exit(code, message)
 
 
 def _exit(code: int, message) -> None:

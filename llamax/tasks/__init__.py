@@ -1,0 +1,8 @@
+"""Tasks: what a run trains, one module each (`lm`, `sft`, `reward`, `dpo`), chosen by the
+experiment config's `task` (`llamax.tasks.base` says what a task owns). Importing the package
+registers the built-in ones; `register` adds a task defined elsewhere."""
+
+from llamax.tasks import dpo, lm, reward, sft
+from llamax.tasks.base import Beside, Field, Task, get, names, register
+
+__all__ = ["Beside", "Field", "Task", "get", "names", "register", "dpo", "lm", "reward", "sft"]
