@@ -63,10 +63,12 @@ def rng():
 def random_params(config, seed=0, std=0.15):
     """Random llamax parameters with activations of order one (the default init's 0.02 makes
     logits so small that almost any bug would pass a tolerance); norm scales vary around 1."""
-    from llamax.model import Llama, init_params
+    import flax.linen as nn
 
-    params = init_params(Llama(config), jax.random.key(seed))
-    leaves, tree = jax.tree.flatten_with_path(params)
+    from llamax.model import Llama, abstract_params
+
+    # The shapes only: every leaf is drawn here (compiling the model's init took seconds).
+    leaves, tree = jax.tree.flatten_with_path(nn.unbox(abstract_params(Llama(config))))
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     out = []
     for (path, leaf), key in zip(leaves, keys, strict=True):
@@ -156,13 +158,39 @@ def tokenizer_path(text_corpus, tmp_path_factory):
     return path
 
 
+def config_flags(overrides):
+    """`--config.KEY=VALUE` flags of llamax-train (and llamax-aot) for `overrides`, the progress
+    bar off."""
+    return [f"--config.{k}={v}" for k, v in overrides.items()] + [
+        "--config.train.progress_bar=false"
+    ]
+
+
+def run_cli(name, *argv, background=False, env=None, cwd=REPO, timeout=300, prefix=(), **kwargs):
+    """A llamax command in a process of its own: `python -m llamax.cli.<name> ARGV`, or the
+    installed console script when `name` is one (`llamax-train`). To completion: its
+    `CompletedProcess` (stdout and stderr as text); with `background`, its `Popen`, stdout and
+    stderr together on its stdout. `env` replaces the environment; `prefix` goes before the
+    command (`bash -c 'ulimit ...' --`); `kwargs` go to subprocess (`stderr=FILE`, ...)."""
+    import subprocess
+    import sys
+
+    if name.startswith("llamax-"):
+        command = [os.path.join(os.path.dirname(sys.executable), name), *argv]
+    else:
+        command = [sys.executable, "-m", f"llamax.cli.{name}", *argv]
+    command = [*prefix, *command]
+    kwargs = {"stdout": subprocess.PIPE, "text": True, "env": env, "cwd": cwd, **kwargs}
+    if background:
+        return subprocess.Popen(command, **{"stderr": subprocess.STDOUT, **kwargs})
+    return subprocess.run(command, timeout=timeout, **{"stderr": subprocess.PIPE, **kwargs})
+
+
 def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny", launcher="flags"):
     """`llamax-train` as `processes` processes of `devices_each` CPU devices forming one JAX
     cluster on 127.0.0.1; output (stdout and stderr together) on each process's stdout. The
     processes learn their place from flags, or as torchrun or SLURM (`srun`) would tell them."""
     import socket
-    import subprocess
-    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -187,25 +215,34 @@ def start_cluster(workdir, flags, processes=2, devices_each=4, config="tiny", la
     procs = []
     for i in range(processes):
         extra_flags, extra_env = place(i)
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "llamax.cli.train",
-                    f"--config={REPO}/configs/{config}.py",
-                    f"--workdir={workdir}",
-                    "--config.train.progress_bar=false",
-                    *flags,
-                    *extra_flags,
-                ],
-                env={**env, **extra_env},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
-        )
+        argv = [f"--config={REPO}/configs/{config}.py", f"--workdir={workdir}",
+                "--config.train.progress_bar=false", *flags, *extra_flags]  # fmt: skip
+        procs.append(run_cli("train", *argv, background=True, env={**env, **extra_env}))
     return procs
+
+
+# ----- one uninterrupted training run, the reference of the runs that are stopped -----
+
+# Slow enough (about 0.3 s a step) that a signal lands mid-run; a checkpoint every 6 steps.
+REFERENCE = {"train.steps": 12, "train.log_every": 1, "train.eval_every": 0,
+             "train.seq_len": 256, "checkpoint.every": 6}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`configs/tiny.py` with `REFERENCE`'s overrides trained without a stop: (its workdir,
+    the loss of each step, its final parameters as numpy arrays). Read it, never write into it
+    (copy it first). tests/test_checkpoint.py and tests/test_failures.py compare stopped and
+    resumed runs with it (tests/test_gcs.py's run reads its corpus from a bucket, and
+    tests/test_multiprocess.py's clusters train 4 short steps: each keeps a reference of its
+    own)."""
+    from llamax import train
+    from llamax.metrics import read_metrics
+
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    train.run(load_config("tiny", **REFERENCE), workdir)
+    losses = [r["loss"] for r in read_metrics(workdir)]
+    return workdir, losses, saved_params(workdir, REFERENCE)
 
 
 # ----- tiny checkpoints shared by the tests (written, not trained) -----

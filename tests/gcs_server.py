@@ -2,11 +2,12 @@
 things of the real API that tensorstore's OCDBT driver (under orbax) relies on and that the
 emulator leaves out: an object's generation in the `x-goog-generation` header of a read, and
 the `ifGenerationMatch` / `ifGenerationNotMatch` preconditions (a write that would replace an
-object another writer changed fails with 412; a read of an unchanged object answers 304); and
-multipart uploads read byte for byte. The emulator parses those with Python's email parser,
-which takes a line ending at the end of the file's bytes for the one before the closing
-delimiter: gcsfs ends its lines with LF, so a file whose last byte is CR lost it, and a
-checkpoint copied through gcsfs no longer matched its recorded MD5 now and then.
+object another writer changed fails with 412; a read of an unchanged object answers 304); a
+write's body read before it is answered; and multipart uploads read byte for byte. The
+emulator parses those with Python's email parser, which takes a line ending at the end of the
+file's bytes for the one before the closing delimiter: gcsfs ends its lines with LF, so a file
+whose last byte is CR lost it, and a checkpoint copied through gcsfs no longer matched its
+recorded MD5 now and then.
 
     python tests/gcs_server.py BUCKET
 
@@ -48,6 +49,11 @@ def _with_generations(handler, reads: bool):
         name = params.get("object_id") or (request.query.get("name") or [None])[0]
         if bucket is None or name is None:
             return handler(request, response, storage, *args, **kwargs)
+        if not reads:
+            # The body is read before any answer: a write refused by its precondition would
+            # otherwise be answered and its connection closed with the body unread (which the
+            # kernel answers with a reset), as the real API never does.
+            request.data  # noqa: B018
         with _LOCK:
             current = _generation(storage, bucket, name)
             match = request.query.get("ifGenerationMatch")

@@ -42,14 +42,15 @@ def test_model_with_chunked_attention_and_cache(rng):
     config = llamax.LlamaConfig.preset("tiny")
     params = random_params(config)
     tokens = rng.integers(0, config.vocab_size, (2, 40), dtype=np.int32)
-    ref = llamax.Llama(config).apply({"params": params}, tokens)
+    ref = jax.jit(lambda p, t: llamax.Llama(config).apply({"params": p}, t))(params, tokens)
     chunked = llamax.Llama(config, llamax.Execution(attention="chunked", attention_block_q=16))
-    got = chunked.apply({"params": params}, tokens)
+    forward = jax.jit(lambda p, t, cache=None: chunked.apply({"params": p}, t, cache=cache))
+    got = forward(params, tokens)
     np.testing.assert_allclose(got, ref, atol=1e-5)
     # Prefill through a cache (queries offset into the cache's slots).
     cache = llamax.model.init_cache(config, 2, 48)
-    _, cache = chunked.apply({"params": params}, tokens[:, :8], cache=cache)
-    rest, _ = chunked.apply({"params": params}, tokens[:, 8:], cache=cache)
+    _, cache = forward(params, tokens[:, :8], cache)
+    rest, _ = forward(params, tokens[:, 8:], cache)
     np.testing.assert_allclose(rest, ref[:, 8:], atol=1e-5)
 
 
@@ -85,7 +86,7 @@ def test_splash_sharded_model_equals_xla(rng):
     config = llamax.LlamaConfig.preset("tiny", n_layers=1)
     params = random_params(config)
     tokens = rng.integers(0, config.vocab_size, (4, 256), dtype=np.int32)
-    ref = llamax.Llama(config).apply({"params": params}, tokens)
+    ref = jax.jit(lambda p, t: llamax.Llama(config).apply({"params": p}, t))(params, tokens)
     run = llamax.Execution(attention="splash", attention_block_q=128, attention_block_kv=128)
     splash = llamax.Llama(config, run)
     mesh = llamax.sharding.make_mesh(data=2, fsdp=2, tensor=2)

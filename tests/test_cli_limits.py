@@ -2,17 +2,17 @@
 giving the numbers: a prompt and its new tokens past the window (`max_seq_len`), a scored
 response past it, K samples beyond the host's memory; batch sizes larger than the work are
 clamped to it. And the commands' rough edges: a prompt that is not UTF-8, an existing output,
-eval's reasons when no pair is usable, `--help` exiting 0, chat answers without the chat
-format's trailing space, the progress bar's ETA and plain log lines off a terminal, the LoRA
+eval's reasons when no pair is usable, chat answers without the chat format's trailing
+space, the progress bar's ETA and plain log lines off a terminal, the LoRA
 parameter line, and `--config.KEY=VALUE` overrides of `sample --finetune`; the model and
-sampling flags the commands share, and their one config loader."""
+sampling flags the commands share, and their one config loader. (`--help`:
+tests/test_configs.py.)"""
 
 import io
 import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, WORDS, load_config
+from conftest import REPO, WORDS, load_config, run_cli
 from test_rejection import FINETUNE_CONFIG
 
 import llamax
@@ -254,9 +254,8 @@ def test_a_prompt_that_is_not_utf8_is_one_error_line(tiny_lm, capsys, flags, no_
 @pytest.mark.slow
 def test_an_undecodable_byte_on_the_command_line_is_one_error_line(tiny_lm):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    argv = [sys.executable.encode(), b"-m", b"llamax.cli.generate", b"--checkpoint",
-            tiny_lm.encode(), b"--prompt", b"green \xff 3"]  # fmt: skip
-    done = subprocess.run(argv, env=env, capture_output=True, timeout=120)
+    done = run_cli("generate", b"--checkpoint", tiny_lm.encode(), b"--prompt", b"green \xff 3",
+                   env=env, timeout=120, text=False)  # fmt: skip
     err = done.stderr.decode(errors="replace")
     assert done.returncode == 2, err
     assert "llamax-generate: error: --prompt is not valid UTF-8 text" in err
@@ -289,23 +288,6 @@ def test_chat_answers_are_stripped_of_the_space_before_eos(tiny_lm, tokenizer_pa
     params = llamax.model.init_params(model, jax.random.key(0))
     samples = rejection.sample(model, params, tok, ["which colour?"], 2, batch_size=4)
     assert samples.texts == [["green 3", "green 3"]]
-
-
-# ----- --help -----
-
-
-@pytest.mark.parametrize("module", ["train", "aot"])
-def test_help_exits_0_with_the_commands_help(module):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    module = f"llamax.cli.{module}"
-    done = subprocess.run([sys.executable, "-m", module, "--help"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(f"`llamax-{module.split('.')[-1]} --config configs/X.py")
-    assert "--config: Experiment config file." in done.stdout
-    bad = subprocess.run([sys.executable, "-m", module, "--no_such_flag"], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert bad.returncode == 2 and "error:" in bad.stderr
 
 
 # ----- the training log -----
@@ -357,12 +339,10 @@ def test_a_training_log_file_holds_plain_lines(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     log_file = tmp_path / "train.log"
     with open(log_file, "w") as f:
-        done = subprocess.run(
-            [sys.executable, "-m", "llamax.cli.train", f"--config={REPO}/configs/tiny.py",
-             f"--workdir={tmp_path / 'run'}", "--config.train.steps=3",
-             "--config.train.log_every=1", "--config.train.eval_every=0"],
-            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=f, text=True, timeout=300,
-        )  # fmt: skip
+        done = run_cli("train", f"--config={REPO}/configs/tiny.py",
+                       f"--workdir={tmp_path / 'run'}", "--config.train.steps=3",
+                       "--config.train.log_every=1", "--config.train.eval_every=0",
+                       env=env, stderr=f)  # fmt: skip
     text = log_file.read_text()
     assert done.returncode == 0, text
     assert "\r" not in text

@@ -30,9 +30,10 @@ def _batch(tokenizer_path, n=8, rows=2, pairs_per_row=2):
     return {k: jax.numpy.asarray(v) for k, v in next(iter(it)).items()}
 
 
-def _logp_alone(model, params, tokens, mask):
-    """log pi(response) of one sequence run alone, summed in float64 over its masked tokens."""
-    logits = np.asarray(model.apply({"params": params}, tokens[None]), np.float64)[0]
+def _logp_alone(forward, params, tokens, mask):
+    """log pi(response) of one sequence run alone (`forward`: the model's jitted apply, one
+    compile per length), summed in float64 over its masked tokens."""
+    logits = np.asarray(forward(params, tokens[None]), np.float64)[0]
     logits -= logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     return sum(logp[t - 1, tokens[t]] for t in range(1, len(tokens)) if mask[t])
@@ -41,9 +42,11 @@ def _logp_alone(model, params, tokens, mask):
 def test_dpo_objective_equals_the_formula_on_each_response_alone(tokenizer_path):
     batch = _batch(tokenizer_path)
     model = llamax.Llama(CONFIG)
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
     policy, reference = random_params(CONFIG, seed=1), random_params(CONFIG, seed=2)
     beta = 0.3
-    total, (_, count, sums) = losses.dpo_objective(policy, model, batch, reference, beta, 2)
+    objective = jax.jit(lambda p, b, r: losses.dpo_objective(p, model, b, r, beta, 2))
+    total, (_, count, sums) = objective(policy, batch, reference)
     want, pairs, right, margins = 0.0, 0, 0, 0.0
     seg, tok, mask = (np.asarray(batch[k]) for k in ("segment_ids", "tokens", "loss_mask"))
     for row in range(seg.shape[0]):
@@ -52,7 +55,7 @@ def test_dpo_objective_equals_the_formula_on_each_response_alone(tokenizer_path)
             for which, s in (("c", 2 * k + 1), ("r", 2 * k + 2)):
                 where = seg[row] == s
                 for name, p in (("pi", policy), ("ref", reference)):
-                    lp[which, name] = _logp_alone(model, p, tok[row][where], mask[row][where])
+                    lp[which, name] = _logp_alone(forward, p, tok[row][where], mask[row][where])
             margin = beta * ((lp["c", "pi"] - lp["c", "ref"]) - (lp["r", "pi"] - lp["r", "ref"]))
             want += math.log1p(math.exp(-margin))
             pairs, right, margins = pairs + 1, right + int(margin > 0), margins + margin
@@ -70,8 +73,12 @@ def test_dpo_at_the_reference_is_log_2_with_zero_margins(tokenizer_path):
     for name in ("reward_margin", "chosen_reward", "rejected_reward", "reward_accuracy"):
         assert sums[name] == 0.0, name
     assert sums["chosen_logp"] < 0 and sums["rejected_logp"] < 0
+
     # The reference is not differentiated: the gradient is the policy's alone.
-    grad = jax.grad(lambda r: losses.dpo_objective(params, model, batch, r, 0.1, 2)[0])(params)
+    def loss(reference):
+        return losses.dpo_objective(params, model, batch, reference, 0.1, 2)[0]
+
+    grad = jax.jit(jax.grad(loss))(params)
     assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grad))
 
 
@@ -86,16 +93,15 @@ def test_dpo_needs_a_reference_and_a_start():
         experiment.check(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [0, 4], ids=["full", "lora"])
-def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path, rank):
+def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path, tiny_lm, rank):
     """llamax-train on preference pairs with a language model: step 0's loss is log 2 with
     zero margins (the policy is the reference), then the chosen responses gain on the
     rejected ones; the reference stays the start (LoRA: the base, adapters off)."""
     from llamax import loading, train
     from llamax.metrics import read_metrics
 
-    lm = str(tmp_path / "lm")
-    train.run(load_config("tiny", **{"model.vocab_size": 600, "train.steps": 2}), lm)
     files = tmp_path / "pairs.jsonl"
     files.write_text("".join(json.dumps(_pair(i)) + "\n" for i in range(200)))
     c = load_config("tiny", **{
@@ -105,7 +111,7 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
         "optimizer.learning_rate": 3e-3, "optimizer.warmup_steps": 1, "dpo.beta": 0.5,
         "lora.rank": rank, "lora.alpha": 8.0, "lora.targets": "wq,wk,wv,wo,w1,w2,w3",
     })  # fmt: skip
-    c.init_from = lm
+    c.init_from = tiny_lm
     train.run(c, str(tmp_path / "dpo"))
     records = read_metrics(str(tmp_path / "dpo"))
     assert (tmp_path / "dpo" / "tokenizer.model").exists()  # for llamax-generate, -reward
@@ -113,7 +119,7 @@ def test_dpo_trains_a_language_model_from_its_reference(tmp_path, tokenizer_path
     assert abs(records[0]["reward_margin"]) < 1e-4
     assert records[-1]["loss"] < records[0]["loss"] - 0.05
     assert records[-1]["reward_margin"] > 0 and records[-1]["reward_accuracy"] > 0.5
-    _, start = loading.load_pretrained(lm)
+    _, start = loading.load_pretrained(tiny_lm)
     _, trained = loading.load_pretrained(str(tmp_path / "dpo"))
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          start, trained)  # fmt: skip
@@ -134,8 +140,10 @@ def test_accumulated_dpo_steps_equal_one_big_batch(tokenizer_path):
     state = step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                             opt_state=tx.init(params), beside={"reference": reference})  # fmt: skip
     loss_fn = lambda *a, **k: losses.dpo_objective(*a, beta=0.2, pairs_per_row=2, **k)  # noqa: E731
-    out = [step.train_step(state, batch, model=model, tx=tx, schedule=lambda _: 0.1,
-                           loss_fn=loss_fn, grad_accum_steps=a) for a in (1, 2)]  # fmt: skip
+    train_step = jax.jit(step.train_step, static_argnames=("model", "tx", "schedule", "loss_fn",
+                                                          "grad_accum_steps"))  # fmt: skip
+    out = [train_step(state, batch, model=model, tx=tx, schedule=lambda _: 0.1,
+                      loss_fn=loss_fn, grad_accum_steps=a) for a in (1, 2)]  # fmt: skip
     (one, m1), (two, m2) = out
     for name in ("loss", "grad_norm", "reward_accuracy", "reward_margin", "chosen_logp"):
         np.testing.assert_allclose(m1[name], m2[name], rtol=1e-4, err_msg=name)

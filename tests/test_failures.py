@@ -5,15 +5,14 @@ tests/test_hostile_inputs.py.)"""
 
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, hf_model, load_config, start_cluster
+from conftest import REFERENCE, REPO, config_flags, hf_model, load_config, run_cli, start_cluster
 
 import llamax
 from llamax import checkpoint, convert, train
@@ -22,19 +21,13 @@ from llamax.metrics import read_metrics
 RUN = {"train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 2}
 
 
-def _cli(workdir, *flags, limit_file_kib=None, env=None):
+def _cli(workdir, overrides, limit_file_kib=None):
     """llamax-train in a subprocess; `limit_file_kib` makes every write past that size of a
     file fail (`ulimit -f`: Python ignores SIGXFSZ, so the write returns EFBIG), as a full
     disk does for the checkpoint's files."""
-    command = [sys.executable, "-m", "llamax.cli.train", f"--config={REPO}/configs/tiny.py",
-               f"--workdir={workdir}", "--config.train.progress_bar=false", *flags]  # fmt: skip
-    if limit_file_kib:
-        command = ["bash", "-c", f'ulimit -f {limit_file_kib} && exec "$@"', "--", *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-
-
-def _flags(overrides):
-    return [f"--config.{k}={v}" for k, v in overrides.items()]
+    limit = ["bash", "-c", f'ulimit -f {limit_file_kib} && exec "$@"', "--"]
+    argv = [f"--config={REPO}/configs/tiny.py", f"--workdir={workdir}", *config_flags(overrides)]
+    return run_cli("train", *argv, prefix=limit if limit_file_kib else ())
 
 
 def _tree(directory):
@@ -76,8 +69,9 @@ def test_a_workdir_that_is_a_checkpoint_is_refused_untouched(foreign_dirs, name,
         LlamaForCausalLM.from_pretrained(directory)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_it_with_one_error_line(foreign_dirs, tmp_path):
-    result = _cli(foreign_dirs / "ck", "--config.train.steps=3")
+    result = _cli(foreign_dirs / "ck", {"train.steps": 3})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("llamax-train: error: --workdir")
     assert "Traceback" not in result.stderr
@@ -96,14 +90,14 @@ def test_the_cli_refuses_it_with_one_error_line(foreign_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_async_save_stops_at_that_save(tmp_path):
+def test_a_failed_async_save_stops_at_that_save(tmp_path, caplog):
     workdir = str(tmp_path)
     train.run(load_config("tiny", **RUN, **{"train.steps": 4}), workdir)
     ok = _tree(os.path.join(workdir, "checkpoints", "4"))
 
     # The files of a save are larger than 100 KiB: every save from now on fails to write.
     longer = {**RUN, "train.steps": 12, "train.accept_changes": True}
-    full = _cli(workdir, *_flags(longer), limit_file_kib=100)
+    full = _cli(workdir, longer, limit_file_kib=100)
     assert full.returncode == 1, full.stderr[-3000:]
     last = full.stderr.strip().splitlines()[-1]
     assert last.startswith("llamax-train: error: Writing the checkpoint of step 6")
@@ -113,9 +107,9 @@ def test_a_failed_async_save_stops_at_that_save(tmp_path):
     assert _tree(os.path.join(workdir, "checkpoints", "4")) == ok
     assert checkpoint.verify(os.path.join(workdir, "checkpoints", "4")) == []
 
-    rerun = _cli(workdir, *_flags(longer))
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from the checkpoint of step 4" in rerun.stderr
+    with caplog.at_level("INFO", logger="llamax"):  # the rerun, in this process
+        train.run(load_config("tiny", **longer), workdir)
+    assert "resuming from the checkpoint of step 4" in caplog.text
     assert read_metrics(workdir)[-1]["step"] == 12
 
 
@@ -129,14 +123,15 @@ def _flip_bytes(path, count=40):
     open(path, "wb").write(bytes(data))
 
 
-def test_a_corrupt_checkpoint_is_refused_then_set_aside_when_asked(tmp_path):
-    config = load_config("tiny", **RUN, **{"train.steps": 6})
-    reference = str(tmp_path / "reference")
-    train.run(config, reference)
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_is_refused_then_set_aside_when_asked(tmp_path, reference_run):
+    """The latest checkpoint (step 12) of a copy of the shared reference run is corrupted:
+    refused, then set aside; the run resumes from step 6 and ends as the reference did."""
+    config = load_config("tiny", **REFERENCE)
     workdir = str(tmp_path / "run")
-    train.run(config, workdir)
+    shutil.copytree(reference_run[0], workdir)
 
-    step_dir = os.path.join(workdir, "checkpoints", "6")
+    step_dir = os.path.join(workdir, "checkpoints", "12")
     recorded = json.loads(open(os.path.join(step_dir, checkpoint.CHECKSUMS)).read())
     params_files = sorted((f for f in recorded if f.startswith("params/") and "/d/" in f),
                           key=lambda f: os.path.getsize(os.path.join(step_dir, f)))  # fmt: skip
@@ -144,17 +139,17 @@ def test_a_corrupt_checkpoint_is_refused_then_set_aside_when_asked(tmp_path):
     _flip_bytes(os.path.join(step_dir, victim))  # 40 bytes of the largest parameter file
     before = _tree(workdir)
 
-    with pytest.raises(checkpoint.CheckpointError, match=f"step 6 .* is corrupt: {victim}") as e:
+    with pytest.raises(checkpoint.CheckpointError, match=f"step 12 .* is corrupt: {victim}") as e:
         train.run(config, workdir)
-    assert "fallback_on_corrupt=true" in str(e.value) and "(step 4)" in str(e.value)
+    assert "fallback_on_corrupt=true" in str(e.value) and "(step 6)" in str(e.value)
     assert _tree(workdir) == before  # refused before anything was written
 
     config.checkpoint.fallback_on_corrupt = True
-    state = train.run(config, workdir)  # resumes from step 4 and trains steps 5 and 6 again
+    state = train.run(config, workdir)  # resumes from step 6 and trains steps 7 to 12 again
     assert os.path.isdir(step_dir + ".corrupt")  # set aside, not deleted
-    _, want = llamax.load_pretrained(reference)
+    want = reference_run[2]
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # as if nothing happened
+        np.testing.assert_array_equal(np.asarray(a), b)  # as if nothing happened
     assert checkpoint.verify(step_dir) == []
 
 
@@ -166,7 +161,7 @@ def test_a_lost_process_ends_the_cluster_promptly(tmp_path):
     overrides = {"train.steps": 500, "train.log_every": 1, "train.eval_every": 0,
                  "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
                  "cluster.heartbeat_timeout_seconds": 5}  # fmt: skip
-    procs = start_cluster(str(tmp_path), _flags(overrides))
+    procs = start_cluster(str(tmp_path), config_flags(overrides))
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

@@ -10,8 +10,6 @@ import pickle
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 import tracemalloc
 import zipfile
@@ -20,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors
 import torch
-from conftest import REPO, hf_model
+from conftest import hf_model, run_cli
 from test_convert import CONFIGS, write_meta_checkpoint
 
 import llamax
@@ -305,11 +303,8 @@ def big_hf(tmp_path_factory):
 
 
 def _start_conversion(src, out):
-    return subprocess.Popen(
-        [sys.executable, "-m", "llamax.cli.convert", "--from", "hf", "--to", "llamax",
-         "--input", str(src), "--output", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+    return run_cli("convert", "--from", "hf", "--to", "llamax", "--input", str(src),
+                   "--output", str(out), background=True)  # fmt: skip
 
 
 def _temporaries(out):
@@ -339,8 +334,8 @@ def test_a_stopped_conversion_leaves_nothing(big_hf, tmp_path, sig):
     _stopped_mid_write(proc, out)
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    out_text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "interrupted" in out_text, out_text[-2000:]
     assert not out.exists()
     time.sleep(1)  # no writer thread outlives the process's clean-up
     assert not _temporaries(out)

@@ -50,26 +50,22 @@ def test_prefill_then_decode_with_left_padding(rng):
         segment_ids[i, prompt_len - n :] = 1
         positions[i, prompt_len - n :] = np.arange(n)
 
+    # One compile for the prefill, one for every decode step.
+    step = jax.jit(lambda p, t, pos, seg, cache: model.apply(
+        {"params": p}, t, positions=pos, segment_ids=seg, cache=cache))  # fmt: skip
     cache = init_cache(config, batch_size=2, max_len=prompt_len + new)
-    logits, cache = model.apply(
-        {"params": params}, tokens, positions=positions, segment_ids=segment_ids, cache=cache
-    )
+    logits, cache = step(params, tokens, positions, segment_ids, cache)
     got = [[logits[i, -1]] for i in range(2)]
     for t in range(new - 1):
         step_tokens = np.array([[seqs[i][lengths[i] + t]] for i in range(2)], np.int32)
         step_pos = np.array([[lengths[i] + t] for i in range(2)], np.int32)
-        logits, cache = model.apply(
-            {"params": params},
-            step_tokens,
-            positions=step_pos,
-            segment_ids=np.ones((2, 1), np.int32),
-            cache=cache,
-        )
+        logits, cache = step(params, step_tokens, step_pos, np.ones((2, 1), np.int32), cache)
         for i in range(2):
             got[i].append(logits[i, 0])
 
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
     for i, n in enumerate(lengths):
-        alone = np.asarray(model.apply({"params": params}, seqs[i][None, : n + new - 1]))[0]
+        alone = np.asarray(forward(params, seqs[i][None, : n + new - 1]))[0]
         np.testing.assert_allclose(np.stack(got[i]), alone[n - 1 :], atol=TOL, rtol=0)
 
 

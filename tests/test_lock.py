@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, config_flags, load_config, run_cli
 
 from llamax import lock, train
 
@@ -31,6 +31,7 @@ def _hold_in_child(path):
     return proc
 
 
+@pytest.mark.slow  # a process that holds the lock
 def test_a_second_holder_is_refused_with_the_holder_named(tmp_path):
     path = tmp_path / "x.llamax-lock"
     proc = _hold_in_child(path)
@@ -45,6 +46,7 @@ def test_a_second_holder_is_refused_with_the_holder_named(tmp_path):
         proc.wait()
 
 
+@pytest.mark.slow  # a process that holds the lock
 def test_a_lock_left_by_a_killed_holder_is_taken_over_and_said(tmp_path, caplog):
     path = tmp_path / "x.llamax-lock"
     proc = _hold_in_child(path)
@@ -107,6 +109,7 @@ def test_a_failed_first_run_leaves_no_workdir(tmp_path, tokenizer_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # trains a step
 def test_another_tokenizer_than_the_models_is_refused(tmp_path, tiny_lm, tokenizer_path):
     """init_from's tokenizer.model records the ids the model learned: training it on another
     tokenizer's ids is refused before anything is written; its own trains."""
@@ -132,14 +135,13 @@ def test_another_tokenizer_than_the_models_is_refused(tmp_path, tiny_lm, tokeniz
         train.run(c, str(tmp_path / "run"))
 
 
+def _run(seed):
+    return {"train.steps": 30, "train.log_every": 1, "train.eval_every": 0, "train.seed": seed}
+
+
 def _train(workdir, seed):
-    return subprocess.Popen(
-        [sys.executable, "-m", "llamax.cli.train", f"--config={REPO}/configs/tiny.py",
-         f"--workdir={workdir}", "--config.train.progress_bar=false", "--config.train.steps=30",
-         "--config.train.log_every=1", "--config.train.eval_every=0",
-         f"--config.train.seed={seed}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-    )  # fmt: skip
+    return run_cli("train", f"--config={REPO}/configs/tiny.py", f"--workdir={workdir}",
+                   *config_flags(_run(seed)), background=True)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -169,7 +171,7 @@ def test_two_runs_on_one_workdir_one_refuses(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_run_is_resumed_and_its_lock_taken_over(tmp_path):
+def test_a_killed_run_is_resumed_and_its_lock_taken_over(tmp_path, caplog):
     workdir = tmp_path / "run"
     first = _train(workdir, seed=1)
     deadline = time.time() + 300
@@ -178,10 +180,12 @@ def test_a_killed_run_is_resumed_and_its_lock_taken_over(tmp_path):
         time.sleep(0.05)
     first.kill()
     first.wait()
-    again = _train(workdir, seed=1)
-    out, _ = again.communicate(timeout=600)
-    assert again.returncode == 0, out
-    assert f"taking over the lock left by process {first.pid}" in out, out
+    with caplog.at_level("INFO", logger="llamax"):  # the next run, in this process
+        train.run(load_config("tiny", **_run(seed=1)), str(workdir))
+    assert f"taking over the lock left by process {first.pid}" in caplog.text, caplog.text
+    assert [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl"))] == list(
+        range(1, 31)
+    )
 
 
 @pytest.mark.slow
@@ -201,11 +205,8 @@ def test_two_conversions_into_one_output_one_refuses(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     hf.write(config, tensors, str(tmp_path / "hf"), "float32")
     out = tmp_path / "out"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "llamax.cli.convert", "--from", "hf", "--to", "llamax",
-         "--input", str(tmp_path / "hf"), "--output", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+    first = run_cli("convert", "--from", "hf", "--to", "llamax", "--input", str(tmp_path / "hf"),
+                    "--output", str(out), background=True)  # fmt: skip
     held = tmp_path / f"out{lock.SUFFIX}"
     deadline = time.time() + 120
     while not (held.exists() and held.stat().st_size):  # taken, its holder's record written
@@ -221,6 +222,6 @@ def test_two_conversions_into_one_output_one_refuses(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"llamax-convert: error: --output {out} is in use by process "
                              f"{first.pid} on host {socket.gethostname()}"), err  # fmt: skip
-    _, first_err = first.communicate(timeout=120)
-    assert first.returncode == 0, first_err
+    first_out = first.communicate(timeout=120)[0]
+    assert first.returncode == 0, first_out
     assert convert.verify(str(out)) == [] and not held.exists()

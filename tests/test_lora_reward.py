@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config
-from test_reward import _pair
+from test_reward import _pair, write_language_model
 
 import llamax
 from llamax import lora as lora_lib
@@ -42,13 +42,11 @@ def _files(directory):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tokenizer_path):
-    """A language model (2 steps), then 8 steps of LoRA reward modelling on it."""
+    """A language model (written, not trained), then 8 steps of LoRA reward modelling on it."""
     from llamax import train
 
     root = tmp_path_factory.mktemp("lora_rm")
-    lm = str(root / "lm")
-    train.run(load_config("tiny", **{"model.vocab_size": 600, "train.steps": 2,
-                                     "train.eval_every": 0}), lm)  # fmt: skip
+    lm = write_language_model(str(root / "lm"), tokenizer_path)
     files = root / "pairs.jsonl"
     files.write_text("".join(json.dumps(_pair(i, None)) + "\n" for i in range(300)))
     c = rm_config(lm, str(files), tokenizer_path)
@@ -82,6 +80,7 @@ def _scores(model, params, tokens, segments):
     return np.asarray(values[:, 0])
 
 
+@pytest.mark.slow
 def test_lora_reward_model_trains_adapters_and_score_on_a_frozen_body(runs):
     from llamax import loading, pretrained
     from llamax.metrics import read_metrics
@@ -114,6 +113,7 @@ def test_lora_reward_model_trains_adapters_and_score_on_a_frozen_body(runs):
     assert _files(runs.lm) == runs.lm_files
 
 
+@pytest.mark.slow
 def test_the_run_loads_as_its_base_merged_by_hand_with_its_score_head(runs, rng, tokenizer_path):
     """load_pretrained(run): a reward model, the base's body with W + s A B and the trained
     score head; the base with the run as --adapters is the same; a language model's
@@ -169,6 +169,7 @@ def test_the_run_loads_as_its_base_merged_by_hand_with_its_score_head(runs, rng,
     assert open(out + "2").read() == open(out).read()
 
 
+@pytest.mark.slow
 def test_peft_export_scores_as_llamax_in_transformers(runs, rng):
     """--to peft: a sequence classifier's adapters with the score head in modules_to_save;
     transformers' LlamaForSequenceClassification made of the converted language model (its
@@ -241,6 +242,7 @@ def test_peft_modules_llamax_cannot_train_are_named(tmp_path):
         peft_lib.import_adapters(str(out), config)
 
 
+@pytest.mark.slow
 def test_a_lora_reward_run_resumes_exactly(runs, tokenizer_path):
     """Stopped after the checkpoint of step 4 (adapters, score head, optimizer state): the
     resumed run re-reads the base, checks its fingerprint, and repeats steps 5-8."""
@@ -257,6 +259,7 @@ def test_a_lora_reward_run_resumes_exactly(runs, tokenizer_path):
                                rtol=1e-5)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_from_a_reward_model_on_a_quantized_base_the_head_is_its_own(runs, tokenizer_path):
     """init_from a reward model (the run merged into a checkpoint) with an nf4 base: the body's
     matrices held as nf4 codes, the score head trained on from the reward model's."""

@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices, one JAX cluster over 127.0.0.1 (gloo collectives), train
-exactly as one process x 8 devices, whether told their places by flags, torchrun's variables
-or SLURM's; and how the launchers' environments are read."""
+exactly as one process x 8 devices, told their places by torchrun's variables (or flags:
+tests/test_checkpoint.py, tests/test_failures.py); SLURM's variables give llamax-train the
+cluster the flags would; and how the launchers' environments are read."""
 
 import os
 
@@ -25,13 +26,13 @@ def one_process(tmp_path_factory):
 
 
 @pytest.mark.slow  # a cluster of two training processes
-# (clusters started by flags train in tests/test_checkpoint.py and tests/test_failures.py)
-@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
-def test_two_processes_match_one(launcher, one_process, tmp_path):
+def test_two_processes_match_one(one_process, tmp_path):
+    """The processes learn their places from torchrun's variables (`torchrun
+    --nproc-per-node=2`): the place the environment gives works end to end."""
     want = one_process
 
     workdir = str(tmp_path / "two")
-    procs = start_cluster(workdir, FLAGS, launcher=launcher)
+    procs = start_cluster(workdir, FLAGS, launcher="torchrun")
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -56,6 +57,73 @@ def test_sequences_split_across_two_processes_match_one(one_process, tmp_path):
         assert p.returncode == 0, out[-3000:]
     assert "'context': 8" in outputs[0]
     np.testing.assert_allclose([r["loss"] for r in read_metrics(workdir)], one_process, rtol=1e-5)
+
+
+def test_slurm_variables_start_the_cluster_the_flags_would(tmp_path, monkeypatch):
+    """The SLURM environment of the two processes on 127.0.0.1 that `start_cluster` starts
+    (`srun -N 2 --ntasks-per-node=1`) makes llamax-train call `jax.distributed.initialize` with
+    what `--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=I` give it. In this
+    process, with `initialize` replaced by a stop: nothing trains."""
+    import subprocess
+    import warnings
+
+    import jax
+    from absl import flags
+
+    from llamax.cli import train as train_cli
+
+    started = []
+
+    def popen(command, env, **_):  # each process's flags and what start_cluster adds to its env
+        added = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        started.append(([a for a in command if a.startswith("--")], added))
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    start_cluster(str(tmp_path / "slurm"), FLAGS, launcher="slurm")
+    assert len(started) == 2
+
+    class Initialized(Exception):
+        pass
+
+    calls = []
+
+    def initialize(**kwargs):
+        calls.append(kwargs)
+        raise Initialized  # before anything trains
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(train_cli, "setup_logging", lambda fmt: None)  # pytest's logging stays
+
+    def llamax_train(argv, env):  # the arguments llamax-train gives jax.distributed.initialize
+        # Not the config's overrides (--config.KEY=VALUE), which absl defines as it imports
+        # llamax.cli.train, from the process's own command line: none of them is the place.
+        argv = [a for a in argv if not a.startswith("--config.")]
+        with monkeypatch.context() as m, warnings.catch_warnings():
+            # ml_collections' own loader of the config file uses load_module()
+            warnings.filterwarnings("ignore", "the load_module", DeprecationWarning)
+            for name, value in env.items():
+                m.setenv(name, value)
+            flags.FLAGS(["llamax-train", *argv])
+            try:
+                with pytest.raises(Initialized):
+                    train_cli.main(["llamax-train"])
+            finally:
+                flags.FLAGS.unparse_flags()
+        return calls.pop()
+
+    port = started[0][1]["MASTER_PORT"]
+    for i, (argv, env) in enumerate(started):
+        assert env["SLURM_PROCID"] == str(i) and not any("--coordinator" in a for a in argv)
+        told = llamax_train(argv, env)
+        place = [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+        assert told == llamax_train([*argv, *place], {})
+        assert told["cluster_detection_method"] == "deactivate"  # JAX's own detection off
+        assert {k: told[k] for k in ("coordinator_address", "num_processes", "process_id")} == {
+            "coordinator_address": f"127.0.0.1:{port}",
+            "num_processes": 2,
+            "process_id": i,
+        }
+    assert not calls
 
 
 def test_torchrun_variables():

@@ -1,9 +1,12 @@
 """The optimizer against a hand-written AdamW, the schedule, FLOPs and MFU accounting."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 
 from llamax import LlamaConfig, metrics, optim
 
@@ -74,6 +77,56 @@ def test_flops_per_token_7b():
     # One forward pass is 2 FLOPs per multiply-accumulate: DPO's step adds the reference's.
     assert metrics.flops_per_token(c, 4096, forwards=1) == 2 * matmul + 2 * 32 * 4096 * 4096
     assert metrics.flops_per_token(c, 4096, forwards=4) == 8 * matmul + 8 * 32 * 4096 * 4096
+
+
+def _dot_flops(jaxpr) -> float:
+    """2 x the multiply-adds of every dot_general in `jaxpr` and the jaxprs inside it (a scan's
+    body once per iteration): what a step computes in matrix products, counted from the
+    program itself."""
+    from jax.extend import core
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += (
+                2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+            )
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(sub, core.ClosedJaxpr | core.Jaxpr):
+                    total += times * _dot_flops(getattr(sub, "jaxpr", sub))
+    return total
+
+
+@pytest.mark.parametrize("task, data", [("lm", "markov"), ("sft", "chat"), ("reward", "preference"),
+                                        ("dpo", "preference")])  # fmt: skip
+def test_a_tasks_flops_are_the_matrix_products_its_step_runs(task, data):
+    """Each task's FLOPs per token (MFU's numerator) equal the dot products of its train step's
+    program, counted from the jaxpr: a language model's 3 forwards, DPO's 4 (the reference's
+    forward too), a reward model without the vocabulary projection. The program's attention is
+    the reference's, over every key (masked), where the accounting counts the causal half."""
+    from llamax import setup, sharding
+
+    c = load_config("tiny", **{"task": task, "data.source": data, "model.dim": 256,
+                               "model.n_layers": 2, "model.n_heads": 4, "model.vocab_size": 1024,
+                               "train.seq_len": 128, "train.batch_size": 2, "mesh.fsdp": 1,
+                               "train.grad_accum_steps": 2})  # fmt: skip
+    # Model FLOPs, as MFU counts them: no recomputation (remat, the chunked loss's logits
+    # computed again in the backward pass).
+    c.model.loss_chunk_len = 0
+    c.init_from = "unused"  # DPO's reference: only its shapes are traced
+    mesh = setup.make_mesh(c, jax.devices()[:1])
+    s = setup.build(c, mesh)
+    with sharding.use_mesh(mesh):
+        program = jax.make_jaxpr(s.train_step)(s.abstract_state(), s.abstract_batch())
+    config, tokens, seq = s.model.config, 2 * 128, 128
+    forwards = {"dpo": 4}.get(task, 3)
+    whole_attention = forwards * 2 * config.n_layers * seq * config.dim  # the masked half
+    want = (s.task.flops_per_token(s.c, config) + whole_attention) * tokens
+    assert _dot_flops(program.jaxpr) == want
 
 
 def test_70b_grouped_query_flops():

@@ -220,6 +220,17 @@ def test_the_reward_loss_reads_each_pair_at_its_last_tokens(tokenizer_path):
     assert sums["accuracy"] == right
 
 
+def write_language_model(path, tokenizer_path):
+    """A tiny language model (vocab 600) at the scale training starts from: weights of the
+    default init's 0.02, written, not trained. A new score head on its body scores near 0 and
+    a reward model's first loss is log 2 (on `tiny_lm`'s larger weights the last tokens of two
+    responses differ enough that a new head's scores differ too: about 0.61)."""
+    from conftest import write_checkpoint
+
+    config = llamax.LlamaConfig.preset("tiny", vocab_size=600)
+    return write_checkpoint(path, config, random_params(config, seed=21, std=0.02), tokenizer_path)
+
+
 @pytest.mark.slow
 def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
     """llamax-train with model.head=score on preference pairs, from a language model's
@@ -231,8 +242,7 @@ def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
     from llamax.data.tokenizer import Tokenizer
     from llamax.metrics import read_metrics
 
-    lm = str(tmp_path / "lm")
-    train.run(load_config("tiny", **{"model.vocab_size": 600, "train.steps": 2}), lm)
+    lm = write_language_model(str(tmp_path / "lm"), tokenizer_path)
     files = tmp_path / "pairs.jsonl"
     files.write_text("".join(json.dumps(_pair(i, None)) + "\n" for i in range(300)))
     c = load_config("tiny", **{
@@ -254,11 +264,11 @@ def test_a_reward_model_trains_from_a_language_model(tmp_path, tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     from llamax.data import preference
 
+    forward = jax.jit(lambda p, *x: model.apply({"params": p}, *x))  # compiled per length
     right = 0
     for i in range(300, 340):
         ex = preference.pair_example(_pair(i, None), tok)
-        scores = model.apply({"params": params}, ex["tokens"][None], ex["positions"][None],
-                             ex["segments"][None])  # fmt: skip
+        scores = forward(params, ex["tokens"][None], ex["positions"][None], ex["segments"][None])
         (values, _) = losses.segment_last_values(scores, ex["segments"][None], 2)
         right += int(values[0, 0] > values[0, 1])
     assert right >= 36, right
@@ -325,10 +335,11 @@ def test_scores_and_accuracy_by_rating(tokenizer_path):
     scores, ratings, skipped = reward.pair_scores(model, params, tok, records, batch_size=4)
     assert skipped == {"empty answer": 1} and scores.shape == (10, 2)
     kept = [r for i, r in enumerate(records) if i != 4]
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t))  # compiled per length
     for (chosen, rejected), record in zip(scores, kept, strict=True):
         for got, response in ((chosen, record["chosen"]), (rejected, record["rejected"])):
             tokens, _ = preference_tokens(record["prompt"], response, tok)
-            alone = model.apply({"params": params}, tokens[None])[0, -1]
+            alone = forward(params, tokens[None])[0, -1]
             np.testing.assert_allclose(got, alone, atol=TOL)
     result = reward.accuracy_by_rating(scores, ratings)
     right = scores[:, 0] > scores[:, 1]

@@ -342,6 +342,7 @@ def test_corrupt_adapters_of_a_lora_run_are_refused(finetuned, tmp_path, capsys)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gcs")  # beside tests/test_gcs.py, not at the same time
 @pytest.mark.usefixtures("gcs")
 def test_in_a_bucket_the_recorded_object_hashes_are_compared_without_a_download(
     tiny_run, tmp_path, monkeypatch
