@@ -16,6 +16,7 @@ by the caller and freed before the server binds it could be taken meanwhile by a
 worker's emulator, which the caller would then talk to instead.
 """
 
+import http.server
 import json
 import re
 import sys
@@ -106,9 +107,17 @@ def _read_data(request_handler, query):
 _emulator_read_data = server._read_data
 
 
+class _Backlogged(http.server.HTTPServer):
+    # Connections waiting to be accepted: http.server's 5 overflowed when tensorstore opened
+    # its dozens at once, and the connections the kernel dropped stalled (a request answered
+    # after seconds, now and then never).
+    request_queue_size = 1024
+
+
 def install() -> None:
-    """Wraps the emulator's object handlers in its routing tables, and reads multipart
-    uploads with `_read_data`."""
+    """Wraps the emulator's object handlers in its routing tables, reads multipart uploads
+    with `_read_data`, and gives its server a backlog that holds a client's connections."""
+    server.server.HTTPServer = _Backlogged
     server._read_data = _read_data
     wrapped = {
         objects.download: _with_generations(objects.download, reads=True),
