@@ -60,28 +60,48 @@ LAST = ("manifest.json", "config.json")
 
 def honour_storage_emulator() -> None:
     """With `STORAGE_EMULATOR_HOST` set, points tensorstore at the emulator too and switches
-    credential discovery off for every client (see the module's docstring). Variables the
-    user set win."""
+    credential discovery off for every client (see the module's docstring); without it, undoes
+    what an earlier call set. Variables the user set win. Called again after the variable
+    changed (another emulator in the same process), the variables it set follow: a
+    `TENSORSTORE_GCS_HTTP_URL` left behind would send tensorstore, and every process started
+    from this one, to an emulator that is gone, retrying for as long as it takes."""
     host = os.environ.get("STORAGE_EMULATOR_HOST", "")
-    if host in ("", "default"):
-        return
-    url = host if "://" in host else f"http://{host}"
-    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
-    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "storage-emulator")
-    os.environ.setdefault("NO_GCE_CHECK", "true")
-    # gcsfs's extended file system asks the storage-control API (not emulated) for the
-    # bucket's layout through google-auth's default credentials.
-    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    _GCS_OPTIONS["token"] = "anon"
+    wanted = {}
+    if host not in ("", "default"):
+        wanted = {
+            "TENSORSTORE_GCS_HTTP_URL": host if "://" in host else f"http://{host}",
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "storage-emulator",
+            "NO_GCE_CHECK": "true",
+            # gcsfs's extended file system asks the storage-control API (not emulated) for the
+            # bucket's layout through google-auth's default credentials.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
+    for key in set(_SET_HERE) | set(wanted):
+        if key in os.environ and os.environ[key] != _SET_HERE.get(key):
+            _SET_HERE.pop(key, None)  # the user's value: left as is
+        elif key in wanted:
+            os.environ[key] = _SET_HERE[key] = wanted[key]
+        else:
+            os.environ.pop(key, None)
+            _SET_HERE.pop(key, None)
+    _GCS_OPTIONS["token"] = "anon" if wanted else None
 
 
-_GCS_OPTIONS: dict[str, Any] = {"cache_timeout": 0}
+# The environment variables `honour_storage_emulator` set, with their values.
+_SET_HERE: dict[str, str] = {}
+# gcsfs's options (None: gcsfs's default).
+_GCS_OPTIONS: dict[str, Any] = {"cache_timeout": 0, "token": None}
 
 
 def _configure_fsspec() -> None:
     import fsspec.config
 
-    fsspec.config.conf.setdefault("gs", {}).update(_GCS_OPTIONS)
+    options = fsspec.config.conf.setdefault("gs", {})
+    for key, value in _GCS_OPTIONS.items():
+        if value is None:
+            options.pop(key, None)
+        else:
+            options[key] = value
 
 
 honour_storage_emulator()

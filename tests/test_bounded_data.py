@@ -140,20 +140,12 @@ def test_a_gzip_that_expands_to_hundreds_of_megabytes_is_read_in_bounded_memory(
 def bucket(monkeypatch, tmp_path):
     """A GCS API on 127.0.0.1 (tests/gcs_server.py) with the bucket `llamax-test`, used by this
     process through `STORAGE_EMULATOR_HOST` (credential discovery off)."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    from test_gcs import start_emulator
 
     from llamax import fs
 
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"), "llamax-test"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path, text=True,
-    )  # fmt: skip
+    server, port = start_emulator(tmp_path)
     try:
-        port = server.stdout.readline().strip()
-        assert port.isdigit(), f"emulator did not start (exit code {server.poll()})"
         for key, value in {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
                            "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:1",
                            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "llamax-test",
@@ -163,7 +155,8 @@ def bucket(monkeypatch, tmp_path):
         fs.honour_storage_emulator()
         yield "gs://llamax-test"
     finally:
-        fs._GCS_OPTIONS.pop("token", None)
+        monkeypatch.undo()
+        fs.honour_storage_emulator()  # what it set for this emulator undone
         server.terminate()
         server.wait(timeout=30)
 

@@ -61,18 +61,25 @@ sys.addaudithook(_llamax_test_guard)
 """
 
 
+def start_emulator(cwd) -> tuple[subprocess.Popen, int]:
+    """tests/gcs_server.py serving the bucket `llamax-test`, and its port."""
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"), BUCKET[len("gs://"):]],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=cwd, text=True,
+    )  # fmt: skip
+    line = server.stdout.readline()  # the port, once it serves (empty if it died)
+    if not line.strip().isdigit():
+        server.kill()
+        raise AssertionError(f"emulator did not start (exit code {server.wait()})")
+    return server, int(line)
+
+
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
     """An emulator on 127.0.0.1 with an empty bucket; yields the environment of a process that
     uses it (this process's too, restored after)."""
     home = tmp_path_factory.mktemp("gcs")
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(REPO, "tests", "gcs_server.py"), BUCKET[len("gs://"):]],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=home, text=True,
-    )  # fmt: skip
-    line = server.stdout.readline()  # the port, once it serves (empty if it died)
-    assert line.strip().isdigit(), f"emulator did not start (exit code {server.poll()})"
-    port = int(line)
+    server, port = start_emulator(home)
     guard_dir = home / "guard"
     guard_dir.mkdir()
     (guard_dir / "sitecustomize.py").write_text(GUARD)
@@ -106,10 +113,54 @@ def gcs(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        fs._GCS_OPTIONS.pop("token", None)
+        fs.honour_storage_emulator()  # what it set for this emulator undone
         server.terminate()
         server.wait(timeout=30)
         assert not requests.exists(), requests.read_text()
+
+
+def test_tensorstore_follows_the_emulator_host_within_a_process(tmp_path, monkeypatch):
+    """A second emulator in the same process (another test's) gets tensorstore's writes, and
+    so does a process started from this one; the variables set for an emulator go with it, and
+    a user's own value is never replaced."""
+    import tensorstore as ts
+
+    monkeypatch.setenv("NO_GCE_CHECK", "true")
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:1")
+    monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
+    monkeypatch.delenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", raising=False)
+    script = ("import llamax, os, tensorstore as ts; kv = ts.KvStore.open({'driver': 'gcs', "
+              "'bucket': 'llamax-test'}).result(); kv.write('child', b'1').result(timeout=60); "
+              "print(os.environ['TENSORSTORE_GCS_HTTP_URL'])")  # fmt: skip
+    try:
+        for i in range(2):
+            server, port = start_emulator(tmp_path)
+            try:
+                monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{port}")
+                fs.honour_storage_emulator()
+                assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == f"http://127.0.0.1:{port}"
+                kv = ts.KvStore.open({"driver": "gcs", "bucket": "llamax-test"}).result()
+                kv.write(f"parent-{i}", b"1").result(timeout=60)
+                child = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                       text=True, timeout=120, env=dict(os.environ))  # fmt: skip
+                assert child.returncode == 0, child.stderr[-2000:]
+                assert child.stdout.strip() == f"http://127.0.0.1:{port}"
+                assert kv.list().result(timeout=60) == [b"child", f"parent-{i}".encode()]
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+        monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+        fs.honour_storage_emulator()
+        assert "TENSORSTORE_GCS_HTTP_URL" not in os.environ
+        assert "GOOGLE_AUTH_TOKEN_FOR_TESTING" not in os.environ
+        assert os.environ["NO_GCE_CHECK"] == "true"  # set before: not this module's to undo
+        monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", "https://gcs.example")
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", "127.0.0.1:9")
+        fs.honour_storage_emulator()
+        assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == "https://gcs.example"
+    finally:
+        monkeypatch.undo()
+        fs.honour_storage_emulator()
 
 
 def _train(env, workdir, cwd, overrides):
@@ -142,13 +193,15 @@ def gcs_run(gcs, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("gcs-cwd")
     workdir = f"{BUCKET}/run"
     proc = _train(gcs, workdir, cwd, overrides)
-    deadline = time.time() + 600  # (a hung process fails; 240 s was once too short on 2 cores)
-    while not _complete_steps(workdir):
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.time() < deadline, "no checkpoint in the bucket after 600 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    deadline = time.time() + 300  # (a hung process fails; 240 s was once too short on 2 cores)
+    try:
+        while not _complete_steps(workdir):
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            assert time.time() < deadline, "no checkpoint in the bucket after 300 s"
+            time.sleep(0.05)
+    finally:  # killed after its first checkpoint, or when it failed to write one
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     steps = _complete_steps(workdir)
     resumed = _train(gcs, workdir, cwd, overrides)
     out = resumed.communicate(timeout=300)[0]
