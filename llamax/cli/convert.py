@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if problems else 0
     if not (args.src and args.dst and args.input and args.output):
         parser.error("--from, --to, --input and --output are required (or --verify DIR)")
-    signal.signal(signal.SIGTERM, _interrupt)  # cleaned up as on Ctrl-C
+    # Both raise KeyboardInterrupt where the main thread is, cleaned up alike. SIGINT is set
+    # too (rather than left to Python's default handler, which an asyncio runner replaces by
+    # a cancellation of its task that a library may absorb).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         convert.convert(
             args.src, args.dst, args.input, args.output, args.shards, args.dtype,
