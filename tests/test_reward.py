@@ -178,7 +178,10 @@ def test_a_pair_is_two_segments_in_the_chat_format(tokenizer_path):
      ({"prompt": "q", "chosen": "a", "rejected": "a "}, "identical responses"),
      ({"prompt": "q", "chosen": "a", "rejected": "b", "rating": "much better"}, "rating"),
      ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-       "chosen": "a", "rejected": "b"}, "roles")],
+       "chosen": "a", "rejected": "b"}, "roles"),
+     ({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_safe": False,
+       "rejected_safe": True}, "unsafe chosen over safe"),
+     ({"prompt": "q", "chosen": "a", "rejected": "b", "chosen_safe": "no"}, "malformed")],
 )  # fmt: skip
 def test_bad_pairs_are_refused_with_their_reason(record, reason, tokenizer_path):
     from llamax.data import preference
@@ -436,3 +439,19 @@ def test_pairs_longer_than_the_window_are_skipped_and_no_usable_pair_says_why(to
         reward.pair_sequences(records[1:3], tok, CONFIG.max_seq_len)
     assert str(e.value) == ("no usable preference pair to evaluate: 2 skipped (1 not JSON, "
                             "1 too long)")  # fmt: skip
+
+
+def test_a_pair_preferring_an_unsafe_response_to_a_safe_one_is_left_out(tokenizer_path):
+    """Llama 2's rule: chosen unsafe and rejected safe is dropped and counted; every other
+    labelling (and none) is kept, so one set of pairs trains either reward model."""
+    from llamax import reward
+    from llamax.data.tokenizer import Tokenizer
+
+    labels = [(False, True), (True, False), (False, False), (True, True), (None, None),
+              (False, None), (None, True)]  # fmt: skip
+    records = [{**_pair(i), "chosen_safe": c, "rejected_safe": r}
+               for i, (c, r) in enumerate(labels)]  # fmt: skip
+    sequences, ratings, skipped = reward.pair_sequences(records, Tokenizer(tokenizer_path),
+                                                        CONFIG.max_seq_len)  # fmt: skip
+    assert skipped == {"unsafe chosen over safe": 1}
+    assert len(ratings) == len(labels) - 1 and len(sequences) == 2 * (len(labels) - 1)

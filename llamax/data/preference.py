@@ -25,7 +25,10 @@ Bad records are skipped, counted by reason and logged, as chat data's are: a lin
 UTF-8, not JSON, nested too deeply or not an object, text that is not valid Unicode, a line
 longer than any pair that fits a row, a missing or non-string response, an empty response,
 identical responses, a prompt whose roles are out of order or that does not end with the
-user's turn, an unknown rating.
+user's turn, an unknown rating, and (Llama 2's safety rule) a pair whose chosen response is
+labelled unsafe and whose rejected one safe (`chosen_safe: false, rejected_safe: true`; the
+labels are optional and otherwise unused, so one tool trains a helpfulness and a safety
+reward model).
 """
 
 from __future__ import annotations
@@ -56,6 +59,20 @@ def rating_index(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
         return value
     raise BadRecord("rating", f"unknown rating {value!r}; expected one of {list(_RATING_ALIASES)}")
+
+
+def check_safety_labels(record: dict) -> None:
+    """Llama 2's rule for safety labels (section 3.2.1): a pair whose chosen response is
+    unsafe (`chosen_safe` false) and whose rejected one is safe (`rejected_safe` true) is left
+    out (`BadRecord("unsafe chosen over safe")`, counted as skipped), since the safer response
+    should also be the preferred one. Labels are optional; a label that is not true, false or
+    null is malformed."""
+    labels = {k: record.get(k) for k in ("chosen_safe", "rejected_safe")}
+    for key, value in labels.items():
+        if value is not None and not isinstance(value, bool):
+            raise BadRecord("malformed", f"{key} must be true, false or null, got {value!r}")
+    if labels["chosen_safe"] is False and labels["rejected_safe"] is True:
+        raise BadRecord("unsafe chosen over safe")
 
 
 def _final_answer(mask: list[int]) -> np.ndarray:
@@ -101,6 +118,7 @@ def pair_example(record: Any, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
         raise BadRecord("malformed", "chosen and rejected must be strings")
     if all(r.strip() for r in responses) and responses[0].strip() == responses[1].strip():
         raise BadRecord("identical responses")
+    check_safety_labels(record)
     rating = rating_index(record.get("rating"))
     (c, c_mask), (r, r_mask) = (response_tokens(record.get("prompt"), x, tokenizer)
                                 for x in responses)  # fmt: skip
