@@ -8,6 +8,8 @@ A checkpoint at step N is one directory `DIR/checkpoints/N/` with four items:
 - `data`: each process's data-iterator state (`process_I-of-P.json`), so a resumed run sees
   the batches an uninterrupted one would have.
 - `meta`: the resolved config and run facts (tokens seen).
+- one more item for each model a run trains beside its own (PPO's `value`: its `step`,
+  `params` and `opt_state`), saved and restored with the rest as one step.
 
 and, once the save is complete, `checksums.json` (the sha256 of every file, computed on a
 thread of its own; on `gs://`, the MD5 or CRC32C the storage keeps of each object), checked
@@ -31,6 +33,7 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -156,8 +159,14 @@ class Checkpoints:
     and the checkpoint still intact, and corrupt checkpoints refused (or, when asked, set
     aside) before anything is restored."""
 
-    def __init__(self, directory: str, c: ml_collections.ConfigDict | None = None):
+    def __init__(self, directory: str, c: ml_collections.ConfigDict | None = None,
+                 others: Sequence[str] = ()):  # fmt: skip
+        """`others`: the names of models a run trains beside its own (PPO's `value`), each an
+        item of every checkpoint (`save`'s `others`, `restore_other`)."""
         c = c or default_config()
+        clash = set(others) & set(_handlers())
+        if clash:
+            raise ValueError(f"{sorted(clash)}: names of a checkpoint's own items")
         self.directory = fs.absolute(directory)
         self.blocking = not c.async_save
         if fs.isdir(self.directory):
@@ -170,7 +179,7 @@ class Checkpoints:
             cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=_handlers()
+            self.directory, options=options, item_handlers=_handlers(others)
         )
         self.good = self.manager.latest_step()  # the last step known written whole
         self.saving: int | None = None  # the step whose save is in flight
@@ -215,21 +224,25 @@ class Checkpoints:
                 fs.rename(step_dir, f"{step_dir}.corrupt")
             _sync("llamax: corrupt checkpoint set aside")
 
-    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    def save(self, step: int, state, data_state: dict, meta: dict,
+             others: Mapping[str, Any] | None = None) -> None:  # fmt: skip
+        """The checkpoint of `step`: the run's train state (its parameters the item `params`,
+        which every reader of a model reads), the data position, `meta`, and the train state
+        of each model trained beside (`others`, by name), one item each; in the background
+        unless `checkpoint.async_save` is false."""
         self.finish_saving()  # the one before (orbax would wait for it anyway)
         self.saving = step
+        items = {
+            "params": ocp.args.StandardSave(state.params),
+            "opt_state": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state}),
+            "data": DataStateSave(data_state),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        for name, other in (others or {}).items():
+            whole = {"step": other.step, "params": other.params, "opt_state": other.opt_state}
+            items[name] = ocp.args.StandardSave(whole)
         try:  # a write can fail here, or later in the background (`raise_if_failed`)
-            self.manager.save(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(state.params),
-                    opt_state=ocp.args.StandardSave(
-                        {"step": state.step, "opt_state": state.opt_state}
-                    ),
-                    data=DataStateSave(data_state),
-                    meta=ocp.args.JsonSave(meta),
-                ),
-            )
+            self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise self._failed(e) from None
         if self.blocking:
@@ -306,13 +319,33 @@ class Checkpoints:
         )
         return new_state, restored.data, restored.meta
 
+    def restore_other(self, step: int, name: str, state, shardings):
+        """The train state of the model `name` trained beside the run's own (`save`'s
+        `others`) at `step`, onto the given shardings."""
+        step_dir = f"{self.directory}/{step}"
+        if not fs.isdir(fs.join(step_dir, name)):
+            raise CheckpointError(
+                f"The checkpoint {step_dir} holds no {name!r} model, which this run trains: it "
+                "was written by another kind of run"
+            )
+        whole = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        saved = self.manager.item_metadata(step)[name]
+        pretrained.check_shapes(saved["params"], state.params, f"{step_dir}/{name}")
+        where = {"step": shardings.step, "params": shardings.params,
+                 "opt_state": shardings.opt_state}  # fmt: skip
+        args = ocp.args.StandardRestore(with_shardings(whole, where))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        return state.replace(step=restored["step"], params=restored["params"],
+                             opt_state=restored["opt_state"])  # fmt: skip
 
-def _handlers() -> dict:
+
+def _handlers(others: Sequence[str] = ()) -> dict:
     return {
         "params": ocp.StandardCheckpointHandler(),
         "opt_state": ocp.StandardCheckpointHandler(),
         "data": DataStateHandler(),
         "meta": ocp.JsonCheckpointHandler(),
+        **{name: ocp.StandardCheckpointHandler() for name in others},
     }
 
 

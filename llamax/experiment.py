@@ -115,6 +115,32 @@ def default_config() -> ml_collections.ConfigDict:
     # beta (Rafailov et al. 2023).
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
+    # task "ppo" (Llama 2-Chat's RLHF; llamax.ppo_train, docs/preference.md): the policy is
+    # init_from, trained on rollouts of `data.source = "prompts"`, `rollouts` prompts an
+    # iteration (train.steps iterations) in minibatches of train.batch_size rows of
+    # train.seq_len tokens (prompt and response), one update each per epoch.
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.helpful_rm = ""  # the helpfulness reward model (a run of task "reward"): required
+    c.ppo.safety_rm = ""  # the safety reward model; "": the helpfulness one scores everything
+    # The safety model scores a safety prompt's answer, and any whose sigmoid safety score
+    # is below this (Llama 2: 0.15).
+    c.ppo.safety_threshold = 0.15
+    c.ppo.value_from = ""  # the value model's start; "": the helpfulness reward model
+    c.ppo.kl_beta = 0.01  # the KL penalty's weight (Llama 2: 0.01 for 7B/13B, 0.005 for 70B)
+    c.ppo.clip = 0.2  # the policy ratio's clip
+    c.ppo.value_clip = 0.2  # the value's clip around its rollout value
+    c.ppo.gamma = 1.0  # GAE's discount
+    c.ppo.lam = 0.95  # GAE's lambda
+    c.ppo.rollouts = 512  # prompts per iteration
+    c.ppo.epochs = 1  # passes over an iteration's rollouts (minibatches) per iteration
+    c.ppo.max_new_tokens = 256  # of a response; a prompt may take the rest of the row
+    c.ppo.temperature = 1.0  # of the rollouts' sampling
+    c.ppo.top_p = 1.0
+    # Every train.eval_every iterations, the mean reward of greedy answers to this many
+    # held-out prompts (data.validation_fraction); after `patience` evaluations without a
+    # better one the run stops early (0: never).
+    c.ppo.eval_prompts = 64
+    c.ppo.patience = 0
     c.cluster = ml_collections.ConfigDict()
     # Seconds without a heartbeat after which JAX's coordinator counts a process of a
     # multi-process run as lost (JAX's default: 100).
@@ -224,9 +250,11 @@ def changes(recorded: dict, c: ml_collections.ConfigDict) -> tuple[list[str], li
 def derive_task(source: str, head: str) -> str:
     """The task a config without one trains, as llamax read it from the data and the head
     before tasks were explicit: preference pairs train a reward model (a score head) or DPO
-    (a language model), chat data SFT, text a language model."""
+    (a language model), chat data SFT, prompts PPO, text a language model."""
     if source == "preference":
         return "reward" if head == "score" else "dpo"
+    if source == "prompts":
+        return "ppo"
     return "sft" if source == "chat" else "lm"
 
 
@@ -430,6 +458,38 @@ def dpo_recipe(preset: str) -> ml_collections.ConfigDict:
     c.train.steps = 2800
     c.train.batch_size = 64
     c.train.grad_accum_steps = 4
+    return c
+
+
+def ppo_recipe(preset: str) -> ml_collections.ConfigDict:
+    """Llama 2-Chat's PPO (Touvron et al. 2023, section 3.2.3): the policy from `init_from`
+    (an SFT or rejection-sampled chat model), its helpfulness and safety reward models
+    (`ppo.helpful_rm`, `ppo.safety_rm`), prompts (`data.source = "prompts"`). The paper's
+    settings: AdamW (beta1 0.9, beta2 0.95, eps 1e-5), weight decay 0.1, gradient clipping
+    1.0, a constant learning rate of 1e-6; 512 prompts an iteration in minibatches of 64, one
+    update each; clip 0.2; KL beta 0.01 (0.005 for 70B); 200 iterations (the paper ran
+    200-400 with early stopping on held-out prompts: here every 10 iterations on 64 of them,
+    patience 3). Where the paper is silent (Stiennon et al. 2020 / TRL): the value model from
+    the helpfulness reward model, GAE gamma 1 and lambda 0.95, value clip 0.2, rollouts at
+    temperature 1; responses of up to 512 tokens in rows of 4,096 (prompts up to 3,584)."""
+    c = llama2_recipe(preset, learning_rate=1e-6)
+    c.task = "ppo"
+    c.data.source = "prompts"
+    c.data.tfds_name = ""
+    c.data.validation_fraction = 0.02
+    c.optimizer.warmup_steps = 0
+    c.optimizer.end_learning_rate_ratio = 1.0  # constant
+    c.ppo.kl_beta = 0.005 if preset == "llama2-70b" else 0.01
+    c.ppo.rollouts = 512
+    c.ppo.max_new_tokens = 512
+    c.ppo.eval_prompts = 64
+    c.ppo.patience = 3
+    c.train.steps = 200
+    c.train.batch_size = 64
+    c.train.grad_accum_steps = 4
+    c.train.log_every = 1
+    c.train.eval_every = 10
+    c.checkpoint.every = 10
     return c
 
 

@@ -39,7 +39,7 @@ from llamax.setup import Setup
 from llamax.step import TrainState
 
 log = logging.getLogger("llamax")
-TOKENIZED = ("tfds", "chat", "preference")  # the data sources read through data.tokenizer
+TOKENIZED = ("tfds", "chat", "preference", "prompts")  # the sources read through data.tokenizer
 # What a training run writes into its workdir (and nothing else may be there without a
 # run's config.json).
 RUN_ENTRIES = ("config.json", "checkpoints", "metrics.jsonl", "tensorboard", "tokenizer.model",
@@ -77,19 +77,27 @@ class Loop:
         data,
         evaluate: Evaluation | None = None,
         tokens_per_step: int | None = None,
+        others: Mapping[str, Setup] | None = None,
     ) -> TrainState:
         """The state to train from (`llamax.state.restore_or_init`: a resume sets `data`, the
         trainer's iterator, to its saved position), once the resume is known to fit the
         workdir's recorded config (`check_resume`); then the config is recorded, and the
         log and the preemption watcher start. `evaluate`: the held-out evaluation run every
         `train.eval_every` steps and at the last; `tokens_per_step`: what a step trains on,
-        for tokens/s and MFU (default: one global batch)."""
+        for tokens/s and MFU (default: one global batch); `others`: the setups of models
+        trained beside the run's own (PPO's value model), by name, whose starting states are
+        then `self.others` (resumed from the same checkpoint, or new), saved with each
+        checkpoint (`step_done`'s `others`)."""
         c = self.c
         self.setup, self.data, self.evaluate = s, data, evaluate
+        self.other_setups = dict(others or {})
         self.tokens_per_step = tokens_per_step or c.train.batch_size * c.train.seq_len
-        self.saves = checkpoint.Checkpoints(fs.join(self.workdir, "checkpoints"), c.checkpoint)
+        self.saves = checkpoint.Checkpoints(fs.join(self.workdir, "checkpoints"), c.checkpoint,
+                                            tuple(self.other_setups))  # fmt: skip
         check_resume(c, self.workdir, self.saves)
         train_state, meta = state.restore_or_init(s, self.saves, data)
+        self.others = {name: state.restore_or_init_other(o, self.saves, name, meta)
+                       for name, o in self.other_setups.items()}  # fmt: skip
         write_config(c, self.workdir)
         self.done = int(meta.get("step", self.saves.latest_step() or 0))
         self.tokens_seen = meta.get("tokens_seen", 0)
@@ -106,12 +114,13 @@ class Loop:
                 return
             yield step
 
-    def step_done(self, step: int, train_state: TrainState, step_metrics: dict) -> None:
-        """After step `step` gave `train_state` and its `step_metrics` (device values, not
-        waited for): queued for the log; at a log or save step fetched and checked (a
-        non-finite step raises before it can be saved), logged with the held-out evaluation
-        when one is due, and saved with the data position; at a preemption, saved, and the
-        loop stops."""
+    def step_done(self, step: int, train_state: TrainState, step_metrics: dict,
+                  others: Mapping[str, TrainState] | None = None) -> None:  # fmt: skip
+        """After step `step` gave `train_state` (and the states of the models trained beside,
+        `others`) and its `step_metrics` (device values, not waited for): queued for the log;
+        at a log or save step fetched and checked (a non-finite step raises before it can be
+        saved), logged with the held-out evaluation when one is due, and saved with the data
+        position; at a preemption, saved, and the loop stops."""
         t, every = self.c.train, self.c.checkpoint.every
         self.done = step
         self.tokens_seen += self.tokens_per_step
@@ -131,21 +140,46 @@ class Loop:
             if log_now:
                 self.log.write(step, latest, self.evaluate(train_state) if eval_now else None)
             if save_now:
-                self.save(step, train_state)
+                self.save(step, train_state, others)
         if preempted:
             log.warning("preempted: saved the checkpoint of step %d; exiting", step)
             self.stopped = True
 
-    def save(self, step: int, train_state: TrainState) -> None:
-        """The checkpoint of `step`: the state, the data position, and the run's facts (its
-        config, tokens seen, the models it was trained with: `llamax.state.run_meta`)."""
+    def stop_early(
+        self,
+        step: int,
+        train_state: TrainState,
+        others: Mapping[str, TrainState] | None = None,
+        why: str = "",
+    ) -> None:
+        """Ends the run after step `step` (a trainer's early stopping): its state saved, unless
+        this step's save is already written or in flight, and no step after it. A rerun
+        resumes from it and trains on to `train.steps`."""
+        if self.log.pending:
+            self.log.write(step, self.log.fetch(resume_from=self.saves.saving or self.saves.good))
+        if step not in (self.saves.saving, self.saves.good):
+            self.saves.finish_saving()
+            self.save(step, train_state, others)
+        log.info("stopped after step %d: %s", step, why)
+        self.stopped = True
+
+    def save(self, step: int, train_state: TrainState,
+             others: Mapping[str, TrainState] | None = None) -> None:  # fmt: skip
+        """The checkpoint of `step`: the state (and those of the models trained beside), the
+        data position, and the run's facts (its config, tokens seen, the models it was
+        trained with: `llamax.state.run_meta`, the others' under their names)."""
+        if set(others or {}) != set(self.other_setups):
+            raise ValueError(f"a checkpoint of this run holds the models "
+                             f"{sorted(self.other_setups)} beside its own, given "
+                             f"{sorted(others or {})}")  # fmt: skip
         lock.check(self.held)  # still this run's workdir (object storage)
         # The metrics up to this step reach the workdir (on object storage, an upload)
         # before the checkpoint does, so none are lost by a kill.
         self.log.flush()
         meta = {"step": step, "tokens_seen": self.tokens_seen, "config": self.resolved,
-                **state.run_meta(self.setup)}  # fmt: skip
-        self.saves.save(step, train_state, self.data.get_state(), meta)
+                **state.run_meta(self.setup),
+                **{name: state.run_meta(o) for name, o in self.other_setups.items()}}  # fmt: skip
+        self.saves.save(step, train_state, self.data.get_state(), meta, others)
 
     def __exit__(self, kind, error, traceback) -> bool:
         try:

@@ -248,8 +248,9 @@ def build(c: ml_collections.ConfigDict, mesh: Mesh) -> Setup:
     task = experiment.task(c)
     adapters = experiment.lora_config(c)
     model = Llama(experiment.model_config(c), experiment.execution_config(c), adapters)
-    tx = optim.make_optimizer(c.optimizer, t.steps)
-    schedule = optim.learning_rate_schedule(c.optimizer, t.steps)
+    updates = task.optimizer_steps(c)
+    tx = optim.make_optimizer(c.optimizer, updates)
+    schedule = optim.learning_rate_schedule(c.optimizer, updates)
     abstract, shardings = state_shardings(
         model, tx, mesh, c.lora.base_dtype, beside_models(task, c, model)
     )

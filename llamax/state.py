@@ -43,17 +43,39 @@ def restore_or_init(
         if frozen is not None:
             state = state.replace(frozen=frozen)
         return state.replace(beside=read_beside(s)), meta
+    return initial(s), {}
+
+
+def restore_or_init_other(s: Setup, checkpoints: checkpoint.Checkpoints, name: str,
+                          meta: Mapping) -> TrainState:  # fmt: skip
+    """The state of a model a run trains beside its own (PPO's value model; `s` its setup):
+    the item `name` of the workdir's latest checkpoint (its LoRA base and the models beside
+    it checked against what the checkpoint's `meta` recorded under `name`), else `initial`."""
+    latest = checkpoints.latest_step()
+    if latest is None:
+        return initial(s)
+    check_recorded(s, meta.get(name, {}))
+    state = checkpoints.restore_other(latest, name, s.abstract, s.shardings)
+    frozen = frozen_base(s)
+    if frozen is not None:
+        state = state.replace(frozen=frozen)
+    return state.replace(beside=read_beside(s))
+
+
+def initial(s: Setup) -> TrainState:
+    """The state of a new run: `init_from`'s parameters (a LoRA run: fresh adapters on its
+    frozen base), else a fresh initialization; the models beside read."""
     frozen = frozen_base(s)
     rng = jax.random.key(s.c.train.seed)
     if frozen is not None:
         log.info("LoRA adapters (%s) on the frozen base %s", s.model.lora, s.c.init_from)
         start = trained_from_init(s)
-        return s.init_state(rng, frozen=frozen, start=start, beside=read_beside(s)), {}
+        return s.init_state(rng, frozen=frozen, start=start, beside=read_beside(s))
     if not s.c.init_from:
-        return s.init_state(rng, beside=read_beside(s)), {}
+        return s.init_state(rng, beside=read_beside(s))
     params, from_step = pretrained_params(s, rng)
     log.info("initialized from the parameters of %s (step %d)", s.c.init_from, from_step)
-    return s.init_state(rng, params, beside=read_beside(s)), {}
+    return s.init_state(rng, params, beside=read_beside(s))
 
 
 def read_beside(s: Setup) -> dict:

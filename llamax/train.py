@@ -1,6 +1,7 @@
 """The supervised trainer: `run(config, workdir)` trains the config's task (`llamax.tasks`: a
 language model, chat SFT, a reward model, DPO, or one registered elsewhere), one batch per
-step, and evaluates it on held-out batches.
+step, and evaluates it on held-out batches; a task with a trainer of its own (PPO's,
+`llamax.ppo_train`) is run by it.
 
 Its loop body is the step, `llamax.step.train_step` with the task's loss, built by
 `llamax.setup.build`; everything around it (the workdir and its lock, the starting state,
@@ -9,6 +10,8 @@ logging, evaluation hooks, checkpoints with the data position, preemption) is
 """
 
 from __future__ import annotations
+
+import importlib
 
 import jax
 import ml_collections
@@ -21,6 +24,10 @@ def run(c: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainState:
     """Trains for `c.train.steps` steps, resuming the workdir's run if it has one; returns the
     final state."""
     c = experiment.resolve_task(c)
+    own = experiment.task(c).trainer
+    if own:  # a task with a trainer of its own (PPO)
+        module, _, function = own.partition(":")
+        return getattr(importlib.import_module(module), function)(c, workdir, devices)
     t = c.train
     with loop.Loop(c, workdir) as lp:
         s = setup.build(c, setup.make_mesh(c, devices))

@@ -238,8 +238,8 @@ def test_each_task_counts_its_forward_passes_in_the_flops():
      ("reward", {"reward.centering": -1.0}, "reward.centering must be a finite number >= 0"),
      ("dpo", {"init_from": ""}, "task 'dpo' starts from its reference model: set init_from"),
      ("dpo", {"dpo.beta": 0.0}, "dpo.beta must be a finite number > 0"),
-     ("lm", {"task": "ppo"}, "task must be one of \\(.*'dpo', 'lm', 'reward', 'sft'\\), "
-      "got 'ppo'")],
+     ("lm", {"task": "grpo"}, "task must be one of \\(.*'dpo', 'lm', 'ppo', 'ppo_value', "
+      "'reward', 'sft'\\), got 'grpo'")],
 )  # fmt: skip
 def test_each_task_checks_its_config(name, overrides, message):
     c = _config(name, **overrides)

@@ -14,6 +14,8 @@ preference data) with `get_state()` / `set_state()` for checkpoints.
   a loss mask (`llamax.data.chat`).
 - `preference`: pairs of responses to a prompt, the chosen and the rejected, with an optional
   rating, for reward models (`llamax.data.preference`), from files or a tfds dataset as chat.
+- `prompts`: prompts for PPO's rollouts (`llamax.data.prompts`), from files or a tfds dataset
+  as chat: not batches of rows but a stream of prompts (`prompt_stream`).
 - `markov`: a synthetic Markov chain with a known entropy rate, for tests.
 """
 
@@ -31,7 +33,7 @@ import numpy as np
 from llamax import fs
 from llamax.data.markov import MarkovSource
 
-SOURCES = ("tfds", "chat", "preference", "markov")
+SOURCES = ("tfds", "chat", "preference", "prompts", "markov")
 log = logging.getLogger("llamax")
 
 
@@ -78,7 +80,7 @@ def check(c: ml_collections.ConfigDict) -> None:
         errors.append(f"data.chat_train_on must be one of {chat.TRAIN_ON}, got {c.chat_train_on!r}")
     if c.chat_too_long not in chat.TOO_LONG:
         errors.append(f"data.chat_too_long must be one of {chat.TOO_LONG}, got {c.chat_too_long!r}")
-    if c.source in ("chat", "preference") and bool(c.files) == bool(c.tfds_name):
+    if c.source in ("chat", "preference", "prompts") and bool(c.files) == bool(c.tfds_name):
         errors.append(
             f"data.source {c.source!r} needs data.files (jsonl files of records) or "
             f"data.tfds_name (a prepared tfds dataset), one of the two; got files {c.files!r} "
@@ -98,7 +100,7 @@ def vocab_size(c: ml_collections.ConfigDict) -> int:
     check(c)
     if c.source == "markov":
         return c.markov_states
-    if c.source in ("tfds", "chat", "preference"):
+    if c.source in ("tfds", "chat", "preference", "prompts"):
         from llamax.data.tokenizer import Tokenizer
 
         if not c.tokenizer:
@@ -269,6 +271,9 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
             pairs_per_row=c.pairs_per_row, name=f"data: preference {split} split",
         )  # fmt: skip
         return iter(dataset)
+    if c.source == "prompts":
+        raise ValueError("data.source 'prompts' gives prompts for PPO's rollouts, not batches "
+                         "of rows: train it with task 'ppo'")  # fmt: skip
     if c.source != "tfds":
         raise ValueError(f"Unknown data.source {c.source!r}; expected one of {SOURCES}")
     from llamax.data import corpus, pipeline
@@ -288,6 +293,20 @@ def make_iterator(c: ml_collections.ConfigDict, split: str, seq_len: int, rows: 
         add_eos=c.add_eos,
     )
     return iter(dataset)
+
+
+def prompt_stream(c: ml_collections.ConfigDict, split: str, max_tokens: int):
+    """The prompts of `split` ("train", "validation") of `prompts` data, at most `max_tokens`
+    tokens each (`llamax.data.prompts.PromptStream`); the same on every process."""
+    from llamax.data import prompts
+    from llamax.data.tokenizer import Tokenizer
+
+    if c.source != "prompts":
+        raise ValueError(f"data.source must be 'prompts' for a prompt stream, got {c.source!r}")
+    records = _records(c, split, max_tokens, ({"prompt"},))
+    seed = c.seed + (0 if split == "train" else 1)
+    return prompts.PromptStream(records, Tokenizer(fs.expand(c.tokenizer)), max_tokens, seed,
+                                name=f"data: prompts {split} split")  # fmt: skip
 
 
 def documents(

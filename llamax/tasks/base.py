@@ -131,6 +131,16 @@ class Task(abc.ABC):
         throughput and MFU of the log and of `llamax.aot`."""
         return metrics.flops_per_token(config, c.train.seq_len, self.forwards_per_token(c))
 
+    # The trainer of a run of this task when it is not `llamax.train.run`'s supervised loop
+    # (PPO's iterations): "module:function", a `(config, workdir, devices) -> final state`
+    # that `llamax.train.run` imports when the run starts (programs sit above tasks).
+    trainer: str = ""
+
+    def optimizer_steps(self, c: ml_collections.ConfigDict) -> int:
+        """The optimizer updates of the whole run, which the learning-rate schedule spans: one
+        per train step (`train.steps`); more where a step is several updates (PPO)."""
+        return c.train.steps
+
     def fixed_on_resume(self, c: ml_collections.ConfigDict) -> tuple[str, ...]:
         """Config keys a resumed run may not change even where others may (`init_from`, once
         it is a LoRA base or names a model beside the trained one)."""
