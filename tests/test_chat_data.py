@@ -64,6 +64,22 @@ def test_dialog_tokens_are_metas_and_the_mask_covers_the_answers(tokenizer_path)
     assert everything.all()
 
 
+def test_an_answer_of_weight_0_is_context_not_a_target(tokenizer_path):
+    """OpenAI's fine-tuning key: the tokens are the same, the weighted-out answer's mask 0."""
+    tok = Tokenizer(tokenizer_path)
+    dialog = [dict(turn) for turn in DIALOG]
+    dialog[2]["weight"] = 0
+    ids, mask = chat_format.dialog_tokens(dialog, tok)
+    want, exchanges = meta_tokens(DIALOG, tok)
+    assert ids == want
+    first = len(exchanges[0][0])
+    assert not any(mask[:first])
+    assert mask[first:] == chat_format.dialog_tokens(DIALOG, tok)[1][first:]
+    assert any(mask[first:])
+    dialog[4]["weight"] = 1
+    assert chat_format.example_tokens({"messages": dialog}, tok)[1].tolist() == mask
+
+
 def test_prompt_completion_pairs(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     record = json.dumps({"prompt": "the model trains on", "completion": " packed documents"})
@@ -88,6 +104,14 @@ def test_prompt_completion_pairs(tokenizer_path):
                     {"role": "assistant", "content": "a"}]}, "special tags"),
      ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "malformed"),
      ({"prompt": "p", "completion": ""}, "empty answer"),
+     ({"messages": [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": 0}]}, "no answer to train on"),
+     ({"messages": [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": 2}]}, "malformed"),
+     ({"messages": [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "weight": True}]}, "malformed"),
+     ({"messages": [{"role": "user", "content": "q", "weight": 0},
+                    {"role": "assistant", "content": "a"}]}, "malformed"),
      ({"prompt": 1, "completion": "c"}, "malformed")],
 )  # fmt: skip
 def test_bad_records_are_refused_with_their_reason(record, reason, tokenizer_path):

@@ -128,6 +128,7 @@ HELP = {
     "llamax-convert": ["--from", "--to", "--input", "--output", "--verify"],
     "llamax-eval": ["perplexity", "passkey"],
     "llamax-generate": ["--checkpoint", "--prompt", "--max-new-tokens", "--chat"],
+    "llamax-gatt": ["--checkpoint", "--dialogs", "--output", "--instructions", "--turns"],
     "llamax-reward": ["score", "eval", "sample"],
     "llamax-tokenizer": ["train", "encode"],
 }

@@ -23,14 +23,15 @@ LAYERS = {
     "formats": ["convert", "convert.formats", "convert.hf", "convert.meta", "convert.native",
                 "convert.manifest", "convert.core", "convert.peft"],
     "objectives": ["losses", "ppo", "step", "optim", "metrics"],
-    "inference": ["loading", "generation", "inference", "evaluate", "reward", "rejection"],
+    "inference": ["loading", "generation", "inference", "evaluate", "reward", "rejection",
+                  "gatt"],
     "tasks": ["tasks.base", "tasks.lm", "tasks.sft", "tasks.reward", "tasks.dpo", "tasks.ppo",
               "tasks"],
     "experiment": ["experiment"],
     "setup": ["setup", "state"],
     "programs": ["loop", "ppo_train", "train", "rounds", "aot"],
     "entry points": ["llamax", "cli", "cli.train", "cli.tokenizer", "cli.convert",
-                     "cli.generate", "cli.eval", "cli.aot", "cli.reward"],
+                     "cli.generate", "cli.eval", "cli.aot", "cli.reward", "cli.gatt"],
 }  # fmt: skip
 LEVEL = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 # Inside the model core the order is strict: each imports only those before it.

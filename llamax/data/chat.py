@@ -13,9 +13,10 @@ on every token (`"everything"`).
 
 Bad records are skipped, counted by reason and logged with their file and line: a line that
 is not UTF-8, not JSON, nested too deeply or not an object, text that is not valid Unicode,
-roles out of order or unknown, an empty answer, special tags in the text, a line too long to
-read, and, with `too_long="drop"`, an example longer than a row (`too_long="truncate"` keeps
-its first `seq_len` tokens, if an answer token is among them). A whole pass over this
+roles out of order or unknown, an empty answer, special tags in the text, a weight other than
+0 or 1 or every answer's weight 0 (`chat_format`), a line too long to read, and, with
+`too_long="drop"`, an example longer than a row (`too_long="truncate"` keeps its first
+`seq_len` tokens, if an answer token is among them). A whole pass over this
 process's share of the records with no usable one is an error that counts them by reason.
 """
 

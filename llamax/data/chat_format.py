@@ -14,9 +14,13 @@ module is what every reader of a dialog shares.
 
 The loss mask is 1 on the tokens a model is trained to predict: each answer (completion) and
 the EOS that closes it; 0 on system and user turns, the `[INST]` markup and the BOS
-(`train_on="everything"`: 1 on every token). What cannot be an example is a `BadRecord`
+(`train_on="everything"`: 1 on every token). An assistant message may carry `"weight": 0`
+(the key of OpenAI's chat fine-tuning format; 1 is the default): its answer is context, not
+a target, and its loss is 0, as Ghost Attention's dialogs need for every turn before the last
+(`llamax.gatt`). What cannot be an example is a `BadRecord`
 with its reason: roles out of order or unknown, an empty answer, special tags in the text,
-text that is not valid Unicode.
+text that is not valid Unicode, a weight other than 0 or 1 (or on a turn that is not the
+assistant's), no answer left to train on.
 """
 
 from __future__ import annotations
@@ -44,12 +48,17 @@ def _encode(tokenizer: Tokenizer, text: str, bos: bool, eos: bool) -> list[int]:
 
 def exchanges(dialog: Sequence[dict]) -> tuple[list[tuple[str, str]], str | None]:
     """A dialog as (question, answer) pairs and the last question still awaiting an answer
-    (None when it ends with an answer), the system prompt merged into the first question."""
+    (None when it ends with an answer), the system prompt merged into the first question.
+    The answers' weights: `weights`."""
     if not isinstance(dialog, list | tuple) or not dialog:
         raise BadRecord("malformed", "the messages must be a non-empty list")
     for turn in dialog:
         if not (isinstance(turn, dict) and isinstance(turn.get("content"), str)):
             raise BadRecord("malformed", "each message needs a role and a string content")
+        if "weight" in turn and (turn.get("role") != "assistant" or turn["weight"] not in (0, 1)
+                                 or isinstance(turn["weight"], bool)):  # fmt: skip
+            detail = f"a weight must be 0 or 1, on an assistant message; got {turn['weight']!r}"
+            raise BadRecord("malformed", f"{detail} ({turn.get('role')})")
         if any(tag in turn["content"] for tag in SPECIAL_TAGS):
             detail = f"Special tags {SPECIAL_TAGS} are not allowed in a message"
             raise BadRecord("special tags", detail)
@@ -67,14 +76,21 @@ def exchanges(dialog: Sequence[dict]) -> tuple[list[tuple[str, str]], str | None
     return pairs, last
 
 
+def weights(dialog: Sequence[dict]) -> list[int]:
+    """Each assistant message's weight, in order: its `"weight"` (0 or 1, checked by
+    `exchanges`), 1 when it has none."""
+    return [int(turn.get("weight", 1)) for turn in dialog if turn.get("role") == "assistant"]
+
+
 def dialog_tokens(dialog: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """Token ids of a dialog in Meta's chat format, and the loss mask (1 on each answer and its
-    EOS). A dialog ending with a user turn ends with that question awaiting its answer (what
-    generation continues); one ending with the assistant's is a whole training example."""
+    EOS, unless the answer's weight is 0). A dialog ending with a user turn ends with that
+    question awaiting its answer (what generation continues); one ending with the assistant's
+    is a whole training example."""
     pairs, last = exchanges(dialog)
     ids: list[int] = []
     mask: list[int] = []
-    for question, answer in pairs:
+    for (question, answer), weight in zip(pairs, weights(dialog), strict=True):
         prompt = f"{B_INST} {question.strip()} {E_INST}"
         whole = _encode(tokenizer, f"{prompt} {answer.strip()} ", True, True)
         # The answer starts where the prompt's own tokens stop matching the whole exchange's
@@ -83,7 +99,7 @@ def dialog_tokens(dialog: Sequence[dict], tokenizer: Tokenizer) -> tuple[list[in
         cut = next((i for i, (a, b) in enumerate(zip(head, whole, strict=False)) if a != b), None)
         cut = min(len(head), len(whole) - 1) if cut is None else cut
         ids += whole
-        mask += [0] * cut + [1] * (len(whole) - cut)
+        mask += [0] * cut + [weight] * (len(whole) - cut)
     if last is not None:
         question = _encode(tokenizer, f"{B_INST} {last.strip()} {E_INST}", True, False)
         ids += question
@@ -103,6 +119,8 @@ def example_tokens(
             raise BadRecord("roles", "a training dialog must end with the assistant's turn")
         if any(not answer.strip() for _, answer in pairs):
             raise BadRecord("empty answer")
+        if not any(weights(record["messages"])):
+            raise BadRecord("no answer to train on", "every assistant message has weight 0")
         ids, mask = dialog_tokens(record["messages"], tokenizer)
     elif "prompt" in record and "completion" in record:
         prompt, completion = record["prompt"], record["completion"]
