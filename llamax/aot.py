@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import math
 import os
 import re
 import time
@@ -111,22 +112,31 @@ def topology_devices(tpu: Slice, num_slices: int = 1) -> list:
     return list(desc.devices)
 
 
-def check(
-    c: ml_collections.ConfigDict, slice_name: str, num_slices: int = 1
-) -> dict[str, float | int | bool | str | dict]:
-    """Compiles the train step of config `c` for `num_slices` slices of `slice_name`; the
-    per-chip memory report (bytes), whether it fits, compile seconds, model FLOPs per step."""
+def _mesh(c: ml_collections.ConfigDict, slice_name: str, num_slices: int):
     tpu = parse_slice(slice_name)
     devices = topology_devices(tpu, num_slices)
     try:
-        mesh = setup.make_mesh(c, devices)
+        return tpu, setup.make_mesh(c, devices)
     except ValueError as e:
         raise ValueError(
             f"The config's mesh data={c.mesh.data} fsdp={c.mesh.fsdp} context={c.mesh.context} "
             f"tensor={c.mesh.tensor} does not fit {num_slices} x {slice_name} "
             f"({len(devices)} chips): {e}"
         ) from e
-    s = setup.build(c, mesh)
+
+
+def check(
+    c: ml_collections.ConfigDict, slice_name: str, num_slices: int = 1
+) -> dict[str, float | int | bool | str | dict]:
+    """Compiles the train step of config `c` for `num_slices` slices of `slice_name`; the
+    per-chip memory report (bytes), whether it fits, compile seconds, model FLOPs per step."""
+    tpu, mesh = _mesh(c, slice_name, num_slices)
+    return _compiled_step(setup.build(c, mesh), tpu, slice_name, num_slices)
+
+
+def _compiled_step(s: setup.Setup, tpu: Slice, slice_name: str, num_slices: int) -> dict:
+    """`check`'s report of the train step of `s` (built on a topology's mesh)."""
+    c, mesh = s.c, s.mesh
     config, run = s.model.config, s.model.execution
     start = time.perf_counter()
     try:
@@ -162,7 +172,7 @@ def check(
     return {
         "topology": slice_name,
         "num_slices": num_slices,
-        "chips": len(devices),
+        "chips": mesh.devices.size,
         "mesh": dict(mesh.shape),
         "per_device_batch": c.train.batch_size / (mesh.shape["data"] * mesh.shape["fsdp"]),
         "seq_len": c.train.seq_len,
@@ -185,6 +195,92 @@ def check(
         "model_flops_per_step": flops_token * tokens_per_step,
         "parameters": config.num_params(),
     }
+
+
+def bytes_per_chip(tree) -> int:
+    """The bytes one chip holds of a tree of abstract arrays placed on their shardings (the
+    largest shard, for a layout that splits unevenly)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def check_ppo(
+    c: ml_collections.ConfigDict, slice_name: str, num_slices: int = 1
+) -> dict[str, float | int | bool | str | dict]:
+    """PPO's iteration (`task = "ppo"`, `llamax.ppo_train`) on a slice: what every chip holds
+    in each of its phases, the largest of them its peak.
+
+    - the policy's update: its train step compiled (`check`: its state, the models beside it,
+      the reference and the reward models, its temporaries), with the value model's whole
+      state resident beside it;
+    - the value model's update: the same, the other way round;
+    - the rollouts: both states resident, the engine's copy of the policy's weights (the
+      trainable and frozen trees, laid out as training lays them out) and the decode state of
+      `ppo.rollout_slots` slots of the full row (`train.seq_len`), compiled for the slice.
+      The decode step's own temporaries (a token's attention and logits a slot) and the
+      scoring forwards' (smaller than a train step's) are not counted.
+
+    Resident states are exact (their shapes and shardings); the report keeps each phase's
+    bytes, and `fits` is the peak within the chip's HBM."""
+    from llamax import inference, ppo_train  # ppo_train: the value model's config
+
+    tpu, mesh = _mesh(c, slice_name, num_slices)
+    policy = setup.build(c, mesh)
+    value = setup.build(ppo_train.value_config(c), mesh)
+    reports = {
+        name: _compiled_step(s, tpu, slice_name, num_slices)
+        for name, s in (("policy", policy), ("value", value))
+    }
+    states = {
+        name: bytes_per_chip(s.abstract_state())
+        for name, s in (("policy", policy), ("value", value))
+    }
+    weights = policy.abstract_state()
+    engine_copy = bytes_per_chip((weights.params, weights.frozen))
+    slots, length = c.ppo.rollout_slots or c.ppo.rollouts, c.train.seq_len
+    config, run = policy.model.config, policy.model.execution
+    with sharding.use_mesh(mesh), attention.compiling_for("tpu"):
+        decode = inference.lower_new_state(config, slots, length, run.dtype).compile()
+        decode_state = decode.memory_analysis().output_size_in_bytes
+    phases = {
+        "policy update": reports["policy"]["peak_bytes_per_chip"] + states["value"],
+        "value update": reports["value"]["peak_bytes_per_chip"] + states["policy"],
+        "rollouts": states["policy"] + states["value"] + engine_copy + decode_state,
+    }
+    peak = max(phases.values())
+    compiled = all(r["compiled"] for r in reports.values())
+    return {
+        "topology": slice_name, "num_slices": num_slices, "chips": reports["policy"]["chips"],
+        "mesh": dict(mesh.shape), "seq_len": length, "rollouts": c.ppo.rollouts,
+        "rollout_slots": slots, "lora_rank": c.lora.rank,
+        "policy_state_bytes_per_chip": states["policy"],
+        "value_state_bytes_per_chip": states["value"],
+        "engine_copy_bytes_per_chip": engine_copy, "decode_state_bytes_per_chip": decode_state,
+        "phase_bytes_per_chip": phases, "peak_bytes_per_chip": peak,
+        "hbm_bytes_per_chip": tpu.hbm_bytes, "compiled": compiled,
+        "fits": compiled and peak <= tpu.hbm_bytes,
+        "compile_seconds": round(sum(r["compile_seconds"] for r in reports.values()), 1),
+        "steps": reports,
+    }  # fmt: skip
+
+
+def format_ppo_report(r: dict) -> str:
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    phases = ", ".join(f"{k} {gib(v)}" for k, v in r["phase_bytes_per_chip"].items())
+    return "\n".join([
+        f"{r['num_slices']} x {r['topology']} ({r['chips']} chips), mesh {r['mesh']}, PPO: "
+        f"{r['rollouts']} rollouts of {r['seq_len']} tokens, {r['rollout_slots']} decode slots"
+        + (f", LoRA r{r['lora_rank']}" if r["lora_rank"] else ""),
+        f"  per chip: policy state {gib(r['policy_state_bytes_per_chip'])}, value state "
+        f"{gib(r['value_state_bytes_per_chip'])}, the engine's copy "
+        f"{gib(r['engine_copy_bytes_per_chip'])}, decode state "
+        f"{gib(r['decode_state_bytes_per_chip'])}",
+        f"  phases: {phases}",
+        f"  peak {gib(r['peak_bytes_per_chip'])} of {gib(r['hbm_bytes_per_chip'])} HBM: "
+        + ("fits" if r["fits"] else "DOES NOT FIT"),
+    ])  # fmt: skip
 
 
 def format_report(r: dict) -> str:

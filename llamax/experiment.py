@@ -132,6 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.ppo.gamma = 1.0  # GAE's discount
     c.ppo.lam = 0.95  # GAE's lambda
     c.ppo.rollouts = 512  # prompts per iteration
+    # Decode slots of the rollouts (and the held-out answers): the engine's rows at once, each
+    # with a KV cache of a whole row; a finished answer's slot takes the next prompt. 0: one
+    # slot per prompt. What bounds the decode state's memory (docs/tpu_fit.md's PPO rows).
+    c.ppo.rollout_slots = 64
     c.ppo.epochs = 1  # passes over an iteration's rollouts (minibatches) per iteration
     c.ppo.max_new_tokens = 256  # of a response; a prompt may take the rest of the row
     c.ppo.temperature = 1.0  # of the rollouts' sampling

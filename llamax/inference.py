@@ -351,6 +351,12 @@ def _empty_state(config: LlamaConfig, slots: int, length: int, dtype: str, key_s
 _new_state = jax.jit(_empty_state, static_argnums=(0, 1, 2, 3, 4))
 
 
+def lower_new_state(config: LlamaConfig, slots: int, length: int, dtype: str):
+    """An empty decode state of `slots` rows of `length` cache slots, lowered under the
+    current mesh and not run: what an ahead-of-time compile measures (`llamax.aot`)."""
+    return _new_state.lower(config, slots, length, dtype, _key_shape())
+
+
 @partial(jax.jit, static_argnames="model")
 def _prefill(params, tokens, length, key, temperature, top_p, top_k, eos, new, *, model):
     p = tokens.shape[1]
@@ -487,7 +493,8 @@ def _mesh_of(params) -> jax.sharding.Mesh:
 
 @functools.cache
 def _key_shape() -> tuple[int, ...]:
-    return tuple(jax.random.key_data(jax.random.key(0)).shape)
+    """The shape of a key's data (abstract: nothing runs, whatever mesh is current)."""
+    return tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
 
 
 @jax.jit

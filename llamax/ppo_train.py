@@ -276,7 +276,10 @@ class Iteration:
         start = time.perf_counter()
         engine = self.engine(state)
         completions = engine.generate(
-            [x.tokens for x in prompts], self.sampling(step), eos_id=self.tokenizer.eos_id
+            [x.tokens for x in prompts],
+            self.sampling(step),
+            eos_id=self.tokenizer.eos_id,
+            slots=self.c.ppo.rollout_slots or None,
         )
         del engine
         rows = self.rows(prompts, completions)
@@ -380,6 +383,7 @@ class HeldOutReward:
             [x.tokens for x in self.prompts],
             it.sampling(0, greedy=True),
             eos_id=it.tokenizer.eos_id,
+            slots=it.c.ppo.rollout_slots or None,
         )
         del engine
         rows = it.rows(self.prompts, completions)

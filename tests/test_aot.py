@@ -123,3 +123,44 @@ def test_no_bfloat16_copy_of_every_layer_is_held(monkeypatch):
     assert not copies()
     monkeypatch.setattr(llamax.execution, "TPU_COMPILER_OPTIONS", {})
     assert copies()
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_a_ppo_iteration_is_measured_in_each_of_its_phases(rank, tiny_lm, tiny_rm, tokenizer_path):
+    """PPO on a slice: both update steps compiled, the other model's state beside each; the
+    rollouts' engine copy and decode state. The parts against hand computations: AdamW's
+    state, the frozen models beside the policy, the KV cache of the decode slots."""
+    c = load_config("tiny", **{
+        "task": "ppo", "data.source": "prompts", "model.vocab_size": 600, "train.seq_len": 128,
+        "train.batch_size": 4, "ppo.rollouts": 16, "ppo.rollout_slots": 8,
+        "ppo.max_new_tokens": 16, "init_from": tiny_lm, "ppo.helpful_rm": tiny_rm,
+        "ppo.safety_rm": tiny_rm, "data.files": tiny_lm, "data.tokenizer": tokenizer_path,
+        "lora.rank": rank,
+    })  # fmt: skip
+    r = aot.check_ppo(c, "v5e-4")
+    assert r["chips"] == 4 and r["compiled"] and r["fits"] and r["rollout_slots"] == 8
+    lm = experiment.model_config(c)
+    n, n_rm = lm.num_params(), lm.replace(head="score").num_params()
+    # A LoRA base in lora.base_dtype; the models beside in their float32 parameters.
+    base = 2 if c.lora.base_dtype == "bfloat16" else 4
+    if rank == 0:  # float32 parameters and two moments; the reference and 2 reward models
+        policy, value, engine = 3 * 4 * n + 4 * (n + 2 * n_rm), 3 * 4 * n_rm, 4 * n
+    else:  # the base, the adapters and their moments; no reference (the adapters off)
+        policy, value, engine = base * n + 4 * 2 * n_rm, base * n_rm, base * n
+    for key, want in (("policy_state", policy), ("value_state", value), ("engine_copy", engine)):
+        got = r[f"{key}_bytes_per_chip"]
+        assert want / 4 <= got <= want / 4 * 1.1 + 2**16, (key, got, want / 4)
+    # The KV cache: 8 slots of 128 positions, keys and values of each layer, float32 by
+    # default, the slots split over the 4 chips (beside them: each layer's segment ids, and
+    # each slot's position and sampling settings).
+    kv = 2 * lm.n_layers * 8 * 128 * lm.kv_heads * lm.head_dim * 4
+    assert kv / 4 <= r["decode_state_bytes_per_chip"] <= kv / 4 * 1.1
+    phases = r["phase_bytes_per_chip"]
+    steps = r["steps"]
+    assert (
+        phases["policy update"]
+        == steps["policy"]["peak_bytes_per_chip"] + r["value_state_bytes_per_chip"]
+    )
+    assert steps["policy"]["argument_bytes_per_chip"] >= r["policy_state_bytes_per_chip"]
+    assert r["peak_bytes_per_chip"] == max(phases.values())
+    assert "PPO: 16 rollouts of 128 tokens, 8 decode slots" in aot.format_ppo_report(r)

@@ -4,7 +4,9 @@ Compiles the config's train step for a TPU slice on this machine (libtpu from Py
 no TPU needed) and prints per-chip memory (arguments, temporaries, output, peak) against the
 chip's HBM, whether it fits, the compile time and the model FLOPs per step. `--config.KEY=V`
 overrides work as in `llamax-train`, e.g. `--config.train.batch_size=32`. Exits 1 when the
-step does not fit, 2 on bad input (an unknown slice, a mesh that does not fit it).
+step does not fit, 2 on bad input (an unknown slice, a mesh that does not fit it). A PPO
+config (`task = "ppo"`) is measured as its iteration (`aot.check_ppo`): the policy's and the
+value model's update steps compiled, each beside the other's state, and the rollouts' phase.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ def main(argv: list[str]) -> None:
     if c is None or _TOPOLOGY.value is None:
         sys.exit(usage_error("llamax-aot", "--config and --topology are required"))
     setup_logging()
-    from llamax import aot, fs
+    from llamax import aot, experiment, fs
 
     try:
-        report = aot.check(c, _TOPOLOGY.value, _NUM_SLICES.value)
-    except (ValueError, RuntimeError) as e:
+        ppo = experiment.resolve_task(c).task == "ppo"
+        report = (aot.check_ppo if ppo else aot.check)(c, _TOPOLOGY.value, _NUM_SLICES.value)
+    except (ValueError, RuntimeError, OSError) as e:
         sys.exit(error("llamax-aot", e))
-    print(aot.format_report(report))
+    print((aot.format_ppo_report if ppo else aot.format_report)(report))
     if _JSON.value:
         fs.write_json(_JSON.value, report, indent=1)
     sys.exit(0 if report["fits"] else 1)

@@ -111,6 +111,7 @@ def _checked(c: ml_collections.ConfigDict) -> list[str]:
     number("top_p", 0, 1, low_open=True)
     for key, least in (
         ("rollouts", 1),
+        ("rollout_slots", 0),
         ("epochs", 1),
         ("max_new_tokens", 1),
         ("eval_prompts", 0),
