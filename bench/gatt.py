@@ -8,7 +8,8 @@ answer repeats it, `list 3`. Three instruction families (the paper's: language, 
 hobby), written as a `llamax-gatt --instructions` file, change the answer: a language writes
 the number in that language (`list trois`), a figure opens with its catchword (`Sire: list
 3`), a hobby closes with a tag (`list 3 #chess`); combined, `Sire: list trois #chess`. An
-answer follows the instruction when every part of it is right.
+answer follows the instruction when it has every part the instruction asks for and no other
+(`follows`: the word and number it repeats are content, checked apart by `exact`).
 
 The SFT model (the demo-shaped base of bench/finetune.py, fine-tuned on chat data) is trained
 as Llama 2's SFT data was, by the paper's account: it knows how to follow an instruction, not
@@ -21,11 +22,13 @@ GAtt, as section 3.3 builds it: `llamax-gatt` samples 2 to 20-turn dialogs from 
 with a synthetic instruction (from the families file) on every user message, and writes them
 with the instruction as the first turn's system prompt only (shortened half of the time) and
 the loss on the last turn only, one record per turn (`--turns every`); the SFT model is then
-fine-tuned on them mixed with SFT records. Both models answer 48 held-out 20-turn dialogs
+fine-tuned on them with SFT records mixed in (`--sft-share` of them per GAtt record: an SFT
+record holds 4.6 times the target tokens of a GAtt record, so a 1:1 mix gives GAtt less than
+a fifth of the loss). Both models answer 48 held-out 20-turn dialogs
 with a system instruction (full form for half, short for half), greedy; reported: the share
-of turns that follow it, at turn 1 and over turns 2-5, 6-10, 11-20 and all 20, and on 24
-20-turn dialogs without a system prompt, the share of answers that are the plain right ones
-(GAtt must not make the model follow instructions nobody gave). One JSON line each, a
+of turns that follow it, at turn 1 and over turns 2-5, 6-10, 11-20 and all 20 (and exactly
+right), and on 24 20-turn dialogs without a system prompt, the share of plain answers (GAtt
+must not make the model follow instructions nobody gave). One JSON line each, a
 markdown table for docs/preference.md, and the per-turn plot docs/gatt_turns.png.
 """
 
@@ -62,6 +65,7 @@ FAMILIES = {
     "hobby": {"values": HOBBIES, "long": "You enjoy {}.", "short": "Hobby: {}"},
 }
 SEQ_LEN = 768  # 20 turns of the longest answers: about 680 tokens
+NEW_TOKENS = 24  # the longest answer ("Eureka: dict cuatro #tennis") is 17 tokens with EOS
 TURNS = 20
 
 
@@ -80,8 +84,31 @@ def answer(word: str, n: int, chosen: dict) -> str:
     return text
 
 
-def follows(text: str, word: str, n: int, chosen: dict) -> bool:
-    """Every part of the instruction right (the answer's content too: the word and number)."""
+def follows(text: str, chosen: dict) -> bool:
+    """The answer keeps the instruction, every part of it and nothing else: the figure's
+    catchword first (none without a figure), the number a word of the language (a digit
+    without one), the hobby's tag last (none without a hobby). The word and number repeated
+    from the question are the answer's content, not the instruction: `exact` checks them."""
+    words = text.split()
+    if not words:
+        return False
+    figure = FIGURES.get(chosen.get("figure"))
+    if (words[0] == figure) != bool(figure) or (not figure and words[0] in FIGURES.values()):
+        return False
+    words = words[1:] if figure else words
+    hobby = chosen.get("hobby")
+    tag = words[-1] if words and words[-1].startswith("#") else None
+    if tag != (f"#{hobby}" if hobby else None):
+        return False
+    words = words[:-1] if hobby else words
+    if len(words) != 2:
+        return False
+    language = chosen.get("language")
+    return words[1] in NUMBERS[language] if language else words[1].isdigit()
+
+
+def exact(text: str, word: str, n: int, chosen: dict) -> bool:
+    """The whole answer right: the instruction kept and the question's word and number."""
     return text.strip() == answer(word, n, chosen)
 
 
@@ -121,8 +148,9 @@ def write_jsonl(path: str, records) -> str:
     return path
 
 
-def evaluate(path: str, held: list[dict]) -> dict:
-    """Greedy 20-turn conversations; the share of turns that follow, by turn."""
+def evaluate(path: str, held: list[dict]):
+    """Greedy 20-turn conversations: per dialog and turn, whether the answer follows the
+    instruction (`follows`) and whether it is exactly right (`exact`); the answers."""
     import numpy as np
 
     from llamax import gatt, loading
@@ -130,13 +158,16 @@ def evaluate(path: str, held: list[dict]) -> dict:
 
     engine, tok = loading.load_engine(path)
     dialogs = [d["messages"] for d in held]
-    done, stops = gatt.converse(engine, tok, dialogs, SamplingConfig(max_new_tokens=12), 16)
-    ok = np.zeros((len(held), TURNS))
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS)
+    done, stops = gatt.converse(engine, tok, dialogs, sampling, 16)
+    ok, right, texts = np.zeros((len(held), TURNS)), np.zeros((len(held), TURNS)), []
     for i, (d, answered) in enumerate(zip(held, done, strict=True)):
         answers = [m["content"] for m in answered if m["role"] == "assistant"]
+        texts.append(answers)
         for t, (word, n) in enumerate(d["asked"]):
-            ok[i, t] = t < len(answers) and follows(answers[t], word, n, d["chosen"])
-    return ok
+            ok[i, t] = t < len(answers) and follows(answers[t], d["chosen"])
+            right[i, t] = t < len(answers) and exact(answers[t], word, n, d["chosen"])
+    return ok, right, texts
 
 
 def main() -> None:
@@ -144,7 +175,14 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/gatt")
     parser.add_argument("--base-steps", type=int, default=150)
     parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--gatt-steps", type=int, default=150)
+    parser.add_argument("--gatt-steps", type=int, default=300)
+    parser.add_argument(
+        "--sft-share", type=float, default=0.125,
+        help="SFT records mixed in, per GAtt record (an SFT record has about 4.6 times the "
+        "target tokens of a GAtt record, whose loss is on its last answer only)",
+    )  # fmt: skip
+    parser.add_argument("--gatt-lr", type=float, default=1e-3)
+    parser.add_argument("--name", default="gatt", help="the GAtt fine-tune's run directory")
     parser.add_argument("--gatt-dialogs", type=int, default=300)
     args = parser.parse_args()
     w = args.workdir
@@ -193,20 +231,23 @@ def main() -> None:
             [os.path.join(os.path.dirname(sys.executable), "llamax-gatt"),
              "--checkpoint", sft["path"], "--dialogs", dialogs, "--output", out,
              "--instructions", families, "--report", os.path.join(w, "gatt_report.json"),
-             "--max-new-tokens", "12", "--temperature", "0.7", "--batch-size", "16"],
+             "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0.7",
+             "--batch-size", "16"],
             check=True,
         )  # fmt: skip
     report = json.load(open(os.path.join(w, "gatt_report.json")))
     emit({"stage": "llamax-gatt", "seconds": round(time.time() - t0), **report})
     # How many sampled answers follow their instruction (the model's in-turn skill).
     gatt_records = [json.loads(line) for line in open(out)]
-    mixed = gatt_records + sft_records[: len(gatt_records)]
+    mixed = gatt_records + sft_records[: int(len(gatt_records) * args.sft_share)]
     random.Random(1).shuffle(mixed)
-    data = write_jsonl(os.path.join(w, "gatt_mix.jsonl"), mixed)
+    data = write_jsonl(os.path.join(w, f"{args.name}_mix.jsonl"), mixed)
     t0 = time.time()
     tuned = preference.train(
-        preference.config("sft", sft["path"], tokenizer, data, args.gatt_steps, 3e-4, **long),
-        os.path.join(w, "gatt"),
+        preference.config(
+            "sft", sft["path"], tokenizer, data, args.gatt_steps, args.gatt_lr, **long
+        ),
+        os.path.join(w, args.name),
     )
     emit({"stage": "gatt fine-tune", "seconds": round(time.time() - t0),
           "records": len(gatt_records), "loss": tuned["last_loss"]})  # fmt: skip
@@ -229,12 +270,15 @@ def main() -> None:
     rows = {}
     for name, path in (("SFT", sft["path"]), ("SFT + GAtt", tuned["path"])):
         t0 = time.time()
-        ok = evaluate(path, held)
+        ok, right, texts = evaluate(path, held)
+        with open(os.path.join(w, f"answers_{name.replace(' ', '')}.json"), "w") as f:
+            json.dump([{**d, "answers": a} for d, a in zip(held, texts, strict=True)], f)
         inst, plain = ok[:48], ok[48:]
         row = {
             "turn_1": inst[:, 0].mean(), "turns_2_5": inst[:, 1:5].mean(),
             "turns_6_10": inst[:, 5:10].mean(), "turns_11_20": inst[:, 10:].mean(),
-            "all_20": inst.mean(), "no_system_prompt": plain.mean(),
+            "all_20": inst.mean(), "exact_all_20": right[:48].mean(),
+            "no_system_prompt": plain.mean(), "exact_no_system_prompt": right[48:].mean(),
             "by_turn": [round(float(x), 3) for x in inst.mean(0)],
         }  # fmt: skip
         rows[name] = row
@@ -243,12 +287,13 @@ def main() -> None:
 
     print(f"\nMeasured on {platform.machine()} ({os.cpu_count()} cores); the share of turns "
           "that follow the system instruction (48 dialogs of 20 turns):\n")  # fmt: skip
-    print("| model | turn 1 | turns 2-5 | turns 6-10 | turns 11-20 | all 20 | plain right, "
-          "no system prompt |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("| model | turn 1 | turns 2-5 | turns 6-10 | turns 11-20 | all 20 | all 20, exact | "
+          "no system prompt: plain | exact |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         cells = [r[k] for k in ("turn_1", "turns_2_5", "turns_6_10", "turns_11_20", "all_20",
-                                "no_system_prompt")]  # fmt: skip
+                                "exact_all_20", "no_system_prompt",
+                                "exact_no_system_prompt")]  # fmt: skip
         print(f"| {name} | " + " | ".join(f"{c:.0%}" for c in cells) + " |")
     import matplotlib
 

@@ -1,5 +1,7 @@
-"""`llamax-gatt --checkpoint DIR --dialogs FILE --output FILE`: Ghost Attention's training
-dialogs (Llama 2, section 3.3; `llamax.gatt`).
+"""`llamax-gatt --checkpoint DIR --dialogs FILE --output FILE`: Ghost Attention's dialogs.
+
+Ghost Attention (Llama 2, section 3.3; `llamax.gatt`) teaches a chat model to keep a system
+instruction for a whole dialog.
 
 Each dialog of `--dialogs` (jsonl of `{"messages": [...]}`: its user messages are kept, its
 assistant messages sampled again; an optional `"instruction"`) gets an instruction (its own,
