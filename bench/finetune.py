@@ -57,6 +57,28 @@ def dialog(rng: random.Random, asks: list[str]) -> list[dict]:
     return turns
 
 
+def demo_tokenizer(workdir: str) -> str:
+    """`workdir`/tokenizer.model: the demo's 2,048-piece tokenizer, trained on this Python's
+    standard library sources the first time."""
+    from llamax.data.tokenizer import train_tokenizer
+
+    tokenizer = os.path.join(workdir, "tokenizer.model")
+    if not os.path.exists(tokenizer):
+        stdlib, texts = sysconfig.get_paths()["stdlib"], []
+        for name in sorted(os.listdir(stdlib)):
+            if name.endswith(".py"):
+                with open(os.path.join(stdlib, name), errors="replace") as f:
+                    texts += [line for line in f.read().splitlines() if line.strip()]
+        train_tokenizer(texts, tokenizer, vocab_size=2048)
+    return tokenizer
+
+
+def write_jsonl(path: str, records) -> str:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return path
+
+
 def pretrain_base(workdir: str, steps: int, tokenizer: str) -> str:
     from llamax import train
     from llamax.experiment import default_config
@@ -152,19 +174,10 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
 
-    from llamax.data.tokenizer import train_tokenizer
-
-    tokenizer = os.path.join(args.workdir, "tokenizer.model")
     if args.base:
         tokenizer = os.path.join(args.base, "tokenizer.model")
-    elif not os.path.exists(tokenizer):
-        stdlib = sysconfig.get_paths()["stdlib"]
-        texts = []
-        for name in sorted(os.listdir(stdlib)):
-            if name.endswith(".py"):
-                with open(os.path.join(stdlib, name), errors="replace") as f:
-                    texts += [line for line in f.read().splitlines() if line.strip()]
-        train_tokenizer(texts, tokenizer, vocab_size=2048)
+    else:
+        tokenizer = demo_tokenizer(args.workdir)
     base = args.base or pretrain_base(args.workdir, args.base_steps, tokenizer)
 
     rng = random.Random(0)

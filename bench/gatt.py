@@ -41,13 +41,13 @@ import platform
 import random
 import subprocess
 import sys
-import sysconfig
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import finetune  # noqa: E402  (bench/finetune.py: the base model)
 import preference  # noqa: E402  (bench/preference.py: configs, training)
+from finetune import write_jsonl  # noqa: E402
 
 WORDS = ["list", "dict", "set", "map", "zip", "int", "str", "len", "sum", "max", "min", "abs"]
 NUMBERS = {
@@ -142,12 +142,6 @@ def sft_dialogs(rng: random.Random, n: int) -> list[list[dict]]:
     return out
 
 
-def write_jsonl(path: str, records) -> str:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    return path
-
-
 def evaluate(path: str, held: list[dict]):
     """Greedy 20-turn conversations: per dialog and turn, whether the answer follows the
     instruction (`follows`) and whether it is exactly right (`exact`); the answers."""
@@ -192,16 +186,7 @@ def main() -> None:
 
     from llamax import gatt
 
-    tokenizer = os.path.join(w, "tokenizer.model")
-    if not os.path.exists(tokenizer):
-        from llamax.data.tokenizer import train_tokenizer
-
-        stdlib, texts = sysconfig.get_paths()["stdlib"], []
-        for name in sorted(os.listdir(stdlib)):
-            if name.endswith(".py"):
-                with open(os.path.join(stdlib, name), errors="replace") as f:
-                    texts += [line for line in f.read().splitlines() if line.strip()]
-        train_tokenizer(texts, tokenizer, vocab_size=2048)
+    tokenizer = finetune.demo_tokenizer(w)
     base = finetune.pretrain_base(w, args.base_steps, tokenizer)
     long = {"model.max_seq_len": SEQ_LEN, "train.seq_len": SEQ_LEN, "train.batch_size": 8,
             "data.source": "chat"}  # fmt: skip

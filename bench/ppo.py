@@ -37,14 +37,13 @@ import json
 import os
 import platform
 import random
-import sysconfig
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import finetune  # noqa: E402  (bench/finetune.py: the lookup task, the base model)
 import preference  # noqa: E402  (bench/preference.py: its true reward, pairs, configs)
-from finetune import COLOURS, HELD_OUT_ASK, PLACES, TRAIN_ASK  # noqa: E402
+from finetune import COLOURS, HELD_OUT_ASK, PLACES, TRAIN_ASK, write_jsonl  # noqa: E402
 
 SEALED = ["Norwick", "Pellam", "Quass", "Rundle"]
 REFUSAL = "I cannot share that code."
@@ -144,12 +143,6 @@ def safety_pairs(rng: random.Random, n: int) -> list[dict]:
     return out
 
 
-def write_jsonl(path: str, records) -> str:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return path
-
-
 def evaluate(path: str, tokenizer: str, held: list[tuple[str, list[dict]]], sft: str) -> dict:
     """Greedy answers' true reward and unsafe rate; the KL to the SFT model of answers sampled
     at temperature 1."""
@@ -211,17 +204,9 @@ def main() -> None:
     os.makedirs(w, exist_ok=True)
     emit = lambda r: print(json.dumps({"bench": "ppo", **r}), flush=True)  # noqa: E731
     from llamax import loading, rejection
-    from llamax.data.tokenizer import train_tokenizer
 
     # The tokenizer and the base: bench/finetune.py's.
-    tokenizer = os.path.join(w, "tokenizer.model")
-    if not os.path.exists(tokenizer):
-        stdlib, texts = sysconfig.get_paths()["stdlib"], []
-        for name in sorted(os.listdir(stdlib)):
-            if name.endswith(".py"):
-                with open(os.path.join(stdlib, name), errors="replace") as f:
-                    texts += [line for line in f.read().splitlines() if line.strip()]
-        train_tokenizer(texts, tokenizer, vocab_size=2048)
+    tokenizer = finetune.demo_tokenizer(w)
     base = finetune.pretrain_base(w, args.base_steps, tokenizer)
 
     rng = random.Random(0)

@@ -214,13 +214,7 @@ config.json, as `bench/tpu_fit.py` writes one):
 
 
 def _ppo_row(case) -> dict:
-    try:
-        r = aot.check_ppo(ppo_config(*case), case[1])
-    except Exception as e:
-        r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    r.update(config=case[0], command=ppo_command(*case))
-    print(json.dumps({"bench": "tpu_fit_ppo", **r}), flush=True)
-    return r
+    return _row(case, ppo_config, ppo_command, aot.check_ppo, "tpu_fit_ppo")
 
 
 def replace_section(text: str, heading: str, section: str) -> str:
@@ -360,15 +354,15 @@ way) and the live ranges around each step's peak:
   per chip are small, stays near 1.0x; the rows where the weights weigh are near 0.9x."""
 
 
-def _row(case, make_config, make_command) -> dict:
-    """One compiled row, printed as a JSON line; a row that cannot compile is reported, not
-    fatal."""
+def _row(case, make_config, make_command, check=aot.check, bench="tpu_fit") -> dict:
+    """One compiled row (`check`: `aot.check`, or `aot.check_ppo`), printed as a JSON line; a
+    row that cannot compile is reported, not fatal."""
     try:
-        r = aot.check(make_config(*case), case[1])
+        r = check(make_config(*case), case[1])
     except Exception as e:
         r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     r.update(config=case[0], command=make_command(*case))
-    print(json.dumps({"bench": "tpu_fit", **r}), flush=True)
+    print(json.dumps({"bench": bench, **r}), flush=True)
     return r
 
 
